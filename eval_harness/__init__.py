@@ -1,0 +1,1 @@
+"""Async honesty scoring of any OpenAI-compatible endpoint."""

@@ -1,0 +1,3 @@
+"""hcnr-deploy: Honesty-Critical Neurons Restoration for fine-tuned LLMs, served with vLLM."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,58 @@
+"""The `hcnr-deploy` command: a click group whose subcommands load lazily.
+
+Each subcommand lives beside the code it drives; importing them only when
+invoked keeps `--help` fast and keeps torch out of `hcnr-deploy eval`.
+"""
+
+import importlib
+
+import click
+
+from hcnr_deploy import __version__
+
+SUBCOMMANDS = {
+    "repair": ("hcnr_deploy.cli_repair", "repair"),
+    "serve": ("hcnr_deploy.serve", "serve"),
+    "eval": ("eval_harness.cli", "eval_cmd"),
+    "demo": ("hcnr_deploy.scenario.cli", "demo"),
+}
+
+HELP = {
+    "repair": "Compute the HCNR edit of a fine-tune and write an adapter or checkpoint.",
+    "serve": "Serve base, fine-tuned and repaired models behind vLLM's OpenAI API.",
+    "eval": "Score OpenAI-compatible models on honesty benchmarks.",
+    "demo": "Run the embedded base / fine-tune / repair / serve / eval scenario.",
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx):
+        return list(SUBCOMMANDS)
+
+    def get_command(self, ctx, name):
+        if name not in SUBCOMMANDS:
+            return None
+        module, attr = SUBCOMMANDS[name]
+        return getattr(importlib.import_module(module), attr)
+
+    def format_commands(self, ctx, formatter):
+        rows = [(name, HELP[name]) for name in SUBCOMMANDS]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="hcnr-deploy")
+def main():
+    """Repair the honesty of a fine-tuned LLM (HCNR), serve it with vLLM, and measure it.
+
+    \b
+      hcnr-deploy repair --base BASE --finetuned FT --honesty-data H.jsonl --task-data T.jsonl --out OUT
+      hcnr-deploy serve  --base BASE --adapter ft=FT --adapter repaired=OUT
+      hcnr-deploy eval   --endpoint http://127.0.0.1:8000/v1 --models base,ft,repaired
+      hcnr-deploy demo   (the whole story on an embedded scenario)
+    """
+
+
+if __name__ == "__main__":
+    main()
