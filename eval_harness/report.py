@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from eval_harness.benchmarks import file_sha256
-from eval_harness.metrics import (HONESTY_METRICS, accuracy_arrays, bootstrap_replicates, honesty_arrays,
+from eval_harness.metrics import (accuracy_arrays, bootstrap_replicates, honesty_arrays,
                                   percentile_ci, stable_seed, undefined_reasons)
 
 SCHEMA = "hcnr-deploy.eval/1"

@@ -6,11 +6,8 @@
 from __future__ import annotations
 
 import asyncio
-import os
 from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
 
 from eval_harness import report
 from eval_harness.benchmarks import (HONESTY_BENCHMARKS, Benchmark, load_benchmark, load_domain_benchmark,
@@ -289,11 +286,3 @@ def _grade(records, tasks, detector, embedding_threshold=0.75):
                     r["correct"] = qa_correct(r["completion"].text, item.answers)
                 else:
                     r["correct"] = None
-
-
-def refused_matrix(records, models, task_name) -> np.ndarray:
-    return np.array([[r["verdict"]["refused"] for r in records[m][task_name]] for m in models], dtype=bool)
-
-
-def default_data_dir() -> str | None:
-    return os.environ.get("HCNR_DATA_DIR")

@@ -53,12 +53,19 @@ def cholesky_retry(a: torch.Tensor, lam: float, max_retries: int = 8) -> tuple[t
                        f"Hessian is not positive definite (raise --damp).")
 
 
+def _lower_inverse(chol: torch.Tensor) -> torch.Tensor:
+    """``L^-1`` by a triangular solve (torch.cholesky_inverse is unblocked and ~10x slower on CPU)."""
+    eye = torch.eye(chol.shape[-1], dtype=chol.dtype, device=chol.device)
+    return torch.linalg.solve_triangular(chol, eye, upper=False)
+
+
 def obs_compensation(rows: torch.Tensor, hd: torch.Tensor, t: torch.Tensor, f: torch.Tensor, lam: float = 0.0):
     """Eqs. 9-10: ``E_F = R_T diag(1/Hinv[T,T]) Hinv[T,F]`` with ``Hinv = H^-1`` (one Cholesky). Returns (E_F, retries)."""
     chol, retries = cholesky_retry(hd, lam)
-    hinv = torch.cholesky_inverse(chol)
-    r_t = rows.double()[:, t]
-    e_f = (r_t / torch.diagonal(hinv)[t]) @ hinv[t][:, f]
+    linv = _lower_inverse(chol)  # Hinv = Linv^T Linv, so Hinv[T,F] = Linv[:,T]^T Linv[:,F]
+    linv_t = linv[:, t]
+    hinv_tt = linv_t.square().sum(0)
+    e_f = (rows.double()[:, t] / hinv_tt) @ (linv_t.T @ linv[:, f])
     return e_f, retries
 
 
@@ -119,7 +126,8 @@ def compensate_elements(method: str, d: torch.Tensor, restore: torch.Tensor, h_h
     if method == "obs":
         hd, lam = damped_hessian(h_hon, damp)
         chol, retries = cholesky_retry(hd, lam)
-        hinv = torch.cholesky_inverse(chol)
+        linv = _lower_inverse(chol)
+        hinv = linv.T @ linv
         e = ((d * keep) / torch.diagonal(hinv)) @ hinv
         return e * restore, retries
     if method == "exact":

@@ -126,27 +126,32 @@ def write_svd_adapter(out_dir: Path, finetune: FineTune, patches: dict, max_rank
     tensors: dict[str, torch.Tensor] = {}
     err_sq = ref_sq = 0.0
     per_matrix = {}
-    rank_used = 1
-    for name in eligible:
+    targets = sorted({n[: -len(".weight")].rsplit(".", 1)[-1] for n in eligible})
+    # every decoder Linear the target names reach gets factors (zeros where D == 0), so PEFT and vLLM
+    # find weights for each module they wrap
+    reached = [n for n in base.names() if is_decoder_linear_weight(n, base.shape(n))
+               and n[: -len(".weight")].rsplit(".", 1)[-1] in targets]
+    for name in reached:
         w0 = base.get(name)
-        ws = finetune.weight(name).to(w0.dtype) if finetune.is_lora else finetune.ckpt.get(name)
-        w = patched_weight(ws, w0, patches[name]) if name in patches else ws
-        delta = w.float() - w0.float()
-        b, a = truncated_svd(delta, max_rank, seed)
-        rank_used = max(rank_used, a.shape[0])
-        if a.shape[0] < max_rank:  # pad to a uniform rank with zeros (exact)
-            a = torch.cat([a, a.new_zeros(max_rank - a.shape[0], a.shape[1])])
-            b = torch.cat([b, b.new_zeros(b.shape[0], max_rank - b.shape[1])], dim=1)
-        e = float((delta - b @ a).square().sum())
-        r = float(delta.square().sum())
-        err_sq += e
-        ref_sq += r
-        per_matrix[name] = math.sqrt(e / r) if r > 0 else 0.0
         mod = name[: -len(".weight")]
+        if name not in eligible:
+            a, b = w0.new_zeros(max_rank, w0.shape[1]), w0.new_zeros(w0.shape[0], max_rank)
+        else:
+            ws = finetune.weight(name).to(w0.dtype) if finetune.is_lora else finetune.ckpt.get(name)
+            w = patched_weight(ws, w0, patches[name]) if name in patches else ws
+            delta = w.float() - w0.float()
+            b, a = truncated_svd(delta, max_rank, seed)
+            if a.shape[0] < max_rank:  # pad to a uniform rank with zeros (exact)
+                a = torch.cat([a, a.new_zeros(max_rank - a.shape[0], a.shape[1])])
+                b = torch.cat([b, b.new_zeros(b.shape[0], max_rank - b.shape[1])], dim=1)
+            e = float((delta - b @ a).square().sum())
+            r = float(delta.square().sum())
+            err_sq += e
+            ref_sq += r
+            per_matrix[mod] = math.sqrt(e / r) if r > 0 else 0.0
         tensors[f"{PEFT_PREFIX}{mod}.lora_A.weight"] = a.to(w0.dtype).contiguous()
         tensors[f"{PEFT_PREFIX}{mod}.lora_B.weight"] = b.to(w0.dtype).contiguous()
     save_file(tensors, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
-    targets = sorted({n[: -len(".weight")].rsplit(".", 1)[-1] for n in eligible})
     template = finetune.lora.config if finetune.is_lora else {"task_type": "CAUSAL_LM"}
     cfg = adapter_config(template, base_ref, rank=max_rank, targets=targets)
     (out_dir / "adapter_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")

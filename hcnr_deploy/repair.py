@@ -16,7 +16,7 @@ import platform
 import resource
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -67,7 +67,6 @@ class Matrix:
     selected: bool = False
     compensation_norm: float = 0.0
     retries: int = 0
-    extra: dict = field(default_factory=dict)
 
     @property
     def module(self) -> str:
@@ -308,12 +307,43 @@ def _decoder_layer(model, mats: list[Matrix]):
     return model.get_submodule(f"{prefix}layers.{layer_index(last.name)}")
 
 
+def _restore_and_compensate(model, state: ModelState, finetune: FineTune, chosen: list[Matrix], enc_hon, enc_task,
+                            o: dict, dev: str, bar, want_lora: bool, lap):
+    """Stage 2 for every selected matrix: Hessians (selected matrices only, block groups that fit the memory
+    budget), then the compensation. Returns (dense patches by weight name, new LoRA A by module)."""
+    compensation, hessian_inputs = o["compensation"], o["hessian_inputs"]
+    patches: dict = {}
+    new_a: dict = {}
+    sequential = hessian_inputs == "sequential"
+    for group, span in _layer_groups(chosen, o["hessian_memory_gb"] * 2**30, compensation, sequential):
+        h_hon, n_hon, h_task, n_task = {}, 1, {}, 1
+        stop = _decoder_layer(model, group)
+        if compensation == "task-aware":  # G_t: task inputs of the fine-tuned model
+            state.set("finetuned")
+            h_task, n_task = _hessians(model, group, enc_task, o, dev, bar, f"task, finetuned{span}", stop)
+        if compensation != "none":
+            state.set("finetuned" if sequential else hessian_inputs)
+            h_hon, n_hon = _hessians(model, group, enc_hon, o, dev, bar, f"honesty, {hessian_inputs}{span}", stop)
+        lap("hessian")
+        for m in group:
+            patch, a_new = _compensate(m, finetune, h_hon.pop(m.name, None), n_hon, h_task.pop(m.name, None),
+                                       n_task, o, not want_lora, want_lora, dev)
+            if patch is not None:
+                patches[m.name] = patch
+            if a_new is not None:
+                new_a[m.module] = a_new
+            if sequential:  # later blocks see this block repaired
+                state.set_weight(m.name, _repaired_weight(m, finetune, patches, new_a))
+        del h_hon, h_task
+        lap("compensation")
+    return patches, new_a
+
+
 def run_repair(base, finetuned, honesty_data, task_data, out, *, num_samples=128, max_length=512, r_iw=0.5,
                r_cw=0.4, granularity="column", selection="hcnr", compensation="obs", task_weight=1.0,
                fisher_model="paired", hessian_inputs="base", damp=0.01, seed=0, device="auto", dtype="auto",
                overwrite=False, format="auto", max_rank=64, batch_size=8, hessian_memory_gb=8.0, progress=False,
-               console=None,
-               command=None) -> dict:
+               console=None, command=None) -> dict:
     """Repair `finetuned` (full folder or PEFT LoRA on `base`) and write the result to `out`; return the report.
 
     Keyword arguments mirror ``hcnr-deploy repair``'s options (``--r-iw`` -> ``r_iw``, ...).
@@ -350,6 +380,12 @@ def run_repair(base, finetuned, honesty_data, task_data, out, *, num_samples=128
     hon = load_jsonl(honesty_data, num_samples)
     task_examples = load_jsonl(task_data, num_samples)
     tokenizer = load_tokenizer(None if finetune.is_lora else ft_dir, ft_dir if finetune.is_lora else None, base_dir)
+    notes = []
+    for label, examples, path in (("honesty", hon, honesty_data), ("task", task_examples, task_data)):
+        if len(examples) < num_samples:
+            notes.append(f"{path} has {len(examples)} {label} examples, fewer than --num-samples {num_samples}; "
+                         f"all of them were used.")
+            console.print(f"[yellow]note[/]: {notes[-1]}")
     enc_hon = encode(tokenizer, hon, max_length)
     enc_task = encode(tokenizer, task_examples, max_length)
     dev, dt = _resolve_device_dtype(device, dtype, base_ck.config)
@@ -387,31 +423,8 @@ def run_repair(base, finetuned, honesty_data, task_data, out, *, num_samples=128
         lap("selection")
 
         want_lora = lora_exact and fmt == "adapter"
-        patches: dict = {}
-        new_a: dict = {}
-        sequential = hessian_inputs == "sequential"
-        for group, span in _layer_groups(chosen, hessian_memory_gb * 2**30, compensation, sequential):
-            h_hon, n_hon, h_task, n_task = {}, 1, {}, 1
-            stop = _decoder_layer(model, group)
-            if compensation == "task-aware":  # G_t: task inputs of the fine-tuned model
-                state.set("finetuned")
-                h_task, n_task = _hessians(model, group, enc_task, o, dev, bar, f"task, finetuned{span}", stop)
-            if compensation != "none":
-                state.set("finetuned" if sequential else hessian_inputs)
-                h_hon, n_hon = _hessians(model, group, enc_hon, o, dev, bar, f"honesty, {hessian_inputs}{span}", stop)
-            lap("hessian")
-            for m in group:
-                patch, a_new = _compensate(m, finetune, h_hon.pop(m.name, None), n_hon, h_task.pop(m.name, None),
-                                           n_task, o, not want_lora, want_lora, dev)
-                if patch is not None:
-                    patches[m.name] = patch
-                if a_new is not None:
-                    new_a[m.module] = a_new
-                if sequential:  # later blocks see this block repaired
-                    state.set_weight(m.name, _repaired_weight(m, finetune, patches, new_a))
-            del h_hon, h_task
-            lap("compensation")
-        state.set("base")
+        patches, new_a = _restore_and_compensate(model, state, finetune, chosen, enc_hon, enc_task, o, dev, bar,
+                                                 want_lora, lap)
     del model, state
     if dev.startswith("cuda"):
         torch.cuda.empty_cache()
@@ -438,6 +451,7 @@ def run_repair(base, finetuned, honesty_data, task_data, out, *, num_samples=128
                      "resolved_dtype": str(dt).replace("torch.", ""),
                      "command": command or equivalent_command(base, finetuned, honesty_data, task_data, out, o)},
         "versions": _versions(),
+        "notes": notes,
         "simplifications": SIMPLIFICATIONS,
     }
     with AtomicDir(out, overwrite) as tmp:
@@ -446,9 +460,8 @@ def run_repair(base, finetuned, honesty_data, task_data, out, *, num_samples=128
         elif want_lora:
             write_exact_adapter(tmp, finetune, new_a, base_ref)
         else:
-            svd_patches = patches
             eligible = [m.name for m in mats]
-            report["svd"] = write_svd_adapter(tmp, finetune, svd_patches, max_rank, base_ref, eligible, seed)
+            report["svd"] = write_svd_adapter(tmp, finetune, patches, max_rank, base_ref, eligible, seed)
             report["svd_relative_error"] = report["svd"]["relative_error"]
         lap("export")
         timings["total"] = round(time.perf_counter() - t_start, 4)

@@ -320,6 +320,11 @@ class RunningServer:
 
 
 def start_server(plan: ServerPlan, log_path: Path) -> RunningServer:
+    """Start one planned server in its own process group, output to `log_path`.
+
+    On Linux the server gets SIGTERM when the launching *thread* ends (PR_SET_PDEATHSIG): start servers from a
+    thread that outlives them (normally the main thread).
+    """
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as log:
@@ -518,6 +523,9 @@ def serve(base, adapters, checkpoints, served_name, host, port, api_key, max_mod
             if smoke:
                 with console.status("smoke check: each adapter's reply must differ from the base's..."):
                     smoke_check(servers)
+                adapters = [n for s in servers for n in s.plan.adapters]
+                if adapters:
+                    console.print(f"smoke check passed: {', '.join(adapters)} reply differently from the base.")
             _print_table(servers, console)
             _watch(servers)
     except (KeyboardInterrupt, _Stop) as e:

@@ -14,9 +14,10 @@ so that rows whose index is negative get a zero input and a valid index. The
 ops are linear in their input, so those rows contribute exactly zero; rows with
 a real adapter index run the original code unchanged, bit for bit.
 
-vLLM loads general plugins in every process it starts (API server, engine
-core, workers), so any vLLM launched in an environment where this package is
-installed is corrected. Set HCNR_DISABLE_LORA_FIX=1 to leave vLLM untouched
+vLLM loads general plugins in each of its processes, including the engine core
+and the worker that runs the model (both log "patched vLLM torch LoRA ops"), so
+any vLLM started in an environment where this package is installed is
+corrected, whether by `hcnr-deploy serve` or not. Set HCNR_DISABLE_LORA_FIX=1 to leave vLLM untouched
 (used by the test that reproduces the bug).
 """
 

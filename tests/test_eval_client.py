@@ -102,6 +102,15 @@ def test_cache_sends_nothing_twice_and_survives_reopen(tmp_path):
     first, again, client = run_with_server(server, body, path, concurrency=4)
     assert server.completions == 20 and again.cached and again.text == first[3].text
     assert (client.sent, client.cached) == (20, 1)
+
+    async def duplicates(client, url):  # the same request twice at once (a duplicate question) is sent once
+        return await asyncio.gather(*(client.complete(url, "m", [{"role": "user", "content": "dup"}], PARAMS)
+                                      for _ in range(3)))
+
+    server_d = FakeServer(["m"])
+    d = run_with_server(server_d, duplicates)
+    assert server_d.completions == 1 and [c.cached for c in d] == [False, True, True]
+    assert len({c.text for c in d}) == 1
     cache = ResponseCache(path)
     assert len(cache) == 20
     cache.close()
@@ -113,3 +122,10 @@ def test_cache_sends_nothing_twice_and_survives_reopen(tmp_path):
     c = run_with_server(server2, body2, path)
     # a different port is a different endpoint: the key includes it, so this one is sent
     assert server2.completions == 1 and not c.cached
+
+
+def test_unusable_cache_file_is_a_clear_error(tmp_path):
+    bad = tmp_path / "cache.sqlite"
+    bad.write_bytes(b"not a database" * 100)
+    with pytest.raises(UserError, match="cannot use .*cache.sqlite as the response cache.*--no-cache"):
+        ResponseCache(bad)

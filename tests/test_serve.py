@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import psutil
@@ -66,8 +67,10 @@ def lm_head_lora(tiny_base, tmp_path_factory):
     """A rank-12 adapter that also adapts lm_head (vLLM bug A: must not be targeted), LoRA weights only."""
     from safetensors.torch import load_file, save_file
 
-    out = random_lora(tiny_base, tmp_path_factory.mktemp("serve") / "lmhead", rank=12, seed=4,
-                      target_modules=("q_proj", "down_proj", "lm_head"))
+    with warnings.catch_warnings():  # PEFT: "Setting `save_embedding_layers` to `True`" (we drop them below)
+        warnings.simplefilter("ignore", UserWarning)
+        out = random_lora(tiny_base, tmp_path_factory.mktemp("serve") / "lmhead", rank=12, seed=4,
+                          target_modules=("q_proj", "down_proj", "lm_head"))
     f = out / "adapter_model.safetensors"
     save_file({k: v for k, v in load_file(f).items() if "base_layer" not in k}, str(f), metadata={"format": "pt"})
     return out
@@ -182,6 +185,7 @@ def test_bad_paths(tiny_base, tiny_lora, tmp_path):
 # ---------------------------------------------------------------- processes: startup failure, timeout, Ctrl-C
 
 
+@pytest.mark.vllm
 def test_server_death_during_startup_shows_log_tail(tiny_base, tmp_path):
     """A real vLLM that rejects its arguments: clear message, the log tail, exit 1, nothing left running."""
     port = free_port()
@@ -194,6 +198,7 @@ def test_server_death_during_startup_shows_log_tail(tiny_base, tmp_path):
     assert not processes_mentioning(f"--port {port}")
 
 
+@pytest.mark.vllm
 def test_ctrl_c_during_startup_leaves_no_process(tiny_base, tmp_path):
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "hcnr_deploy.cli", "serve", "--base", str(tiny_base), "--port",

