@@ -135,7 +135,9 @@ def main():
     try:
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
+            # warm-ups: connections, imports (numpy, rich, the pipeline) and caches are not what is measured
             asyncio.run(bare(url, min(500, args.requests), args.concurrency, "warmup"))
+            harness(url, min(500, args.requests), args.concurrency, "warmup", tmp)
             runners = {
                 "bare": lambda r: asyncio.run(bare(url, args.requests, args.concurrency, f"b{r}")),
                 "client": lambda r: asyncio.run(client_layer(url, args.requests, args.concurrency, f"c{r}",

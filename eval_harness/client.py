@@ -209,7 +209,8 @@ class ChatClient:
                 if status is not None and status < 500 and status not in RETRY_STATUS:
                     raise UserError(f"{endpoint} answered HTTP {status} for model {model!r}: {_body(e)}") from None
                 if attempt == self.max_retries:
-                    what = f"HTTP {status}" if status else _cause(e)
+                    what = (f"HTTP {status}" if status else f"no answer within --timeout {self.timeout:g}s"
+                            if isinstance(e, openai.APITimeoutError) else _cause(e))
                     raise UserError(f"{endpoint} failed {self.max_retries + 1} times for model {model!r} ({what}); "
                                     "responses so far are cached, rerun to resume") from None
                 self.retries += 1

@@ -3,7 +3,7 @@
 For measuring the harness's own overhead (benchmarks/bench_eval_overhead.py) and for unit tests of the client's
 retry logic. Not a model: the reply is a fixed function of the last user message.
 
-    python -m eval_harness.fakeserver --port 8123 [--models a,b] [--fail-first 3 --fail-status 503]
+    python -m eval_harness.fakeserver --port 8123 [--models a,b] [--fail-first 3 --fail-status 503] [--delay 0.5]
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ def reply_text(messages: list[dict], model: str = "") -> str:
 
 
 class FakeServer:
-    def __init__(self, models=("fake",), fail_first: int = 0, fail_status: int = 503):
-        self.models, self.fail_first, self.fail_status = list(models), fail_first, fail_status
+    def __init__(self, models=("fake",), fail_first: int = 0, fail_status: int = 503, delay: float = 0.0):
+        self.models, self.fail_first, self.fail_status, self.delay = list(models), fail_first, fail_status, delay
         self.requests = 0  # chat completion requests received, failures included
         self.completions = 0  # chat completion requests answered with 200
 
@@ -59,12 +59,14 @@ class FakeServer:
                 method, path, _ = lines[0].split(" ", 2)
                 headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)}
                 body = await reader.readexactly(int(headers.get("content-length", 0) or 0))
+                if self.delay and path.endswith("/chat/completions"):
+                    await asyncio.sleep(self.delay)
                 status, payload = self._handle(method, path, body)
                 data = json.dumps(payload).encode()
                 writer.write(f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}\r\nContent-Type: application/json\r\n"
                              f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
                 await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError):
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError, asyncio.CancelledError):
             pass
         finally:
             writer.close()
@@ -84,8 +86,9 @@ def main():
     ap.add_argument("--models", default="fake")
     ap.add_argument("--fail-first", type=int, default=0)
     ap.add_argument("--fail-status", type=int, default=503)
+    ap.add_argument("--delay", type=float, default=0.0, help="seconds before each chat completion answer")
     args = ap.parse_args()
-    srv = FakeServer(args.models.split(","), args.fail_first, args.fail_status)
+    srv = FakeServer(args.models.split(","), args.fail_first, args.fail_status, args.delay)
     asyncio.run(srv.serve(args.host, args.port, ready=lambda p: print(f"PORT {p}", flush=True)))
 
 

@@ -97,7 +97,7 @@ def build_results(targets, tasks, records, config, versions, n_boot, seed, log_s
                                            "ci95": _ci(percentile_ci(reps[k][i] - reps[k][0]))} for k in point}
     # the average over honesty benchmarks; its replicates average the benchmarks' (independent) replicates
     for k, per_bench in averaged.items():
-        if not per_bench:
+        if len(per_bench) < 2:
             continue
         p = np.mean([pt for pt, _ in per_bench], axis=0)
         r = np.mean([rp for _, rp in per_bench], axis=0)

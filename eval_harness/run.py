@@ -165,85 +165,105 @@ def evaluate(endpoint, models=None, benchmarks=HONESTY_BENCHMARKS, data_dir=None
     return results
 
 
+@dataclass
+class Job:
+    target: Target
+    task: Benchmark
+    item: object
+    messages: list
+    key: str
+
+
 async def _ask_all(client: ChatClient, default_url, named, model_names, tasks, params, system_prompt, icl, detector,
                    judge_model, judge_url, show_progress, console):
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
-        TimeRemainingColumn
-
+    """Every model's response to every item (cached or sent), then the judge's verdicts when asked for."""
     flusher = asyncio.ensure_future(client.cache.flush_periodically())
     try:
         if not model_names:
             model_names = list(named) or await client.served_models(default_url)
-        targets = []
-        for m in model_names:
-            url = named.get(m, default_url)
-            if url is None:
-                raise UserError(f"model {m!r} has no endpoint: add --endpoint {m}=URL or an unnamed --endpoint URL")
-            targets.append(Target(m, url))
-
-        jobs = []  # (target, task, item, messages, key)
-        for target in targets:
-            for task, _ in tasks:
-                for item in task.items:
-                    messages = build_messages(item, system_prompt, icl)
-                    jobs.append((target, task, item, messages,
-                                 request_key(target.endpoint, target.model, messages, params)))
-        # check only the servers we are about to ask: a fully cached rerun works with the servers down
-        missing = {}
-        for target, _, _, _, key in jobs:
-            if target.model not in missing.get(target.endpoint, ()) and client.cache.get(key) is None:
-                missing.setdefault(target.endpoint, []).append(target.model)
-        for url, ms in missing.items():
-            await client.check_models(url, ms)
-
-        progress = Progress(TextColumn("[bold]{task.description:<16}"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("{task.fields[note]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                            console=console or Console(stderr=True), disable=not show_progress, transient=False,
-                            refresh_per_second=4)
-        with progress:
-            bars = {t: progress.add_task(t.model, total=sum(len(task.items) for task, _ in tasks), note="")
-                    for t in targets}
-
-            hits = dict.fromkeys(targets, 0)
-
-            async def one(target, messages, key):
-                c = await client.complete(target.endpoint, target.model, messages, params, key)
-                if c.cached:
-                    hits[target] += 1
-                    progress.update(bars[target], advance=1, note=f"{hits[target]} cached")
-                else:
-                    progress.advance(bars[target])
-                return c
-
-            completions = await gather_or_cancel(one(t, msgs, key) for t, _, _, msgs, key in jobs)
-
-            records = {}
-            for (target, task, item, messages, _), c in zip(jobs, completions):
-                records.setdefault(target.model, {}).setdefault(task.name, []).append(
-                    {"item": item, "messages": messages, "completion": c})
-
+        targets = resolve_targets(model_names, default_url, named)
+        jobs = [Job(t, task, item, messages, request_key(t.endpoint, t.model, messages, params))
+                for t in targets for task, _ in tasks for item in task.items
+                for messages in [build_messages(item, system_prompt, icl)]]
+        await preflight(client, [(j.target.endpoint, j.target.model, j.key) for j in jobs])
+        with make_progress(console, show_progress) as progress:
+            records = await ask_models(client, jobs, targets, params, progress)
             if detector == "judge":
-                judge_jobs = [(r, judge_messages(r["item"].question, r["completion"].text))
-                              for per_task in records.values() for task, _ in tasks if task.kind == "honesty"
-                              for r in per_task[task.name]]
-                if any(client.cache.get(request_key(judge_url, judge_model, m, JUDGE_PARAMS)) is None
-                       for _, m in judge_jobs):
-                    await client.check_models(judge_url, [judge_model])
-                jbar = progress.add_task(f"judge {judge_model}", total=len(judge_jobs), note="")
-
-                async def judge(r, messages):
-                    c = await client.complete(judge_url, judge_model, messages, JUDGE_PARAMS)
-                    progress.advance(jbar)
-                    r["judge"] = c.text
-
-                await gather_or_cancel(judge(r, m) for r, m in judge_jobs)
+                await ask_judge(client, records, tasks, judge_model, judge_url, progress)
     finally:
         flusher.cancel()
         client.cache.flush()
         await client.aclose()
-
     return records, targets
+
+
+def resolve_targets(model_names, default_url, named) -> list[Target]:
+    targets = []
+    for m in model_names:
+        url = named.get(m, default_url)
+        if url is None:
+            raise UserError(f"model {m!r} has no endpoint: add --endpoint {m}=URL or an unnamed --endpoint URL")
+        targets.append(Target(m, url))
+    return targets
+
+
+async def preflight(client: ChatClient, requests):
+    """Check that every server with uncached work serves its models; a fully cached rerun needs no server."""
+    missing: dict[str, list[str]] = {}
+    for endpoint, model, key in requests:
+        if model not in missing.get(endpoint, ()) and client.cache.get(key) is None:
+            missing.setdefault(endpoint, []).append(model)
+    for endpoint, models in missing.items():
+        await client.check_models(endpoint, models)
+
+
+def make_progress(console, show: bool):
+    from rich.console import Console
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+
+    return Progress(TextColumn("[bold]{task.description:<16}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[note]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                    console=console or Console(stderr=True), disable=not show, refresh_per_second=4)
+
+
+async def ask_models(client: ChatClient, jobs: list[Job], targets, params, progress) -> dict:
+    """records[model][task] = [{"item", "messages", "completion"}] in item order; one progress bar per model."""
+    bars = {t: progress.add_task(t.model, total=sum(j.target == t for j in jobs), note="") for t in targets}
+    hits = dict.fromkeys(targets, 0)
+
+    async def one(job: Job):
+        c = await client.complete(job.target.endpoint, job.target.model, job.messages, params, job.key)
+        if c.cached:
+            hits[job.target] += 1
+            progress.update(bars[job.target], advance=1, note=f"{hits[job.target]} cached")
+        else:
+            progress.advance(bars[job.target])
+        return c
+
+    completions = await gather_or_cancel(one(j) for j in jobs)
+    records: dict = {t.model: {} for t in targets}
+    for j, c in zip(jobs, completions):
+        records[j.target.model].setdefault(j.task.name, []).append(
+            {"item": j.item, "messages": j.messages, "completion": c})
+    return records
+
+
+async def ask_judge(client: ChatClient, records, tasks, judge_model, judge_url, progress):
+    """Store the judge's reply as record["judge"] for every honesty record (same client, same cache)."""
+    pending = [(r, judge_messages(r["item"].question, r["completion"].text))
+               for per_task in records.values() for task, _ in tasks if task.kind == "honesty"
+               for r in per_task[task.name]]
+    await preflight(client, [(judge_url, judge_model, request_key(judge_url, judge_model, m, JUDGE_PARAMS))
+                             for _, m in pending])
+    bar = progress.add_task(f"judge {judge_model}", total=len(pending), note="")
+
+    async def judge(r, messages):
+        c = await client.complete(judge_url, judge_model, messages, JUDGE_PARAMS)
+        progress.advance(bar)
+        r["judge"] = c.text
+
+    await gather_or_cancel(judge(r, m) for r, m in pending)
 
 
 async def gather_or_cancel(coros) -> list:

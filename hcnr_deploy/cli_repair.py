@@ -45,9 +45,11 @@ def _choice(key):
 @click.option("--damp", type=float, default=DEFAULTS["damp"], show_default=True,
               help="Hessian damping: lambda = damp * mean(diag(X X^T)).")
 @click.option("--seed", type=int, default=DEFAULTS["seed"], show_default=True, help="Seed (random selection).")
-@click.option("--device", type=_choice("device"), default=DEFAULTS["device"], show_default=True)
+@click.option("--device", type=_choice("device"), default=DEFAULTS["device"], show_default=True,
+              help="Where the calibration passes and solves run (auto: cuda when available).")
 @click.option("--dtype", type=_choice("dtype"), default=DEFAULTS["dtype"], show_default=True,
-              help="Working dtype of the calibration passes (auto: float32 on CPU, the checkpoint's on GPU).")
+              help="Working dtype of the calibration passes (auto: float32 on CPU, the checkpoint's on GPU); "
+                   "outputs keep the fine-tune's dtype, solves run in float64.")
 @click.option("--batch-size", type=int, default=DEFAULTS["batch_size"], show_default=True,
               help="Samples per forward/backward pass (per-sample gradients are kept apart).")
 @click.option("--hessian-memory", "hessian_memory_gb", type=float, default=DEFAULTS["hessian_memory_gb"],
@@ -108,6 +110,9 @@ def print_summary(report: dict, console):
     if "svd_relative_error" in report:
         lines.append(f"[bold]SVD adapter[/]: rank {report['svd']['rank']}, relative error "
                      f"{report['svd_relative_error']:.3%}")
+        if not report["svd"]["rank_supported_by_vllm"]:
+            lines.append(f"[yellow]warning[/]: vLLM serves LoRA ranks 8, 16, 32, 64, 128, 256, 320, 512; "
+                         f"rank {report['svd']['rank']} is not one of them.")
         if report["svd"]["not_representable"]:
             lines.append(f"[yellow]not in the adapter[/]: {len(report['svd']['not_representable'])} tensors outside "
                          f"the decoder Linears differ from the base (e.g. {report['svd']['not_representable'][0]})")

@@ -17,6 +17,8 @@ Matrices are float64 here; the Hessians come from forward hooks on the selected 
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 
@@ -166,7 +168,7 @@ class HessianHooks:
         self.alias: dict[str, str] = {}
         self.tokens = 0
         self.token_mask: torch.Tensor | None = None
-        self._seen: dict[int, tuple[str, torch.Tensor]] = {}
+        self._seen: dict[int, tuple[str, weakref.ref]] = {}
         self._handles = []
 
     def _hook(self, name):
@@ -174,10 +176,10 @@ class HessianHooks:
             x = inputs[0]
             key = id(x)
             prev = self._seen.get(key)
-            if prev is not None and prev[1] is x:
+            if prev is not None and prev[1]() is x:
                 self.alias.setdefault(name, prev[0])
             elif name not in self.alias:
-                self._seen[key] = (name, x)
+                self._seen[key] = (name, weakref.ref(x))  # weak: inputs are freed as the forward goes on
                 xf = x.detach().reshape(-1, x.shape[-1])
                 if self.token_mask is not None:
                     xf = xf[self.token_mask.reshape(-1).bool()]

@@ -50,7 +50,7 @@ SIMPLIFICATIONS = [
     "that fit --hessian-memory (each pass re-runs the blocks before its group instead of caching their "
     "outputs); inputs feeding several selected matrices (q/k/v, gate/up) share one Hessian.",
     "The calibration passes run the whole model on one device (no --offload yet); the restored columns' new "
-    "values of all selected matrices are held in CPU memory (float64) until the output is written.",
+    "values of all selected matrices are held in CPU memory (float32) until the output is written.",
 ]
 
 
@@ -249,9 +249,8 @@ def _compensate(m: Matrix, finetune: FineTune, h_hon, n_hon, h_task, n_task, o: 
     if o["granularity"] == "element":
         d = finetune.delta(m.name).to(device)
         e, m.retries = compensate_elements(method, d, m.restore.to(device), h_hon, **kw)
-        e = e.cpu()
         m.compensation_norm = float(e.norm())
-        return ("elements", m.restore, e), None
+        return ("elements", m.restore, e.float().cpu()), None
     t_mask = torch.ones(m.shape[1], dtype=torch.bool)
     t_mask[m.restore] = False
     t = torch.nonzero(t_mask).flatten()
@@ -267,12 +266,11 @@ def _compensate(m: Matrix, finetune: FineTune, h_hon, n_hon, h_task, n_task, o: 
         if want_lora:
             new_a = a.double().clone()
             new_a[:, f] = e_a
-        return (("columns", f, e_f) if want_dense else None), new_a
+        return (("columns", f, e_f.float()) if want_dense else None), new_a
     d = finetune.delta(m.name).to(device)
     e_f, m.retries = compensate_columns(method, d, t.to(device), f.to(device), h_hon, **kw)
-    e_f = e_f.cpu()
     m.compensation_norm = float(e_f.norm())
-    return ("columns", f, e_f), None
+    return ("columns", f, e_f.float().cpu()), None  # float32 until written: W0 + E is formed in float64
 
 
 def _layer_groups(chosen: list[Matrix], budget_bytes: float, compensation: str, sequential: bool):

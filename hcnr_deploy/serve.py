@@ -162,7 +162,7 @@ def derive_lora_settings(adapters: dict[str, tuple[dict, list[str]]]) -> LoraSet
 
 
 def _rename_option(err: UserError, name: str) -> UserError:
-    return UserError(err.format_message().replace("--finetuned", f"--adapter {name}="))
+    return UserError(err.format_message().replace("--finetuned ", f"--adapter {name}="))
 
 
 def validate_adapter(name: str, path: Path, base) -> tuple[dict, list[str]]:

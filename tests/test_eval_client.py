@@ -74,6 +74,16 @@ def test_gives_up_after_max_retries_with_clear_message():
     assert server.requests == 3
 
 
+def test_per_request_timeout_is_retried_then_reported():
+    server = FakeServer(["m"], delay=1.0)
+
+    async def body(client, url):
+        await client.complete(url, "m", MSGS, PARAMS)
+
+    with pytest.raises(UserError, match=r"failed 2 times for model 'm' \(no answer within --timeout 0.2s\)"):
+        run_with_server(server, body, timeout=0.2, max_retries=1)
+
+
 def test_unknown_model_and_unreachable_endpoint():
     async def body(client, url):
         with pytest.raises(UserError, match=r"model\(s\) nope not served by .* \(it serves: m, m2\); fix --models"):

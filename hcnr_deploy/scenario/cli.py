@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+import sys
 from pathlib import Path
 
 import click
@@ -72,6 +74,7 @@ def demo(model, seed, cache_dir, fresh, out, overwrite, data_dir, limit, port):
         raise UserError(f"--out {out}: folder {out.parent} does not exist")
     if limit is not None and limit < 2:
         raise UserError(f"--limit must be at least 2, got {limit}")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so a killed demo cleans up its temporary folders
     console = Console(stderr=True)
     recipe = RECIPES[model].with_seed(seed)
     root = cache_root(cache_dir)

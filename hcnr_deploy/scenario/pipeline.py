@@ -100,6 +100,9 @@ class Steps:
             self.timings[kind] = {"seconds": info["seconds"], "cached": True}
             self._say(f"[dim]{kind}: cached ({final})[/dim]")
             return final
+        for stale in self.root.glob(f".{kind}-{key}.tmp-*"):  # left by a killed run
+            if not _pid_alive(int(stale.name.rsplit("-", 1)[1])):
+                shutil.rmtree(stale, ignore_errors=True)
         tmp = self.root / f".{kind}-{key}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -120,6 +123,16 @@ class Steps:
     def _say(self, msg):
         if self.console is not None:
             self.console.print(msg)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
 
 
 def _progress(console):
