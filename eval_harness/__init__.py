@@ -16,6 +16,13 @@ def evaluate(*args, **kwargs) -> dict:
     return _evaluate(*args, **kwargs)
 
 
+async def aevaluate(*args, **kwargs) -> dict:
+    """See eval_harness.run.aevaluate (for callers inside an event loop)."""
+    from eval_harness.run import aevaluate as _aevaluate
+
+    return await _aevaluate(*args, **kwargs)
+
+
 def print_report(results: dict, console=None):
     """See eval_harness.report.print_report."""
     from eval_harness.report import print_report as _print_report

@@ -9,7 +9,7 @@ import click
 
 from eval_harness.benchmarks import HONESTY_BENCHMARKS
 from eval_harness.refusal import DETECTORS
-from eval_harness.run import DEFAULT_CACHE
+from eval_harness.client import DEFAULT_CACHE
 
 
 @click.command("eval", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})

@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 from hcnr_deploy.errors import UserError
 
 RETRY_STATUS = {408, 409, 429}
+DEFAULT_CACHE = Path(".hcnr-cache") / "eval-cache.sqlite"
 
 
 def normalize_url(url: str) -> str:

@@ -12,14 +12,13 @@ from pathlib import Path
 from eval_harness import report
 from eval_harness.benchmarks import (HONESTY_BENCHMARKS, Benchmark, load_benchmark, load_domain_benchmark,
                                      parse_benchmarks, stratified_sample)
-from eval_harness.client import ChatClient, ResponseCache, normalize_url, request_key
+from eval_harness.client import DEFAULT_CACHE, ChatClient, ResponseCache, normalize_url, request_key
 from eval_harness.metrics import mc_correct, qa_correct
 from eval_harness.prompts import ICL_EXEMPLARS, build_messages
 from eval_harness.refusal import (DETECTORS, EmbeddingDetector, judge_messages, parse_judge, resolve_detector,
                                   rule_verdicts)
 from hcnr_deploy.errors import UserError
 
-DEFAULT_CACHE = Path(".hcnr-cache") / "eval-cache.sqlite"
 JUDGE_PARAMS = {"temperature": 0.0, "max_tokens": 8}
 
 
@@ -101,15 +100,16 @@ def load_tasks(benchmarks, data_dir, domain, limit, seed) -> list[tuple[Benchmar
     return tasks
 
 
-def evaluate(endpoint, models=None, benchmarks=HONESTY_BENCHMARKS, data_dir=None, domain=(), limit: int | None = None,
-             seed: int = 0, concurrency: int = 32, max_tokens: int = 256, temperature: float = 0.0,
-             system_prompt: str | None = None, icl: int = 0, detector: str = "auto",
-             embedding_threshold: float = 0.75, judge_model: str | None = None,
-             judge_endpoint: str | None = None, api_key: str | None = None, timeout: float = 120.0,
-             max_retries: int = 5, cache: str | Path | None = DEFAULT_CACHE, n_boot: int = 1000,
-             log_samples: bool = False, out: str | Path | None = None, progress: bool = True, console=None,
-             command: list[str] | None = None) -> dict:
-    """Score `models` on the honesty benchmarks (and domain tasks) and return the results dict.
+async def aevaluate(endpoint, models=None, benchmarks=HONESTY_BENCHMARKS, data_dir=None, domain=(),
+                    limit: int | None = None, seed: int = 0, concurrency: int = 32, max_tokens: int = 256,
+                    temperature: float = 0.0, system_prompt: str | None = None, icl: int = 0,
+                    detector: str = "auto", embedding_threshold: float = 0.75, judge_model: str | None = None,
+                    judge_endpoint: str | None = None, api_key: str | None = None, timeout: float = 120.0,
+                    max_retries: int = 5, cache: str | Path | None = DEFAULT_CACHE, n_boot: int = 1000,
+                    log_samples: bool = False, out: str | Path | None = None, progress: bool = True,
+                    console=None, command: list[str] | None = None) -> dict:
+    """Score `models` on the honesty benchmarks (and domain tasks) and return the results dict (async form of
+    `evaluate`, for callers already inside an event loop).
 
     endpoint: "URL", ["NAME=URL", ...] or {model: URL}. models: "a,b" or a list (default: the NAME=URL names, else
     every model the endpoint serves). Writes `out` (results.json) atomically when given. See `hcnr-deploy eval --help`.
@@ -138,9 +138,8 @@ def evaluate(endpoint, models=None, benchmarks=HONESTY_BENCHMARKS, data_dir=None
     client = ChatClient(response_cache, api_key=api_key, concurrency=concurrency, timeout=timeout,
                         max_retries=max_retries)
     try:
-        records, targets = asyncio.run(_ask_all(client, default_url, named, model_names, tasks, params,
-                                                system_prompt, icl, detector, judge_model, judge_url,
-                                                progress, console))
+        records, targets = await _ask_all(client, default_url, named, model_names, tasks, params,
+                                          system_prompt, icl, detector, judge_model, judge_url, progress, console)
         _grade(records, tasks, detector, embedding_threshold)
     finally:
         response_cache.close()
@@ -163,6 +162,17 @@ def evaluate(endpoint, models=None, benchmarks=HONESTY_BENCHMARKS, data_dir=None
     if out is not None:
         report.write_results(results, out)
     return results
+
+
+def evaluate(*args, **kwargs) -> dict:
+    """Score `models` on the honesty benchmarks (and domain tasks) and return the results dict.
+
+    Same arguments as `aevaluate`; inside a running event loop (a notebook), `await aevaluate(...)` instead."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(aevaluate(*args, **kwargs))
+    raise UserError("evaluate() was called inside a running event loop; use `await eval_harness.run.aevaluate(...)`")
 
 
 @dataclass

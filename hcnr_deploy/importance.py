@@ -39,6 +39,25 @@ def per_sample_response_loss(logits: torch.Tensor, input_ids: torch.Tensor, loss
     return (ce * mask).sum(1) / mask.sum(1).clamp_min(1)
 
 
+# Causal LMs whose logits are exactly lm_head(decoder output): their loss can skip non-response positions.
+PLAIN_HEAD_MODELS = {"llama", "mistral", "qwen2", "qwen3"}
+
+
+def response_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  loss_mask: torch.Tensor) -> torch.Tensor:
+    """[B]: per-sample response losses; the LM head runs only on positions that predict a response token
+    (for the plain-head architectures; others go through the model's own forward and full logits)."""
+    if getattr(model.config, "model_type", None) not in PLAIN_HEAD_MODELS:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        return per_sample_response_loss(logits, input_ids, loss_mask)
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
+    pos = loss_mask[:, 1:].bool()
+    logits = model.get_output_embeddings()(hidden[:, :-1][pos]).float()
+    ce = F.cross_entropy(logits, input_ids[:, 1:][pos], reduction="none")
+    sums = torch.zeros(input_ids.shape[0], dtype=ce.dtype, device=ce.device).index_add_(0, pos.nonzero()[:, 0], ce)
+    return sums / pos.sum(1).clamp_min(1)
+
+
 class FisherHooks:
     """Forward hooks on the named Linear modules that accumulate per-sample squared gradients.
 
@@ -95,10 +114,9 @@ def fisher_importance(model, modules: dict[str, torch.nn.Module], batches, num_s
             ids = batch.input_ids.to(device)
             att = batch.attention_mask.to(device)
             with torch.enable_grad():
-                logits = model(input_ids=ids, attention_mask=att, use_cache=False).logits
-                loss = per_sample_response_loss(logits, ids, batch.loss_mask.to(device)).sum()
+                loss = response_loss(model, ids, att, batch.loss_mask.to(device)).sum()
                 loss.backward()
-            del logits, loss
+            del loss
             if advance is not None:
                 advance(ids.shape[0])
     return {name: (s / num_samples).float().cpu() for name, s in hooks.sums.items()}
