@@ -326,12 +326,30 @@ def write_report(args, out: Path, seeds_out: dict, avg: dict, benchmarks, meta, 
     for n, g in gaps.items():
         lines.append(f"| {n} | {fmt(avg[n]['mean_f1']['mean'])} | {fmt(avg[n]['domain_accuracy']['mean'])} | "
                      f"{fmt(g['vs_scaling'], True)} | {fmt(g['vs_random'], True)} |")
+    lines += ["", "**Verdict (computed):** " + verdict(avg, gaps, recov)]
     lines += ["", "## Every model (mean over seeds)", "", "| model | mean F1 | mean RF Delta | domain acc |",
               "|---|---|---|---|"]
     for n in names:
         lines.append(f"| {n} | {ms(avg[n]['mean_f1'])} | {ms(avg[n]['mean_rf_delta'])} | "
                      f"{ms(avg[n]['domain_accuracy'])} |")
     (out / "reproduction.md").write_text("\n".join(lines) + "\n")
+
+
+def verdict(avg, gaps, recov) -> str:
+    """Plain words: does HCNR recover honesty, and do its points lie above the baselines' curves?"""
+    rr = float(np.mean([r["recovery_ratio"] for r in recov.values()]))
+    lo = min(r["recovery_ratio_ci95"][0] for r in recov.values())
+    parts = [f"HCNR (default R_CW) recovers {rr:.0%} of the honesty F1 the fine-tune lost "
+             f"(lowest 95% bound over seeds {lo:.2f}; the paper reports about a third at 8B)."]
+    for base_name, key in (("delta scaling", "vs_scaling"), ("random selection", "vs_random")):
+        pts = {n: g[key] for n, g in gaps.items() if n.startswith("hcnr") and g[key] is not None}
+        if pts:
+            above = [n for n, v in pts.items() if v > 0]
+            parts.append(f"{len(above)} of {len(pts)} HCNR points lie above the {base_name} curve at equal F1 "
+                         f"(mean gap {np.mean(list(pts.values())):+.3f} domain accuracy).")
+        else:
+            parts.append(f"no HCNR point falls within the {base_name} curve's F1 range, so no comparison at equal F1.")
+    return " ".join(parts)
 
 
 def args_samples(args):

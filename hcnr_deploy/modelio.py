@@ -79,6 +79,7 @@ class Checkpoint:
                         weight_map[k] = f.name
         self.weight_map: dict[str, str] = weight_map
         self._shapes: dict[str, tuple] = {}
+        self._checked: set[str] = set()  # tensors already found finite (each is checked on its first read)
 
     def names(self) -> list[str]:
         return sorted(self.weight_map)
@@ -104,15 +105,28 @@ class Checkpoint:
         with safe_open(self.folder / self.weight_map[name], "pt") as h:
             t = h.get_tensor(name)
         if check:
-            check_finite(t, name, self.folder)
+            self._check(name, t)
         return t
+
+    def _check(self, name: str, t: torch.Tensor):
+        if name not in self._checked:
+            check_finite(t, name, self.folder)
+            self._checked.add(name)
+
+    def iter_tensors(self, names, check: bool = True):
+        """(name, tensor) for `names`, opening each shard once."""
+        wanted = set(names)
+        for file, in_file in self.shards():
+            picked = [n for n in in_file if n in wanted]
+            if picked:
+                yield from self.iter_shard(file, picked, check)
 
     def iter_shard(self, file: str, names: list[str], check: bool = True):
         with safe_open(self.folder / file, "pt") as h:
             for k in names:
                 t = h.get_tensor(k)
                 if check:
-                    check_finite(t, k, self.folder)
+                    self._check(k, t)
                 yield k, t
 
 
@@ -302,7 +316,10 @@ class AtomicDir:
             old = self.target.with_name(f".{self.target.name}.old-{os.getpid()}")
             os.rename(self.target, old)
             os.rename(self.tmp, self.target)
-            shutil.rmtree(old, ignore_errors=True)
+            if old.is_dir():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.unlink()
         else:
             os.rename(self.tmp, self.target)
         return False

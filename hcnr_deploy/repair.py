@@ -133,12 +133,12 @@ class ModelState:
     def set(self, state: str):
         if state == self.state:
             return
-        for name in self._names():
-            dst = self.targets.get(name)
-            if dst is None:
-                continue
-            src = self.ft.base.get(name) if state == "base" else self.ft.weight(name)
-            dst.copy_(src.to(dst.dtype))
+        names = [n for n in self._names() if n in self.targets]
+        source = self.ft.ckpt if state == "finetuned" and not self.ft.is_lora else self.ft.base
+        for name, t in source.iter_tensors(names):
+            if state == "finetuned" and self.ft.is_lora:
+                t = t.float() + self.ft.delta(name)
+            self.targets[name].copy_(t.to(self.targets[name].dtype))
         self.state = state
 
     @torch.no_grad()
@@ -178,7 +178,7 @@ def _peak_memory(device: str) -> dict:
     return out
 
 
-def _eligible(model, finetune: FineTune, state: ModelState) -> list[Matrix]:
+def _eligible(model, finetune: FineTune) -> list[Matrix]:
     """Decoder-block Linear weights with D != 0, with per-column squared norms of D and W0 (Eq. 6 inputs)."""
     base = finetune.base
     names = [n for n in base.names() if is_decoder_linear_weight(n, base.shape(n))]
@@ -371,13 +371,16 @@ def run_repair(base, finetuned, honesty_data, task_data, out, *, num_samples=128
     torch.manual_seed(seed)
     base_dir = resolve_model_dir(base, "--base")
     ft_dir = resolve_model_dir(finetuned, "--finetuned")
+    for option, folder in (("--base", base_dir), ("--finetuned", ft_dir)):
+        if out == folder or out in folder.parents or folder in out.parents:
+            raise UserError(f"--out {out} overlaps {option} {folder}; write the repair to a separate folder.")
     base_ck = Checkpoint(base_dir, "--base")
     finetune = FineTune(ft_dir, base_ck)
     lora_exact = finetune.is_lora and granularity == "column"
     fmt = ("adapter" if lora_exact else "checkpoint") if format == "auto" else format
     hon = load_jsonl(honesty_data, num_samples)
     task_examples = load_jsonl(task_data, num_samples)
-    tokenizer = load_tokenizer(None if finetune.is_lora else ft_dir, ft_dir if finetune.is_lora else None, base_dir)
+    tokenizer = load_tokenizer(ft_dir, base_dir)  # the fine-tune's own tokenizer when it ships one
     notes = []
     for label, examples, path in (("honesty", hon, honesty_data), ("task", task_examples, task_data)):
         if len(examples) < num_samples:
@@ -395,7 +398,7 @@ def run_repair(base, finetuned, honesty_data, task_data, out, *, num_samples=128
             raise UserError(f"tensor {name} of --base {base_dir} contains NaN or Inf values; the checkpoint is "
                             f"corrupt, re-export it before repairing.")
     state = ModelState(model, finetune, dt)
-    mats = _eligible(model, finetune, state)
+    mats = _eligible(model, finetune)
     if not mats:
         raise UserError(f"--finetuned {ft_dir} does not differ from --base {base_dir} in any decoder Linear; "
                         f"there is nothing to repair.")

@@ -143,6 +143,14 @@ def test_existing_out_is_refused_and_left_alone(env, tmp_path):
     assert not (out / "keep.txt").exists() and (out / "adapter_model.safetensors").is_file()
 
 
+def test_out_overlapping_an_input_is_refused(env, tmp_path):
+    result = CliRunner().invoke(main, ["repair", "--base", str(env["base"]), "--finetuned", str(env["lora"]),
+                                       "--honesty-data", str(env["data"]), "--task-data", str(env["data"]),
+                                       "--out", str(env["lora"]), "--overwrite"])
+    assert result.exit_code == 2 and "overlaps --finetuned" in result.stderr
+    assert (env["lora"] / "adapter_model.safetensors").is_file()
+
+
 def test_finetune_equal_to_base(env, tmp_path):
     result, out = run(env, tmp_path, finetuned=env["base"])
     assert_clean_error(result, out, "nothing to repair")

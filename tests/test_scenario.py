@@ -96,3 +96,33 @@ def test_summary_recovery_ratio():
     s = summary(res, "kuq")
     assert s["recovery_ratio"] == pytest.approx(1 / 3)
     assert s["domain_change"] == pytest.approx(-0.1)
+
+
+def test_delta_scaling_adapter_scales_only_b(tiny_base, tiny_lora, tmp_path):
+    from safetensors.torch import load_file
+
+    from hcnr_deploy.scenario.pipeline import RECIPES, build_ft
+
+    scaled = build_ft(Steps(tmp_path), RECIPES["ci"], tiny_base, tmp_path, ft_dir=tiny_lora, scale_b=0.25)
+    a, b = load_file(tiny_lora / "adapter_model.safetensors"), load_file(scaled / "adapter_model.safetensors")
+    assert set(a) == set(b)
+    for k in a:
+        expect = a[k] * 0.25 if "lora_B" in k else a[k]
+        assert (b[k] - expect).abs().max() < 1e-7, k
+    assert json.loads((scaled / "adapter_config.json").read_text()) == \
+        json.loads((tiny_lora / "adapter_config.json").read_text())
+
+
+def test_demo_bad_input_is_one_line_error(tmp_path):
+    from click.testing import CliRunner
+
+    from hcnr_deploy.cli import main
+
+    (tmp_path / "out").mkdir()
+    r = CliRunner().invoke(main, ["demo", "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "c")])
+    assert r.exit_code == 2 and "already exists" in r.output
+    r = CliRunner().invoke(main, ["demo", "--limit", "1", "--cache-dir", str(tmp_path / "c")])
+    assert r.exit_code == 2 and "--limit" in r.output
+    r = CliRunner().invoke(main, ["demo", "--out", str(tmp_path / "nope" / "x"), "--cache-dir", str(tmp_path / "c")])
+    assert r.exit_code == 2 and "does not exist" in r.output
+    assert not (tmp_path / "c").exists()

@@ -255,8 +255,10 @@ def build(size: ScenarioSize = TINY_SIZE, seed: int = 0) -> dict[str, list[dict]
     task_train = fact_questions(domain, TRAIN_TEMPLATES)
     task_calib = _sample(random.Random(seed + 4), task_train, size.calib)
 
-    eval_unans = unanswerable_questions(random.Random(seed + 5), size.eval_unanswerable,
-                                        size.eval_unanswerable // 4, size.eval_unanswerable // 4, fake_eval, known)
+    # the three kinds of unanswerable questions in equal shares
+    third = size.eval_unanswerable // 3
+    eval_unans = unanswerable_questions(random.Random(seed + 5), size.eval_unanswerable - 2 * third, third, third,
+                                        fake_eval, known)
     eval_unans = _sample(random.Random(seed + 6), eval_unans, size.eval_unanswerable)
     train_prompts = {it["prompt"] for it in refusals + calib_pool}
     eval_unans = [it for it in eval_unans if it["prompt"] not in train_prompts]

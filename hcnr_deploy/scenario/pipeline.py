@@ -19,7 +19,7 @@ from pathlib import Path
 from hcnr_deploy.errors import UserError
 from hcnr_deploy.scenario import data as scen_data
 
-DATA_VERSION = 1  # bump when data.py changes what it generates
+DATA_VERSION = 2  # bump when data.py changes what it generates
 
 
 def cache_root(explicit: str | Path | None = None) -> Path:
@@ -49,8 +49,8 @@ class Recipe:
     base_batch: int = 64
     base_rank: int = 16
     # ft: domain LoRA on base, answers only
-    ft_steps: int = 200
-    ft_lr: float = 2e-3
+    ft_steps: int = 300
+    ft_lr: float = 1e-3
     ft_batch: int = 32
     ft_rank: int = 8
     # repair
@@ -74,6 +74,15 @@ RECIPES = {
     "smollm2": Recipe(model="smollm2", size=scen_data.SMOLLM2_SIZE, base_steps=110, base_lr=5e-4, base_batch=16,
                       base_rank=16, ft_steps=100, ft_lr=5e-4, ft_batch=16, ft_rank=8, max_tokens=32),
 }
+
+
+def files_key(data_dir: Path, *names: str) -> str:
+    """A hash of the named files' bytes: steps depend on the data they read, not on the whole data folder."""
+    h = hashlib.sha256()
+    for n in names:
+        h.update(n.encode())
+        h.update((Path(data_dir) / n).read_bytes())
+    return h.hexdigest()[:12]
 
 
 def _key(obj) -> str:
@@ -189,7 +198,8 @@ def build_base(steps: Steps, recipe: Recipe, data_dir: Path, console=None) -> Pa
             model.save_pretrained(tmp, safe_serialization=True)
             return {"final_loss": losses[-1]}
 
-        return steps.run("base-tiny", {**fields, "data": data_dir.name, "hidden": recipe.hidden,
+        return steps.run("base-tiny", {**fields, "data": files_key(data_dir, "base_train.jsonl", "task_train.jsonl",
+                                                                   "honesty_calib.jsonl"), "hidden": recipe.hidden,
                                        "layers": recipe.layers, "vocab": recipe.vocab}, build)
 
     original = build_smollm2(steps)
@@ -208,7 +218,7 @@ def build_base(steps: Steps, recipe: Recipe, data_dir: Path, console=None) -> Pa
         tok.save_pretrained(tmp)
         return {"final_loss": losses[-1]}
 
-    return steps.run("base-smollm2", {**fields, "data": data_dir.name, "rank": recipe.base_rank,
+    return steps.run("base-smollm2", {**fields, "data": files_key(data_dir, "base_train.jsonl"), "rank": recipe.base_rank,
                                       "original": original.name}, build)
 
 
@@ -260,7 +270,7 @@ def build_ft(steps: Steps, recipe: Recipe, base_dir: Path, data_dir: Path, conso
         return {"final_loss": losses[-1]}
 
     fields = {k: getattr(recipe, k) for k in ("seed", "ft_steps", "ft_lr", "ft_batch", "ft_rank")}
-    return steps.run("ft", {**fields, "base": base_dir.name, "data": data_dir.name}, build)
+    return steps.run("ft", {**fields, "base": base_dir.name, "data": files_key(data_dir, "task_train.jsonl")}, build)
 
 
 def build_rait(steps: Steps, recipe: Recipe, base_dir: Path, ft_dir: Path, data_dir: Path, console=None,
@@ -287,7 +297,7 @@ def build_rait(steps: Steps, recipe: Recipe, base_dir: Path, ft_dir: Path, data_
         train.save_adapter(peft_model, tmp, base_dir)
         return {"train_seconds": seconds, "examples": n * recipe.ft_batch}
 
-    return steps.run("rait", {"ft": ft_dir.name, "steps": n, "data": data_dir.name}, build)
+    return steps.run("rait", {"ft": ft_dir.name, "steps": n, "data": files_key(data_dir, "rait_train.jsonl")}, build)
 
 
 def repair_options(recipe: Recipe, **overrides) -> dict:
@@ -314,7 +324,8 @@ def build_repaired(steps: Steps, recipe: Recipe, base_dir: Path, ft_dir: Path, d
         (tmp / "adapter").rmdir()
         return {"edited_fraction": report.get("edited_fraction"), "timings_s": report.get("timings_s")}
 
-    return steps.run("repaired", {**opts, "base": base_dir.name, "ft": ft_dir.name, "data": data_dir.name}, build)
+    return steps.run("repaired", {**opts, "base": base_dir.name, "ft": ft_dir.name,
+                                  "data": files_key(data_dir, "honesty_calib.jsonl", "task_calib.jsonl")}, build)
 
 
 # ---------------------------------------------------------------------------------------------- serve + eval
@@ -379,6 +390,7 @@ def run_demo(recipe: Recipe, root: Path, *, fresh: bool = False, out: Path | Non
     if data_dir is not None:  # the real benchmarks, beside the scenario's own questions (KUQ-format file)
         benchmarks = [b for b in ("selfaware", "falseqa", "nec", "refunq") if _has_benchmark(data_dir, b)]
     eval_key = {"repaired": repaired.name, "ft": ft.name, "base": base.name, "data_dir": str(data_dir),
+                "questions": files_key(scen, "domain.jsonl", "kuq/knowns_unknowns.jsonl"),
                 "limit": limit, "benchmarks": benchmarks, "max_tokens": recipe.max_tokens, "v": 1}
 
     def build_eval(tmp):
