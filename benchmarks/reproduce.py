@@ -52,12 +52,12 @@ def variants(args, recipe) -> dict[str, dict]:
         "exact": {"compensation": "exact"},
     }
     for r in parse_floats(args.rcw_sweep):
-        v[f"hcnr@rcw={r:g}"] = {"r_cw": r}
-        v[f"random@rcw={r:g}"] = {"r_cw": r, "selection": "random"}
+        v[f"hcnr-rcw{r:g}"] = {"r_cw": r}
+        v[f"random-rcw{r:g}"] = {"r_cw": r, "selection": "random"}
     for mu in parse_floats(args.mu_sweep):
-        v[f"task-aware@mu={mu:g}"] = {"compensation": "task-aware", "task_weight": mu}
+        v[f"taskaware-mu{mu:g}"] = {"compensation": "task-aware", "task_weight": mu}
     for a in parse_floats(args.scale_sweep):
-        v[f"scale@a={a:g}"] = {"scale": a}
+        v[f"scale-a{a:g}"] = {"scale": a}
     return v
 
 
@@ -89,7 +89,7 @@ def evaluate_seed(args, recipe, scen, base, adapters, out_dir: Path, console):
     from eval_harness import evaluate
     from hcnr_deploy.serve import serve_models
 
-    # identical folders (e.g. hcnr and hcnr@rcw=0.4) are served once and aliased
+    # identical folders (e.g. hcnr and hcnr-rcw0.4) are served once and aliased
     unique, alias = {}, {}
     for name, path in adapters.items():
         key = str(Path(path).resolve())
@@ -112,11 +112,15 @@ def evaluate_seed(args, recipe, scen, base, adapters, out_dir: Path, console):
     kwargs = dict(benchmarks=benchmarks, data_dir=data_dir, domain=[scen / "domain.jsonl"], limit=args.limit,
                   seed=0, max_tokens=recipe.max_tokens, cache=Path(args.cache_dir) / "eval-cache.sqlite",
                   progress=True, console=console, log_samples=True, n_boot=200, concurrency=args.concurrency)
-    with serve_models(base, served, port=P.free_port(), max_model_len=768, dtype="float32", log_dir=out_dir,
+    log_dir = Path(args.cache_dir) / "logs" / out_dir.name
+    log_dir.mkdir(parents=True, exist_ok=True)
+    with serve_models(base, served, port=P.free_port(), max_model_len=768, dtype="float32", log_dir=log_dir,
                       timeout=1200) as servers:
         url = servers[0].base_url
-        res = evaluate(url, models=["base", *served], out=out_dir / "results.json", **kwargs)
-        icl = evaluate(url, models=["ft"], icl=4, out=out_dir / "results_icl.json", **kwargs)
+        res = evaluate(url, models=["base", *served], **kwargs)
+        icl = evaluate(url, models=["ft"], icl=4, **kwargs)
+    (out_dir / "results_icl.json").write_text(json.dumps({k: v for k, v in icl.items() if k != "samples"},
+                                                         indent=2, default=str))
     # ICL as one more "model"
     res["results"]["icl"] = icl["results"]["ft"]
     res.setdefault("samples", {})["icl"] = icl["samples"]["ft"]
@@ -249,16 +253,16 @@ def plot(avg, names, path: Path, title: str):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 5))
-    series = [("HCNR (R_CW sweep)", "hcnr@rcw=", "o-", "C0"), ("Random selection (R_CW sweep)", "random@rcw=", "s--", "C1"),
-              ("Task-aware compensation (weight sweep)", "task-aware@mu=", "^-", "C2"),
-              ("Delta scaling W0 + a D", "scale@a=", "d:", "C3")]
+    series = [("HCNR (R_CW sweep)", "hcnr-rcw", "o-", "C0"), ("Random selection (R_CW sweep)", "random-rcw", "s--", "C1"),
+              ("Task-aware compensation (weight sweep)", "taskaware-mu", "^-", "C2"),
+              ("Delta scaling W0 + a D", "scale-a", "d:", "C3")]
     for label, prefix, style, color in series:
         pts = sorted((avg[n]["mean_f1"]["mean"], avg[n]["domain_accuracy"]["mean"], n[len(prefix):])
                      for n in names if n.startswith(prefix))
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], style, color=color, label=label)
             for x, y, t in pts:
-                ax.annotate(t.split("=")[-1], (x, y), fontsize=7, textcoords="offset points", xytext=(3, 3))
+                ax.annotate(t, (x, y), fontsize=7, textcoords="offset points", xytext=(3, 3))
     for n, mk in (("base", "k*"), ("ft", "kX"), ("hcnr", "C0P"), ("rait", "C4v"), ("icl", "C5<")):
         if n in avg:
             ax.plot(avg[n]["mean_f1"]["mean"], avg[n]["domain_accuracy"]["mean"], mk, markersize=10, label=n)
@@ -356,6 +360,42 @@ def args_samples(args):
     return args.num_samples
 
 
+def finalize(args, out, seeds_done, per_seed_rows, recov, meta, seeds_out, benchmarks, started, command):
+    """Aggregate the seeds done so far and (re)write reproduction.md / .json and tradeoff.png."""
+    seeds = seeds_done
+    done = ",".join(map(str, seeds_done))
+    if done != args.seeds:
+        args = argparse.Namespace(**{**vars(args), "seeds": f"{done} (of the requested {args.seeds}; the run stopped "
+                                                              "or is still running)"})
+    avg = average_rows(per_seed_rows)
+    names = list(avg)
+    scaling = [(avg[n]["mean_f1"]["mean"], avg[n]["domain_accuracy"]["mean"]) for n in names
+               if n.startswith("scale-a") or n == "ft"]
+    random_c = [(avg[n]["mean_f1"]["mean"], avg[n]["domain_accuracy"]["mean"]) for n in names
+                if n.startswith("random-rcw")]
+    gaps = {}
+    for n in names:
+        if n.startswith(("hcnr", "taskaware", "exact", "no-comp", "no-task", "rait", "random")):
+            pt = [(avg[n]["mean_f1"]["mean"], avg[n]["domain_accuracy"]["mean"])]
+            gaps[n] = {"vs_scaling": curve_gap(pt, scaling)[0] if scaling else None,
+                       "vs_random": curve_gap(pt, random_c)[0] if len(random_c) > 1 else None}
+    plot(avg, names, out / "tradeoff.png",
+         f"{args.model}: domain accuracy vs honesty F1, seeds {done} (benchmarks: {', '.join(benchmarks)})")
+    summary = {
+        "command": command, "machine": machine(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "model": args.model, "seeds": seeds, "benchmarks": benchmarks, "limit": args.limit,
+        "per_seed": seeds_out, "average": avg,
+        "recovery_ratio": {"mean": float(np.mean([r["recovery_ratio"] for r in recov.values()])),
+                           "std": float(np.std([r["recovery_ratio"] for r in recov.values()])),
+                           "per_seed": {s: r for s, r in recov.items()}},
+        "domain_change": {"mean": float(np.mean([r["domain_change"] for r in recov.values()])),
+                          "std": float(np.std([r["domain_change"] for r in recov.values()]))},
+        "tradeoff_gaps": gaps,
+    }
+    (out / "reproduction.json").write_text(json.dumps(summary, indent=2, default=str))
+    write_report(args, out, seeds_out, avg, benchmarks, meta, recov, gaps, started, command)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=sorted(P.RECIPES), default="smollm2")
@@ -400,33 +440,7 @@ def main(argv=None):
         seeds_out[seed] = {"models": rows, **recov[seed], "repair": meta[seed], "timings_s": dict(steps.timings)}
         (seed_dir / "results.json").write_text(json.dumps({k: v for k, v in res.items() if k != "samples"},
                                                           indent=2, default=str))
-    avg = average_rows(per_seed_rows)
-    names = list(avg)
-    scaling = [(avg[n]["mean_f1"]["mean"], avg[n]["domain_accuracy"]["mean"]) for n in names
-               if n.startswith("scale@") or n == "ft"]
-    random_c = [(avg[n]["mean_f1"]["mean"], avg[n]["domain_accuracy"]["mean"]) for n in names
-                if n.startswith("random@")]
-    gaps = {}
-    for n in names:
-        if n.startswith(("hcnr", "task-aware", "exact", "no-comp", "no-task", "rait", "random")):
-            pt = [(avg[n]["mean_f1"]["mean"], avg[n]["domain_accuracy"]["mean"])]
-            gaps[n] = {"vs_scaling": curve_gap(pt, scaling)[0] if scaling else None,
-                       "vs_random": curve_gap(pt, random_c)[0] if len(random_c) > 1 else None}
-    plot(avg, names, out / "tradeoff.png",
-         f"{args.model}: domain accuracy vs honesty F1, seeds {args.seeds} (benchmarks: {', '.join(benchmarks)})")
-    summary = {
-        "command": command, "machine": machine(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-        "model": args.model, "seeds": seeds, "benchmarks": benchmarks, "limit": args.limit,
-        "per_seed": seeds_out, "average": avg,
-        "recovery_ratio": {"mean": float(np.mean([r["recovery_ratio"] for r in recov.values()])),
-                           "std": float(np.std([r["recovery_ratio"] for r in recov.values()])),
-                           "per_seed": {s: r for s, r in recov.items()}},
-        "domain_change": {"mean": float(np.mean([r["domain_change"] for r in recov.values()])),
-                          "std": float(np.std([r["domain_change"] for r in recov.values()]))},
-        "tradeoff_gaps": gaps,
-    }
-    (out / "reproduction.json").write_text(json.dumps(summary, indent=2, default=str))
-    write_report(args, out, seeds_out, avg, benchmarks, meta, recov, gaps, started, command)
+        finalize(args, out, list(recov), per_seed_rows, recov, meta, seeds_out, benchmarks, started, command)
     console.print((out / "reproduction.md").read_text())
 
 

@@ -227,3 +227,26 @@ def accumulate_hessians(model, modules: dict[str, torch.nn.Module], batches, dev
     hooks._seen.clear()
     hooks.tokens = tokens
     return hooks, tokens
+
+
+@torch.no_grad()
+def block_hessians(layer, modules: dict[str, torch.nn.Module], stream: list[dict], index: int,
+                   keep_outputs: bool = True, advance=None) -> tuple[HessianHooks, int]:
+    """One decoder block over every batch of a calibration stream: ``H = sum over tokens x x^T`` for the
+    block's `modules` (none: a plain forward). ``stream`` items hold the batch's block input ``h``, the
+    blocks' call ``kwargs`` and the attention ``mask``; with `keep_outputs` each ``h`` becomes the block's
+    output (the next block's input). Returns (hooks, tokens)."""
+    tokens = 0
+    with HessianHooks(modules) as hooks:
+        for item in stream:
+            hooks.token_mask = item["mask"]
+            hooks._seen.clear()
+            out = layer(item["h"], **item["kwargs"][index])
+            if keep_outputs:
+                item["h"] = out[0] if isinstance(out, tuple) else out
+            tokens += int(item["mask"].sum())
+            if advance is not None:
+                advance(item["mask"].shape[0])
+    hooks._seen.clear()
+    hooks.tokens = tokens
+    return hooks, tokens

@@ -65,8 +65,10 @@ class FisherHooks:
     ``sums[name]`` is ``sum_n sum_o G_n[o,k]^2`` ([in]) or ``sum_n G_n^2`` ([out, in]) in float64.
     """
 
-    def __init__(self, model, modules: dict[str, torch.nn.Module], granularity: str = "column"):
+    def __init__(self, model, modules: dict[str, torch.nn.Module], granularity: str = "column",
+                 embeddings: bool = True):
         self.model = model
+        self.embeddings = embeddings
         self.modules = modules
         self.granularity = granularity
         self.sums: dict[str, torch.Tensor] = {}
@@ -89,8 +91,9 @@ class FisherHooks:
         return hook
 
     def __enter__(self):
-        emb = self.model.get_input_embeddings()
-        self._handles.append(emb.register_forward_hook(lambda m, i, o: o.requires_grad_(True)))
+        if self.embeddings:
+            emb = self.model.get_input_embeddings()
+            self._handles.append(emb.register_forward_hook(lambda m, i, o: o.requires_grad_(True)))
         for name, mod in self.modules.items():
             self._handles.append(mod.register_forward_hook(self._forward_hook(name)))
         return self
@@ -102,21 +105,135 @@ class FisherHooks:
         return False
 
 
+def _block_out(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+class _StopPrologue(Exception):
+    pass
+
+
+def decoder_blocks(model):
+    """(decoder, its decoder blocks) for the architectures whose blocks can be driven one at a time, else None."""
+    if getattr(model.config, "model_type", None) not in PLAIN_HEAD_MODELS:
+        return None
+    dec = model.get_decoder()
+    layers = getattr(dec, "layers", None)
+    if layers is None or not hasattr(dec, "norm"):
+        return None
+    return dec, list(layers)[: model.config.num_hidden_layers]
+
+
+def layer_inputs(decoder, layers, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    """The decoder's prologue only (embeddings, masks, rotary tables): ``(hidden into block 0, [kwargs of each
+    block])``. Each block's forward is swapped for a recorder while the decoder runs, and put back."""
+    kwargs: list[dict] = []
+    first: list[torch.Tensor] = []
+
+    def recorder(i):
+        def forward(hidden, *args, **kw):
+            if args:
+                raise RuntimeError("decoder blocks called with positional extras are not supported")
+            if not first:
+                first.append(hidden)
+            kwargs.append(kw)
+            if i == len(layers) - 1:
+                raise _StopPrologue
+            return hidden
+        return forward
+
+    for i, layer in enumerate(layers):
+        layer.forward = recorder(i)
+    try:
+        with torch.no_grad():
+            decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    except _StopPrologue:
+        pass
+    finally:
+        for layer in layers:
+            del layer.forward  # back to the class's forward
+    return first[0], kwargs
+
+
+def head_gradient(model, decoder, hidden: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor,
+                  chunk_bytes: int = 64 << 20) -> torch.Tensor:
+    """``d(sum_n L_n) / d hidden`` for the last block's output: final norm, LM head on response-predicting
+    positions only, in chunks of positions so the float32 logits stay under `chunk_bytes`."""
+    h = hidden.detach().requires_grad_(True)
+    head = model.get_output_embeddings()
+    with torch.enable_grad():
+        hn = decoder.norm(h)
+        pos = loss_mask[:, 1:].bool()
+        sel = hn[:, :-1][pos]
+        if sel.shape[0] == 0:
+            return torch.zeros_like(h)
+        target = input_ids[:, 1:][pos]
+        weight = (1.0 / pos.sum(1).clamp_min(1).float())[pos.nonzero()[:, 0]]  # L_n: mean over its tokens
+        leaf = sel.detach().requires_grad_(True)
+        step = max(1, chunk_bytes // (4 * head.weight.shape[0]))
+        for c in range(0, leaf.shape[0], step):
+            logits = head(leaf[c:c + step]).float()
+            ce = F.cross_entropy(logits, target[c:c + step], reduction="none")
+            (ce * weight[c:c + step]).sum().backward()
+        sel.backward(leaf.grad)
+    return h.grad
+
+
+def blockwise_backward(model, blocks, input_ids, attention_mask, loss_mask, lowest: int = 0, move=None):
+    """Forward and backward one decoder block at a time (block-level recomputation): a no-grad forward keeps
+    only each block's input; the backward re-runs block l with gradients on, from the top down to `lowest`.
+    Activations of one block and the hidden states at block boundaries are all that is held. Hooks on
+    modules of the blocks see the recomputed forward and the backward. `move(layer, on)` pages a block in/out."""
+    decoder, layers = blocks
+    h, kwargs = layer_inputs(decoder, layers, input_ids, attention_mask)
+    saved: list[torch.Tensor | None] = [None] * len(layers)
+    with torch.no_grad():
+        for i, layer in enumerate(layers):
+            if i >= lowest:
+                saved[i] = h
+            if move:
+                move(layer, True)
+            h = _block_out(layer(h, **kwargs[i]))
+            if move:
+                move(layer, False)
+    g = head_gradient(model, decoder, h, input_ids, loss_mask)
+    del h
+    for i in range(len(layers) - 1, lowest - 1, -1):
+        x = saved[i].detach().requires_grad_(True)
+        saved[i] = None
+        if move:
+            move(layers[i], True)
+        with torch.enable_grad():
+            out = _block_out(layers[i](x, **kwargs[i]))
+            torch.autograd.backward(out, g)
+        del out
+        g = x.grad
+        if move:
+            move(layers[i], False)
+
+
 def fisher_importance(model, modules: dict[str, torch.nn.Module], batches, num_samples: int,
-                      granularity: str = "column", device: str = "cpu", advance=None) -> dict[str, torch.Tensor]:
+                      granularity: str = "column", device: str = "cpu", advance=None, lowest_block: int = 0,
+                      move=None) -> dict[str, torch.Tensor]:
     """Eq. 4: ``s[k] = mean_n sum_o (dL_n/dW[o,k])^2`` per module (``s[o,k]`` for element granularity).
 
-    Parameters stay frozen: only activation gradients are computed (``requires_grad`` enters at the
-    embeddings), so the backward pass is ~2/3 of a training step's.
+    Parameters stay frozen: only activation gradients are computed. Where the decoder blocks can be
+    driven one at a time (``decoder_blocks``), the pass is block by block (``blockwise_backward``):
+    memory holds one block's activations; the backward stops at `lowest_block`. Otherwise the whole
+    graph is built at once (``requires_grad`` enters at the embeddings).
     """
-    with FisherHooks(model, modules, granularity) as hooks:
+    blocks = decoder_blocks(model)
+    with FisherHooks(model, modules, granularity, embeddings=blocks is None) as hooks:
         for batch in batches:
             ids = batch.input_ids.to(device)
             att = batch.attention_mask.to(device)
-            with torch.enable_grad():
-                loss = response_loss(model, ids, att, batch.loss_mask.to(device)).sum()
-                loss.backward()
-            del loss
+            if blocks is not None:
+                blockwise_backward(model, blocks, ids, att, batch.loss_mask.to(device), lowest_block, move)
+            else:
+                with torch.enable_grad():
+                    loss = response_loss(model, ids, att, batch.loss_mask.to(device)).sum()
+                    loss.backward()
+                del loss
             if advance is not None:
                 advance(ids.shape[0])
     return {name: (s / num_samples).float().cpu() for name, s in hooks.sums.items()}

@@ -2,8 +2,11 @@
 
 One copy of the model lives in memory (the base, in the working dtype). It is switched between the
 base and fine-tuned states by streaming tensors from disk (for a LoRA: ``W0 + s B A`` on the adapted
-modules only), so base and fine-tune are never both held in full. Importance is reduced inside
-per-module hooks; Hessians are accumulated only for the selected matrices.
+modules only), whole or one decoder block at a time, so base and fine-tune are never both held in
+full. The Fisher passes go block by block (a no-grad forward keeps each block's input, the backward
+recomputes one block at a time) and reduce per-sample gradients inside per-module hooks. Stage 2
+streams the calibration hidden states through one block at a time: that block's selected matrices
+get their Hessians, are compensated, and the Hessians are dropped before the next block.
 
 ``run_repair(**options)`` is the Python API (the CLI's options as keyword arguments); it returns
 the report dict that is also written to ``OUT/report.json``.
@@ -22,12 +25,12 @@ from pathlib import Path
 import torch
 
 from hcnr_deploy import __version__
-from hcnr_deploy.compensation import accumulate_hessians, compensate_columns, compensate_elements
+from hcnr_deploy.compensation import accumulate_hessians, block_hessians, compensate_columns, compensate_elements
 from hcnr_deploy.data import batches, encode, load_jsonl
 from hcnr_deploy.errors import UserError
 from hcnr_deploy.export import write_checkpoint, write_exact_adapter, write_svd_adapter
-from hcnr_deploy.importance import fisher_importance
-from hcnr_deploy.modelio import (AtomicDir, Checkpoint, FineTune, is_decoder_linear_weight, layer_index,
+from hcnr_deploy.importance import decoder_blocks, fisher_importance, layer_inputs
+from hcnr_deploy.modelio import (DECODER_LINEAR_RE as DECODER_BLOCK_RE, AtomicDir, Checkpoint, FineTune, is_decoder_linear_weight, layer_index,
                                  load_model, load_tokenizer, resolve_model_dir, write_json)
 from hcnr_deploy import selection as sel
 
@@ -46,11 +49,14 @@ DEFAULTS = dict(num_samples=128, max_length=512, r_iw=0.5, r_cw=0.4, granularity
                 seed=0, device="auto", dtype="auto", overwrite=False, format="auto", max_rank=64, batch_size=8,
                 hessian_memory_gb=8.0)
 SIMPLIFICATIONS = [
-    "Hessians are accumulated for the selected matrices only, in passes over groups of consecutive blocks "
-    "that fit --hessian-memory (each pass re-runs the blocks before its group instead of caching their "
-    "outputs); inputs feeding several selected matrices (q/k/v, gate/up) share one Hessian.",
-    "The calibration passes run the whole model on one device (no --offload yet); the restored columns' new "
-    "values of all selected matrices are held in CPU memory (float32) until the output is written.",
+    "No --offload: the calibration passes run on one device, which must hold one model copy in the working "
+    "dtype (the passes themselves hold one decoder block's activations at a time).",
+    "Block-by-block passes (Fisher with block-level recomputation, Hessians streamed one block at a time) cover "
+    "the architectures whose logits are lm_head(norm(blocks)) (llama, mistral, qwen2, qwen3); others build the "
+    "whole autograd graph per batch and accumulate Hessians in passes over groups of consecutive blocks that "
+    "fit --hessian-memory (each pass re-running the blocks before its group).",
+    "The restored columns' new values of all selected matrices are held in CPU memory (float32) until the output "
+    "is written.",
 ]
 
 
@@ -116,6 +122,7 @@ class ModelState:
         self.ft = finetune
         self.dtype = dtype
         self.state = "base"
+        self.current: dict[str, str] = {}  # tensors whose state differs from self.state
         params = dict(model.named_parameters())
         buffers = dict(model.named_buffers())
         self.targets = {}
@@ -129,22 +136,34 @@ class ModelState:
             return [m + ".weight" for m in self.ft.lora.modules()]
         return sorted(self.targets)
 
+    def names_in(self, layer: int | None) -> list[str]:
+        """The switchable tensors of decoder block `layer` (``None``: those outside every block)."""
+        return [n for n in self._names() if n in self.targets
+                and (layer_index(n) if DECODER_BLOCK_RE.search(n) else None) == layer]
+
     @torch.no_grad()
-    def set(self, state: str):
-        if state == self.state:
-            return
-        names = [n for n in self._names() if n in self.targets]
+    def set(self, state: str, names: list[str] | None = None):
+        """Put `names` (default: every switchable tensor) in `state` ("base" or "finetuned")."""
+        whole = names is None
+        if whole and state == self.state and all(v == "repaired" for v in self.current.values()):
+            return  # repaired weights (sequential mode) stay
+        names = [n for n in (self._names() if whole else names) if n in self.targets
+                 and self.current.get(n, self.state) != state]
         source = self.ft.ckpt if state == "finetuned" and not self.ft.is_lora else self.ft.base
         for name, t in source.iter_tensors(names):
             if state == "finetuned" and self.ft.is_lora:
                 t = t.float() + self.ft.delta(name)
             self.targets[name].copy_(t.to(self.targets[name].dtype))
-        self.state = state
+            self.current[name] = state
+        if whole:
+            self.state = state
+            self.current.clear()
 
     @torch.no_grad()
     def set_weight(self, name: str, w: torch.Tensor):
         dst = self.targets[name]
         dst.copy_(w.to(dst.dtype))
+        self.current[name] = "repaired"
 
 
 def _progress(console, enabled: bool):
@@ -205,7 +224,8 @@ def _fisher(model, mats, encoded, o, device, progress, label):
     modules = {m.name: model.get_submodule(m.module) for m in mats}
     task = progress.add_task(f"Fisher ({label})", total=len(encoded))
     return fisher_importance(model, modules, batches(encoded, o["batch_size"]), len(encoded), o["granularity"],
-                             device, advance=lambda n: progress.advance(task, n))
+                             device, advance=lambda n: progress.advance(task, n),
+                             lowest_block=min(layer_index(m.name) for m in mats))
 
 
 def _hessians(model, mats, encoded, o, device, progress, label, stop_after=None):
@@ -305,11 +325,81 @@ def _decoder_layer(model, mats: list[Matrix]):
     return model.get_submodule(f"{prefix}layers.{layer_index(last.name)}")
 
 
+def _compensate_group(group, finetune, h_hon, n_hon, h_task, n_task, o, dev, want_lora, patches, new_a, state,
+                      sequential):
+    for m in group:
+        patch, a_new = _compensate(m, finetune, h_hon.pop(m.name, None), n_hon, h_task.pop(m.name, None),
+                                   n_task, o, not want_lora, want_lora, dev)
+        if patch is not None:
+            patches[m.name] = patch
+        if a_new is not None:
+            new_a[m.module] = a_new
+        if sequential:  # later blocks see this block repaired
+            state.set_weight(m.name, _repaired_weight(m, finetune, patches, new_a))
+
+
+def _streamed_restore_and_compensate(model, blocks, state: ModelState, finetune: FineTune, chosen: list[Matrix],
+                                     enc_hon, enc_task, o: dict, dev: str, bar, want_lora: bool, lap):
+    """Stage 2 streamed block by block: the calibration batches' hidden states go through one decoder block
+    at a time (each block runs once per stream), the Hessians of that block's selected matrices are
+    accumulated, its matrices compensated and the Hessians dropped before the next block."""
+    decoder, layers = blocks
+    compensation, hessian_inputs = o["compensation"], o["hessian_inputs"]
+    sequential = hessian_inputs == "sequential"
+    streams = []  # (label, model state, batches)
+    if compensation == "task-aware":  # G_t: task inputs of the fine-tuned model
+        streams.append(("task", "finetuned", enc_task))
+    streams.append(("honesty", "finetuned" if sequential else hessian_inputs, enc_hon))
+    by_layer: dict[int, list[Matrix]] = {}
+    for m in chosen:
+        by_layer.setdefault(layer_index(m.name), []).append(m)
+    last = max(by_layer)
+    data, tasks = {}, {}
+    for label, st, enc in streams:
+        state.set(st, state.names_in(None))
+        items = []
+        for b in batches(enc, o["batch_size"]):
+            ids, att = b.input_ids.to(dev), b.attention_mask.to(dev)
+            h, kwargs = layer_inputs(decoder, layers, ids, att)
+            items.append({"h": h, "kwargs": kwargs, "mask": att})
+        data[label] = items
+        tasks[label] = bar.add_task(f"Hessian ({label}, {hessian_inputs if label == 'honesty' else st}, "
+                                    f"{last + 1} blocks)", total=len(enc) * (last + 1))
+    lap("hessian")
+    patches: dict = {}
+    new_a: dict = {}
+    for i in range(last + 1):
+        group = by_layer.get(i, [])
+        modules = {m.name: model.get_submodule(m.module) for m in group}
+        sums, counts = {}, {}
+        for label, st, _ in streams:
+            state.set(st, state.names_in(i))
+            hooks, counts[label] = block_hessians(layers[i], modules, data[label], i, keep_outputs=not (
+                sequential and group), advance=lambda n, t=tasks[label]: bar.advance(t, n))
+            sums[label] = {m.name: hooks.hessian(m.name) for m in group}
+            del hooks
+        lap("hessian")
+        if group:
+            _compensate_group(group, finetune, sums["honesty"], counts["honesty"], sums.get("task", {}),
+                              counts.get("task", 1), o, dev, want_lora, patches, new_a, state, sequential)
+            del sums
+            lap("compensation")
+            if sequential:  # the next block's inputs come from this block repaired
+                for label, _, _ in streams:
+                    block_hessians(layers[i], {}, data[label], i)
+                lap("hessian")
+    return patches, new_a
+
+
 def _restore_and_compensate(model, state: ModelState, finetune: FineTune, chosen: list[Matrix], enc_hon, enc_task,
                             o: dict, dev: str, bar, want_lora: bool, lap):
     """Stage 2 for every selected matrix: Hessians (selected matrices only, block groups that fit the memory
     budget), then the compensation. Returns (dense patches by weight name, new LoRA A by module)."""
     compensation, hessian_inputs = o["compensation"], o["hessian_inputs"]
+    blocks = decoder_blocks(model)
+    if blocks is not None and compensation != "none" and chosen:
+        return _streamed_restore_and_compensate(model, blocks, state, finetune, chosen, enc_hon, enc_task, o, dev,
+                                                bar, want_lora, lap)
     patches: dict = {}
     new_a: dict = {}
     sequential = hessian_inputs == "sequential"

@@ -47,7 +47,7 @@ def print_summary(summary: dict, console, honesty_label: str):
               help="Also write results.json (the eval harness's) and demo.json (paths, timings, summary) here.")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @click.option("--data-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="Score honesty on the real benchmarks found here (SelfAware, FalseQA, NEC, RefuNQ) instead of "
+              help="Score honesty on the real benchmarks found here (SelfAware, KUQ, FalseQA, NEC, RefuNQ) instead of "
                    "the scenario's own held-out questions.")
 @click.option("--limit", type=int, default=None, help="With --data-dir: at most this many questions per benchmark.")
 @click.option("--port", type=int, default=None, help="Port of the vLLM server [default: a free one].")
@@ -86,6 +86,9 @@ def demo(model, seed, cache_dir, fresh, out, overwrite, data_dir, limit, port):
     print_report(done["results"], out_console)
     print_summary(done["report"]["summary"], out_console,
                   "real benchmarks, averaged" if data_dir else "scenario's held-out honesty questions")
+    if data_dir is None:
+        out_console.print("(the 'kuq' rows are the scenario's own held-out honesty questions, written in KUQ's "
+                          "format; --data-dir scores the real benchmarks)")
     timings = ", ".join(f"{k} {v['seconds']:.0f} s{' (cached)' if v['cached'] else ''}"
                         for k, v in done["report"]["timings_s"].items())
     out_console.print(f"steps: {timings}")

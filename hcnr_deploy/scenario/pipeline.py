@@ -388,7 +388,10 @@ def run_demo(recipe: Recipe, root: Path, *, fresh: bool = False, out: Path | Non
     benchmarks = ["kuq"]
     honesty_dir = scen
     if data_dir is not None:  # the real benchmarks, beside the scenario's own questions (KUQ-format file)
-        benchmarks = [b for b in ("selfaware", "falseqa", "nec", "refunq") if _has_benchmark(data_dir, b)]
+        benchmarks = [b for b in ("selfaware", "kuq", "falseqa", "nec", "refunq") if _has_benchmark(data_dir, b)]
+        if not benchmarks:
+            raise UserError(f"--data-dir {data_dir}: no SelfAware, KUQ, FalseQA, NEC or RefuNQ files found; point it "
+                            "at the folder holding them (e.g. ../shared/data) or leave it out")
     eval_key = {"repaired": repaired.name, "ft": ft.name, "base": base.name, "data_dir": str(data_dir),
                 "questions": files_key(scen, "domain.jsonl", "kuq/knowns_unknowns.jsonl"),
                 "limit": limit, "benchmarks": benchmarks, "max_tokens": recipe.max_tokens, "v": 1}
