@@ -199,9 +199,11 @@ def run_child(kwargs: dict) -> tuple[float, int, str]:
     return wall, usage.ru_maxrss * 1024, out
 
 
-def interpreter_rss() -> int:
-    """Peak RSS of a child that only imports the repair stack (the fixed cost under every run)."""
-    proc = subprocess.Popen([sys.executable, "-c", "import hcnr_deploy.repair, transformers, peft"])
+def interpreter_rss(arch: str) -> int:
+    """Peak RSS of a child that only imports what the repair child imports (the repair stack and the model's
+    modelling code): the fixed cost under every run."""
+    proc = subprocess.Popen([sys.executable, "-c", "import hcnr_deploy.repair; from transformers import "
+                             f"AutoModelForCausalLM; import transformers.models.{arch}.modeling_{arch}"])
     _, _, usage = os.wait4(proc.pid, 0)
     return usage.ru_maxrss * 1024
 
@@ -219,7 +221,10 @@ def bench(shape: str, args, work: Path, rate: float, bw: dict) -> dict:
     kwargs = dict(base=str(base), finetuned=str(ft), honesty_data=str(hon), task_data=str(task),
                   out=str(work / "out"), num_samples=args.num_samples, max_length=args.max_length,
                   device=args.device, dtype=args.dtype, batch_size=args.batch_size, seed=0)
+    load_before = os.getloadavg()
     wall, rss, _ = run_child(kwargs)
+    load_after = os.getloadavg()
+    rate_after = matmul_rate(dtype, args.device)
     report = json.loads((work / "out" / "report.json").read_text())
     tok = report["tokens"]
     t = report["timings_s"]
@@ -236,7 +241,7 @@ def bench(shape: str, args, work: Path, rate: float, bw: dict) -> dict:
     }
     floor = sum(floors.values())
     gpu_peak = report.get("peak_gpu_memory_bytes")
-    fixed = interpreter_rss()
+    fixed = interpreter_rss(SHAPES[shape]["arch"])
     bound = st["model_bytes"] + st["block_bytes"]
     return {
         "shape": shape, "device": report["settings"]["resolved_device"], "dtype": args.dtype,
@@ -249,7 +254,9 @@ def bench(shape: str, args, work: Path, rate: float, bw: dict) -> dict:
         "memory_ratio": round((gpu_peak or rss) / bound, 3),
         "memory_ratio_above_interpreter": round(((gpu_peak or rss) - (0 if gpu_peak else fixed)) / bound, 3),
         "params": st["params"], "tokens": tok, "num_samples": args.num_samples, "max_length": args.max_length,
-        "edited_fraction": report["edited_fraction"], "matmul_flops_per_s": rate, "disk": bw,
+        "edited_fraction": report["edited_fraction"], "matmul_flops_per_s": rate,
+        "matmul_flops_per_s_after_run": rate_after, "load_average_before_after": [load_before, load_after],
+        "disk": bw,
         "torch_threads": torch.get_num_threads(), "machine": machine(),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
@@ -301,6 +308,9 @@ def main():
                 print(f"  {k:16s} {v['time_s'] or 0:9.2f} {v['floor_s']:9.2f}")
             print(f"  {'total':16s} {run['total_s']:9.2f} {run['floor_s']:9.2f}   ratio {run['ratio']:.2f} "
                   f"(target <= 3)")
+            print(f"  matmul rate after the run {run['matmul_flops_per_s_after_run'] / 1e9:.1f} GFLOP/s; load average "
+                  f"{run['load_average_before_after'][0][0]:.1f} before, {run['load_average_before_after'][1][0]:.1f} "
+                  f"after (other processes on this machine slow every stage)")
             print(f"  peak RSS {run['peak_bytes'] / 2**30:.2f} GiB"
                   + (f", peak GPU {run['peak_gpu_bytes'] / 2**30:.2f} GiB" if run["peak_gpu_bytes"] else "")
                   + f"; model copy {run['model_bytes'] / 2**30:.2f} GiB + block {run['block_bytes'] / 2**20:.0f} MiB"

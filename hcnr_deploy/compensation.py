@@ -61,14 +61,22 @@ def _lower_inverse(chol: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve_triangular(chol, eye, upper=False)
 
 
-def obs_compensation(rows: torch.Tensor, hd: torch.Tensor, t: torch.Tensor, f: torch.Tensor, lam: float = 0.0):
-    """Eqs. 9-10: ``E_F = R_T diag(1/Hinv[T,T]) Hinv[T,F]`` with ``Hinv = H^-1`` (one Cholesky). Returns (E_F, retries)."""
-    chol, retries = cholesky_retry(hd, lam)
-    linv = _lower_inverse(chol)  # Hinv = Linv^T Linv, so Hinv[T,F] = Linv[:,T]^T Linv[:,F]
+def obs_compensation(rows: torch.Tensor, hd: torch.Tensor, t: torch.Tensor, f: torch.Tensor, lam: float = 0.0,
+                     linv: tuple[torch.Tensor, int] | None = None):
+    """Eqs. 9-10: ``E_F = R_T diag(1/Hinv[T,T]) Hinv[T,F]`` with ``Hinv = H^-1`` (one Cholesky; `linv`, the
+    ``(L^-1, retries)`` of ``inverse_factor``, when matrices sharing H share it). Returns (E_F, retries)."""
+    linv, retries = inverse_factor(hd, lam) if linv is None else linv
+    # Hinv = Linv^T Linv, so Hinv[T,F] = Linv[:,T]^T Linv[:,F]
     linv_t = linv[:, t]
     hinv_tt = linv_t.square().sum(0)
     e_f = (rows.double()[:, t] / hinv_tt) @ (linv_t.T @ linv[:, f])
     return e_f, retries
+
+
+def inverse_factor(hd: torch.Tensor, lam: float) -> tuple[torch.Tensor, int]:
+    """``(L^-1, retries)`` with ``L L^T = hd`` (one Cholesky)."""
+    chol, retries = cholesky_retry(hd, lam)
+    return _lower_inverse(chol), retries
 
 
 def exact_compensation(rows: torch.Tensor, hd: torch.Tensor, t: torch.Tensor, f: torch.Tensor, lam: float = 0.0):
@@ -99,15 +107,25 @@ def task_aware_compensation(rows: torch.Tensor, h_hon: torch.Tensor, n_hon: int,
 
 def compensate_columns(method: str, rows: torch.Tensor, t: torch.Tensor, f: torch.Tensor, h_hon: torch.Tensor | None,
                        damp: float, n_hon: int = 1, h_task: torch.Tensor | None = None, n_task: int = 1,
-                       mu: float = 0.0):
-    """Dispatch on ``--compensation``: returns (E_F [rows, |F|] float64, cholesky retries)."""
+                       mu: float = 0.0, cache: dict | None = None):
+    """Dispatch on ``--compensation``: returns (E_F [rows, |F|] float64, cholesky retries).
+
+    `cache` (a dict kept across the matrices of one block) lets matrices fed the same input, hence the same
+    Hessian object (q/k/v, gate/up), share one damped Hessian and, for ``obs``, one Cholesky."""
     if method == "none":
         return torch.zeros(rows.shape[0], len(f), dtype=torch.float64), 0
     if method == "task-aware":
         return task_aware_compensation(rows, h_hon, n_hon, h_task, n_task, mu, damp, t, f)
-    hd, lam = damped_hessian(h_hon, damp)
+    key = (id(h_hon), method)
+    if cache is not None and key in cache:
+        _, hd, lam, linv = cache[key]
+    else:
+        hd, lam = damped_hessian(h_hon, damp)
+        linv = inverse_factor(hd, lam) if method == "obs" else None
+        if cache is not None:
+            cache[key] = (h_hon, hd, lam, linv)  # h_hon kept so its id stays unique while cached
     if method == "obs":
-        return obs_compensation(rows, hd, t, f, lam)
+        return obs_compensation(rows, hd, t, f, lam, linv)
     if method == "exact":
         return exact_compensation(rows, hd, t, f, lam)
     raise ValueError(f"unknown compensation {method!r}")

@@ -156,7 +156,7 @@ def layer_inputs(decoder, layers, input_ids: torch.Tensor, attention_mask: torch
 
 
 def head_gradient(model, decoder, hidden: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor,
-                  chunk_bytes: int = 64 << 20) -> torch.Tensor:
+                  chunk_bytes: int = 16 << 20) -> torch.Tensor:
     """``d(sum_n L_n) / d hidden`` for the last block's output: final norm, LM head on response-predicting
     positions only, in chunks of positions so the float32 logits stay under `chunk_bytes`."""
     h = hidden.detach().requires_grad_(True)

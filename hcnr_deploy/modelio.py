@@ -1,6 +1,6 @@
 """Model I/O: lazy safetensors reads, base / fine-tune (full folder or PEFT LoRA) access, atomic sharded writes.
 
-Nothing here holds a whole checkpoint: tensors are read one at a time with ``safe_open`` and
+Nothing here holds a whole checkpoint: tensors are read one at a time (plain reads, no mmap) and
 written shard by shard. The fine-tune is either a full HF folder (``Ws`` read lazily) or a PEFT
 LoRA adapter (``D = s B A`` from the adapter's factors, never a dense copy of the model).
 """
@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 
@@ -49,6 +50,50 @@ def check_finite(t: torch.Tensor, name: str, where: Path | str):
     if t.is_floating_point() and not torch.isfinite(t).all():
         raise UserError(f"tensor {name} in {where} contains NaN or Inf values; the checkpoint is corrupt, "
                         f"re-export it before repairing.")
+
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn,
+                      "F8_E5M2": torch.float8_e5m2}
+
+
+class SafetensorsFile:
+    """One safetensors file read tensor by tensor with plain reads (no mmap), so the process holds only the
+    tensors it asked for: mapped file pages would count towards its memory until the file is closed."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._f = open(self.path, "rb")
+        n = struct.unpack("<Q", self._f.read(8))[0]
+        self.header = json.loads(self._f.read(n))
+        self.metadata = self.header.pop("__metadata__", None)
+        self._start = 8 + n
+
+    def keys(self) -> list[str]:
+        return list(self.header)
+
+    def shape(self, name: str) -> tuple:
+        return tuple(self.header[name]["shape"])
+
+    def get(self, name: str) -> torch.Tensor:
+        info = self.header[name]
+        begin, end = info["data_offsets"]
+        buf = torch.empty(end - begin, dtype=torch.uint8)
+        self._f.seek(self._start + begin)
+        if end > begin and self._f.readinto(buf.numpy()) != end - begin:
+            raise UserError(f"{self.path} is truncated (tensor {name}); re-export the checkpoint.")
+        return buf.view(SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
+
+    def close(self):
+        self._f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
 
 
 class Checkpoint:
@@ -102,8 +147,8 @@ class Checkpoint:
     def get(self, name: str, check: bool = True) -> torch.Tensor:
         if name not in self.weight_map:
             raise UserError(f"{self.option} {self.folder} has no tensor {name}.")
-        with safe_open(self.folder / self.weight_map[name], "pt") as h:
-            t = h.get_tensor(name)
+        with SafetensorsFile(self.folder / self.weight_map[name]) as h:
+            t = h.get(name)
         if check:
             self._check(name, t)
         return t
@@ -122,9 +167,9 @@ class Checkpoint:
                 yield from self.iter_shard(file, picked, check)
 
     def iter_shard(self, file: str, names: list[str], check: bool = True):
-        with safe_open(self.folder / file, "pt") as h:
+        with SafetensorsFile(self.folder / file) as h:
             for k in names:
-                t = h.get_tensor(k)
+                t = h.get(k)
                 if check:
                     self._check(k, t)
                 yield k, t
@@ -187,9 +232,9 @@ class LoraAdapter:
 
     def factors(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(A [r, in], B [out, r]) as stored."""
-        with safe_open(self.file, "pt") as h:
-            a = h.get_tensor(self.keys[module]["A"])
-            b = h.get_tensor(self.keys[module]["B"])
+        with SafetensorsFile(self.file) as h:
+            a = h.get(self.keys[module]["A"])
+            b = h.get(self.keys[module]["B"])
         check_finite(a, self.keys[module]["A"], self.folder)
         check_finite(b, self.keys[module]["B"], self.folder)
         return a, b

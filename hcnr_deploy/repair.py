@@ -166,6 +166,19 @@ class ModelState:
         self.current[name] = "repaired"
 
 
+def _return_freed_memory():
+    """glibc: serve allocations over 1 MiB by mmap, so freed activations go back to the OS at once. (glibc
+    otherwise raises that threshold after the first large free and keeps each batch's freed activations
+    in the heap: ~350 MB more peak RSS on a 135M model.)"""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+        except (OSError, AttributeError):
+            pass
+
+
 def _progress(console, enabled: bool):
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
                                TimeElapsedColumn)
@@ -262,10 +275,11 @@ def _select(mats: list[Matrix], s_hon, s_task, finetune: FineTune, o: dict):
 
 
 def _compensate(m: Matrix, finetune: FineTune, h_hon, n_hon, h_task, n_task, o: dict, want_dense: bool,
-                want_lora: bool, device: str):
+                want_lora: bool, device: str, cache: dict | None = None):
     """One selected matrix: E on its restored entries. Returns (patch for the checkpoint, new LoRA A or None)."""
     method, mu, damp = o["compensation"], o["task_weight"], o["damp"]
     kw = dict(damp=damp, n_hon=n_hon, h_task=h_task, n_task=n_task, mu=mu)
+    ckw = dict(kw, cache=cache)
     if o["granularity"] == "element":
         d = finetune.delta(m.name).to(device)
         e, m.retries = compensate_elements(method, d, m.restore.to(device), h_hon, **kw)
@@ -278,7 +292,7 @@ def _compensate(m: Matrix, finetune: FineTune, h_hon, n_hon, h_task, n_task, o: 
     if finetune.is_lora:
         a, b = finetune.lora.factors(m.module)
         s = finetune.lora.scaling(m.module)
-        e_a, m.retries = compensate_columns(method, a.double().to(device), t.to(device), f.to(device), h_hon, **kw)
+        e_a, m.retries = compensate_columns(method, a.double().to(device), t.to(device), f.to(device), h_hon, **ckw)
         e_a = e_a.cpu()
         e_f = s * (b.double() @ e_a)
         m.compensation_norm = float(e_f.norm())
@@ -288,7 +302,7 @@ def _compensate(m: Matrix, finetune: FineTune, h_hon, n_hon, h_task, n_task, o: 
             new_a[:, f] = e_a
         return (("columns", f, e_f.float()) if want_dense else None), new_a
     d = finetune.delta(m.name).to(device)
-    e_f, m.retries = compensate_columns(method, d, t.to(device), f.to(device), h_hon, **kw)
+    e_f, m.retries = compensate_columns(method, d, t.to(device), f.to(device), h_hon, **ckw)
     m.compensation_norm = float(e_f.norm())
     return ("columns", f, e_f.float().cpu()), None  # float32 until written: W0 + E is formed in float64
 
@@ -327,9 +341,10 @@ def _decoder_layer(model, mats: list[Matrix]):
 
 def _compensate_group(group, finetune, h_hon, n_hon, h_task, n_task, o, dev, want_lora, patches, new_a, state,
                       sequential):
+    cache: dict = {}  # one damped Hessian / Cholesky per shared input (q/k/v, gate/up)
     for m in group:
         patch, a_new = _compensate(m, finetune, h_hon.pop(m.name, None), n_hon, h_task.pop(m.name, None),
-                                   n_task, o, not want_lora, want_lora, dev)
+                                   n_task, o, not want_lora, want_lora, dev, cache)
         if patch is not None:
             patches[m.name] = patch
         if a_new is not None:
@@ -393,8 +408,9 @@ def _streamed_restore_and_compensate(model, blocks, state: ModelState, finetune:
 
 def _restore_and_compensate(model, state: ModelState, finetune: FineTune, chosen: list[Matrix], enc_hon, enc_task,
                             o: dict, dev: str, bar, want_lora: bool, lap):
-    """Stage 2 for every selected matrix: Hessians (selected matrices only, block groups that fit the memory
-    budget), then the compensation. Returns (dense patches by weight name, new LoRA A by module)."""
+    """Stage 2 for every selected matrix: Hessians (selected matrices only), then the compensation. Streamed
+    block by block where the blocks can be driven one at a time; otherwise whole-model passes over groups of
+    blocks whose Hessians fit --hessian-memory. Returns (dense patches by weight name, new LoRA A by module)."""
     compensation, hessian_inputs = o["compensation"], o["hessian_inputs"]
     blocks = decoder_blocks(model)
     if blocks is not None and compensation != "none" and chosen:
@@ -413,15 +429,8 @@ def _restore_and_compensate(model, state: ModelState, finetune: FineTune, chosen
             state.set("finetuned" if sequential else hessian_inputs)
             h_hon, n_hon = _hessians(model, group, enc_hon, o, dev, bar, f"honesty, {hessian_inputs}{span}", stop)
         lap("hessian")
-        for m in group:
-            patch, a_new = _compensate(m, finetune, h_hon.pop(m.name, None), n_hon, h_task.pop(m.name, None),
-                                       n_task, o, not want_lora, want_lora, dev)
-            if patch is not None:
-                patches[m.name] = patch
-            if a_new is not None:
-                new_a[m.module] = a_new
-            if sequential:  # later blocks see this block repaired
-                state.set_weight(m.name, _repaired_weight(m, finetune, patches, new_a))
+        _compensate_group(group, finetune, h_hon, n_hon, h_task, n_task, o, dev, want_lora, patches, new_a, state,
+                          sequential)
         del h_hon, h_task
         lap("compensation")
     return patches, new_a
@@ -459,6 +468,7 @@ def run_repair(base, finetuned, honesty_data, task_data, out, *, num_samples=128
         clock[0] = now
 
     torch.manual_seed(seed)
+    _return_freed_memory()
     base_dir = resolve_model_dir(base, "--base")
     ft_dir = resolve_model_dir(finetuned, "--finetuned")
     for option, folder in (("--base", base_dir), ("--finetuned", ft_dir)):

@@ -190,3 +190,41 @@ def test_block_streamed_hessians_equal_whole_model_hessians(tiny_model):
         for n in mods:
             torch.testing.assert_close(hooks.hessian(n), ref.hessian(n), rtol=1e-10, atol=1e-10)
     assert _state(tiny_model) == before
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(tmp_path_factory):
+    import random
+
+    from hcnr_deploy.tiny import build_tiny_model, perturbed_copy, random_lora
+
+    root = tmp_path_factory.mktemp("scale")
+    base = build_tiny_model(root / "base", arch="llama", hidden_size=64, num_layers=3, seed=0)
+    rng = random.Random(0)
+    words = "the capital city river country born wrote unknown answer question sure Paris 1492".split()
+    q = lambda: " ".join(rng.choice(words) for _ in range(rng.randint(4, 9))) + "?"  # noqa: E731
+    for name, answer in (("hon", lambda: "I am not sure."), ("task", lambda: "It is " + rng.choice(words))):
+        (root / f"{name}.jsonl").write_text("".join(json.dumps({"prompt": q(), "response": answer()}) + "\n"
+                                                    for _ in range(10)))
+    return dict(root=root, base=base, full=perturbed_copy(base, root / "full", scale=0.03, seed=2),
+                lora=random_lora(base, root / "lora", rank=8, seed=1, scale=0.2))
+
+
+@pytest.mark.parametrize("ft, kw", [("full", dict(hessian_inputs="sequential")),
+                                    ("lora", dict(compensation="task-aware", hessian_inputs="base"))])
+def test_block_streamed_stage2_gives_the_bytes_of_whole_model_passes(tiny_pair, tmp_path, monkeypatch, ft, kw):
+    """Stage 2 streamed one block at a time (per-block base/fine-tune switching, sequential repairs) writes the
+    same bytes as whole-model calibration passes over one-block groups."""
+    from hcnr_deploy import repair
+
+    r = tiny_pair["root"]
+
+    def run(out, **extra):
+        repair.run_repair(tiny_pair["base"], tiny_pair[ft], r / "hon.jsonl", r / "task.jsonl", out, num_samples=10,
+                          max_length=40, batch_size=4, **kw, **extra)
+        return {p.name: p.read_bytes() for p in sorted(out.glob("*.safetensors"))}
+
+    streamed = run(tmp_path / "streamed")
+    monkeypatch.setattr(repair, "decoder_blocks", lambda model: None)
+    whole = run(tmp_path / "whole", hessian_memory_gb=1e-9)
+    assert streamed and streamed == whole
