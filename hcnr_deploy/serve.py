@@ -218,6 +218,10 @@ def plan_servers(base: Path | None = None, adapters: dict[str, Path] | None = No
     if base is None and not checkpoints:
         raise UserError("nothing to serve: pass --base (with any --adapter) and/or --checkpoint NAME=PATH.")
     names = ([served_name] if base is not None else []) + list(adapters) + list(checkpoints)
+    bad = [n for n in names if not n or any(c.isspace() or c in "=," for c in n)]
+    if bad:
+        raise UserError(f"served name {bad[0]!r} is not usable: names may not be empty or contain spaces, '=' or "
+                        f"','; rename it (e.g. 'repaired').")
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise UserError(f"served name {dupes[0]!r} is used twice; give every --served-name/--adapter/--checkpoint "

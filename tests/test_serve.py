@@ -180,6 +180,14 @@ def test_bad_paths(tiny_base, tiny_lora, tmp_path):
     assert_one_line_error(serve_cli("--base", tiny_base, "--adapter", f"ft={tiny_base}"), "--checkpoint")
     assert_one_line_error(serve_cli("--base", tiny_lora), "--adapter NAME=")
     assert_one_line_error(serve_cli("--base", tiny_base, "--adapter", f"base={tiny_lora}"), "used twice")
+    assert_one_line_error(serve_cli("--base", tiny_base, "--served-name", "my base"), "not usable")
+
+
+def test_served_names_with_separators_are_refused_in_the_python_api(tiny_base, tiny_lora):
+    from hcnr_deploy.errors import UserError
+
+    with pytest.raises(UserError, match="not usable"):
+        plan_servers(tiny_base, adapters={"a=b": tiny_lora}, check_ports=False)
 
 
 # ---------------------------------------------------------------- processes: startup failure, timeout, Ctrl-C
