@@ -182,6 +182,7 @@ from hcnr_deploy.repair import run_repair
 args = json.loads(sys.argv[1])
 report = run_repair(**args)
 print("REPORT_PATH", args["out"])
+print("VMHWM", [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1])
 """
 
 
@@ -196,16 +197,19 @@ def run_child(kwargs: dict) -> tuple[float, int, str]:
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"repair failed ({proc.returncode}):\n{out[-4000:]}")
-    return wall, usage.ru_maxrss * 1024, out
+    # ru_maxrss of a child counts the parent's image it was forked from; VmHWM is the child's own peak
+    hwm = [line.split()[1] for line in out.splitlines() if line.startswith("VMHWM")]
+    return wall, int(hwm[-1]) * 1024 if hwm else usage.ru_maxrss * 1024, out
 
 
 def interpreter_rss(arch: str) -> int:
     """Peak RSS of a child that only imports what the repair child imports (the repair stack and the model's
     modelling code): the fixed cost under every run."""
-    proc = subprocess.Popen([sys.executable, "-c", "import hcnr_deploy.repair; from transformers import "
-                             f"AutoModelForCausalLM; import transformers.models.{arch}.modeling_{arch}"])
-    _, _, usage = os.wait4(proc.pid, 0)
-    return usage.ru_maxrss * 1024
+    code = ("import hcnr_deploy.repair; from transformers import AutoModelForCausalLM; "
+            f"import transformers.models.{arch}.modeling_{arch}; "
+            "print([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    return int(out.split()[-1]) * 1024
 
 
 def bench(shape: str, args, work: Path, rate: float, bw: dict) -> dict:

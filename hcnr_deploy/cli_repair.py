@@ -53,8 +53,9 @@ def _choice(key):
 @click.option("--batch-size", type=int, default=DEFAULTS["batch_size"], show_default=True,
               help="Samples per forward/backward pass (per-sample gradients are kept apart).")
 @click.option("--hessian-memory", "hessian_memory_gb", type=float, default=DEFAULTS["hessian_memory_gb"],
-              show_default=True, help="GiB for Hessians at once; more selected blocks than fit are done in "
-                                      "several passes.")
+              show_default=True, help="GiB for Hessians at once, only for architectures not streamed block by "
+                                      "block (llama, mistral, qwen2, qwen3 are streamed); more selected blocks "
+                                      "than fit are done in several passes.")
 @click.option("--format", "fmt", type=_choice("format"), default=DEFAULTS["format"], show_default=True,
               help="auto: exact LoRA adapter for a LoRA fine-tune with column granularity, else a patched "
                    "checkpoint; adapter for a full fine-tune extracts a LoRA by truncated SVD.")
