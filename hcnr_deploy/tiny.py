@@ -97,25 +97,44 @@ def tiny_config(arch: str = "llama", hidden_size: int = 128, num_layers: int = 2
 
 
 def build_tiny_model(out_dir: str | Path, arch: str = "llama", hidden_size: int = 128, num_layers: int = 2,
-                     seed: int = 0, vocab_size: int = 512, init_std: float = 0.05):
-    """Write a random-weight model of `arch` and its tokenizer to `out_dir`; return the path.
+                     seed: int = 0, vocab_size: int = 512, init_std: float | None = 0.05,
+                     corpus: list[str] | None = None, intermediate_size: int | None = None):
+    """Write a random-weight model of `arch` and its tokenizer (trained on `corpus`) to `out_dir`; return the path.
 
-    The weights are larger than transformers' default init (std 0.02) so that
-    greedy outputs of a tiny model depend visibly on every matrix.
+    The default weights are larger than transformers' init (std 0.02) so that greedy outputs of a tiny
+    model depend visibly on every matrix; `init_std=None` keeps transformers' init (for training from scratch).
     """
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     out_dir = Path(out_dir)
-    tokenizer = build_tokenizer(vocab_size)
-    config = tiny_config(arch, hidden_size, num_layers, len(tokenizer))
-    config.initializer_range = init_std
+    tokenizer = build_tokenizer(vocab_size, corpus)
+    config = tiny_config(arch, hidden_size, num_layers, len(tokenizer), intermediate_size)
+    if init_std is not None:
+        config.initializer_range = init_std
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.generation_config = GenerationConfig(eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+def reshard(folder: str | Path, shards: int = 3):
+    """Split `folder`'s single-file checkpoint into `shards` files with an index (exercises shard-by-shard I/O)."""
+    from safetensors.torch import load_file, save_file
+
+    folder = Path(folder)
+    tensors = load_file(folder / "model.safetensors")
+    names = sorted(tensors)
+    weight_map = {}
+    for i in range(shards):
+        fname = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = {k: tensors[k] for k in names[i::shards]}
+        save_file(part, str(folder / fname), metadata={"format": "pt"})
+        weight_map.update({k: fname for k in part})
+    (folder / "model.safetensors").unlink()
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
 
 
 def perturbed_copy(src: str | Path, out_dir: str | Path, scale: float = 0.02, seed: int = 1,

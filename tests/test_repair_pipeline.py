@@ -11,10 +11,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from hcnr_deploy.repair import run_repair
-from hcnr_deploy.tiny import build_tiny_model, perturbed_copy, random_lora
+from hcnr_deploy.tiny import build_tiny_model, perturbed_copy, random_lora, reshard
 
 WORDS = "the capital city river country born wrote unknown answer question sure Paris 1492 future".split()
 REPORT_FIELDS = {"edited_fraction", "num_samples", "timings_s", "peak_memory_bytes", "settings", "versions", "matrices"}
@@ -33,20 +33,6 @@ def write_calibration(folder: Path, n: int = 10, seed: int = 0) -> tuple[Path, P
     task.write_text("".join(json.dumps({"prompt": q(), "response": f"The answer is {rng.choice(WORDS)}."}) + "\n"
                             for _ in range(n)))
     return hon, task
-
-
-def reshard(folder: Path, shards: int = 3):
-    """Split a single-file checkpoint into `shards` files with an index (to exercise shard-by-shard I/O)."""
-    tensors = load_file(folder / "model.safetensors")
-    names = sorted(tensors)
-    weight_map = {}
-    for i in range(shards):
-        fname = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
-        part = {k: tensors[k] for k in names[i::shards]}
-        save_file(part, str(folder / fname), metadata={"format": "pt"})
-        weight_map.update({k: fname for k in part})
-    (folder / "model.safetensors").unlink()
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
 
 
 @pytest.fixture(scope="module")

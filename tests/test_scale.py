@@ -12,23 +12,18 @@ from safetensors.torch import save_file
 
 from hcnr_deploy import importance
 from hcnr_deploy.compensation import accumulate_hessians, block_hessians
-from hcnr_deploy.data import Batch, batches
+from hcnr_deploy.data import batches
 from hcnr_deploy.importance import (blockwise_backward, decoder_blocks, fisher_importance, layer_inputs,
                                     per_sample_response_loss)
 from hcnr_deploy.modelio import Checkpoint, ShardWriter
+from hcnr_deploy.tiny import reshard
 
 
 def _write_sharded(folder, tensors: dict, shards: int):
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    names = sorted(tensors)
-    weight_map = {}
-    for i in range(shards):
-        fname = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
-        part = {k: tensors[k] for k in names[i::shards]}
-        save_file(part, str(folder / fname), metadata={"format": "pt"})
-        weight_map.update({k: fname for k in part})
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    reshard(folder, shards)
 
 
 def test_streaming_reader_writer_round_trip(tmp_path):

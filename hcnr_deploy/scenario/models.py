@@ -22,19 +22,10 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 def tiny_untrained(out_dir: Path, corpus: list[str], hidden_size: int = 128, num_layers: int = 4,
                    vocab_size: int = 1024, seed: int = 0) -> Path:
     """A random-weight Llama with a byte-level BPE tokenizer trained on the scenario's own text."""
-    import torch
-    from transformers import AutoModelForCausalLM, GenerationConfig
+    from hcnr_deploy.tiny import build_tiny_model
 
-    from hcnr_deploy.tiny import build_tokenizer, tiny_config
-
-    tokenizer = build_tokenizer(vocab_size, corpus)
-    config = tiny_config("llama", hidden_size, num_layers, len(tokenizer), intermediate_size=4 * hidden_size)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.generation_config = GenerationConfig(eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id)
-    model.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
-    return out_dir
+    return build_tiny_model(out_dir, "llama", hidden_size, num_layers, seed, vocab_size, init_std=None,
+                            corpus=corpus, intermediate_size=4 * hidden_size)
 
 
 def fetch_smollm2_gguf(download_dir: Path) -> Path:
