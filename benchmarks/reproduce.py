@@ -87,7 +87,7 @@ def build_models(args, recipe, steps, console):
 def evaluate_seed(args, recipe, scen, base, adapters, out_dir: Path, console):
     """One server, every adapter; the harness scores all of them (and ft with ICL)."""
     from eval_harness import evaluate
-    from hcnr_deploy.serve import serve_models
+    from hcnr_deploy.serve import free_port, serve_models
 
     # identical folders (e.g. hcnr and hcnr-rcw0.4) are served once and aliased
     unique, alias = {}, {}
@@ -114,7 +114,7 @@ def evaluate_seed(args, recipe, scen, base, adapters, out_dir: Path, console):
                   progress=True, console=console, log_samples=True, n_boot=200, concurrency=args.concurrency)
     log_dir = Path(args.cache_dir) / "logs" / out_dir.name
     log_dir.mkdir(parents=True, exist_ok=True)
-    with serve_models(base, served, port=P.free_port(), max_model_len=768, dtype="float32", log_dir=log_dir,
+    with serve_models(base, served, port=free_port(), max_model_len=768, dtype="float32", log_dir=log_dir,
                       timeout=1200) as servers:
         url = servers[0].base_url
         res = evaluate(url, models=["base", *served], **kwargs)

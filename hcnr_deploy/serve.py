@@ -195,6 +195,13 @@ def _check_model_dir(path: Path, option: str):
     return ckpt
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port the OS reports free on `host` right now."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
 def port_in_use(host: str, port: int) -> bool:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:

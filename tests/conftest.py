@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
@@ -11,12 +10,6 @@ from hcnr_deploy.tiny import build_tiny_model, random_lora
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory) -> Path:
@@ -37,7 +30,7 @@ def vllm_server(tiny_base, tiny_lora, tmp_path_factory):
     Started by `hcnr_deploy.serve` (the launcher behind `hcnr-deploy serve`, with our bug-B fix in the engine);
     a `RunningServer` with `base_url` (".../v1"), `port`, `models` (["base", "ft"]) and `log_tail()`.
     """
-    from hcnr_deploy.serve import plan_servers, serving
+    from hcnr_deploy.serve import free_port, plan_servers, serving
 
     plans = plan_servers(tiny_base, {"ft": tiny_lora}, port=free_port(), dtype="float32", max_model_len=512,
                          extra_args=["--seed", "0", "--enforce-eager"])

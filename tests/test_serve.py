@@ -21,7 +21,7 @@ import psutil
 import pytest
 from click.testing import CliRunner
 
-from conftest import free_port
+from hcnr_deploy.serve import free_port
 from hcnr_deploy.cli import main
 from hcnr_deploy.errors import UserError
 from hcnr_deploy.serve import (RunningServer, ServeError, ServerPlan, derive_lora_settings, plan_servers,

@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -331,19 +330,13 @@ def build_repaired(steps: Steps, recipe: Recipe, base_dir: Path, ft_dir: Path, d
 # ---------------------------------------------------------------------------------------------- serve + eval
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def serve_and_eval(base_dir: Path, adapters: dict[str, Path], eval_dir: Path, cache: Path, *, max_tokens: int,
                    domain: Path, honesty_data_dir: Path | None, benchmarks=("kuq",), limit: int | None = None,
                    seed: int = 0, port: int | None = None, console=None, icl_models: tuple[str, ...] = (),
                    startup_timeout: float = 900, log_dir: Path | None = None) -> dict:
     """Serve base + adapters in one vLLM server, score them with the eval harness, write results.json."""
     from eval_harness import evaluate
-    from hcnr_deploy.serve import serve_models
+    from hcnr_deploy.serve import free_port, serve_models
 
     eval_dir.mkdir(parents=True, exist_ok=True)
     models = ["base", *adapters]

@@ -105,18 +105,3 @@ def save_adapter(peft_model, out_dir: Path, base_path: Path):
     cfg = json.loads(cfg_path.read_text())
     cfg["base_model_name_or_path"] = str(Path(base_path).resolve())
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
-
-
-@torch.no_grad()
-def greedy_answers(model, tokenizer, prompts: list[str], max_new_tokens: int = 16, batch_size: int = 32) -> list[str]:
-    """Greedy answers (for quick in-process checks; the scenario's evaluation goes through vLLM)."""
-    out = []
-    tokenizer.padding_side = "left"
-    for i in range(0, len(prompts), batch_size):
-        texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                               tokenize=False) for p in prompts[i:i + batch_size]]
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-        out += tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-    return out
