@@ -2,6 +2,8 @@
 
     python benchmarks/reproduce.py --model smollm2 --data-dir ../shared/data --seeds 0,1,2 --limit 700
     python benchmarks/reproduce.py --model tiny --seeds 0,1,2            # the embedded tiny scenario
+    python benchmarks/reproduce.py --model smollm2 --data-dir ../shared/data --limit 150 --seed-mode calibration \
+        --sweep-seeds 0                                                    # what fits 2 CPU cores in ~2 hours
 
 Per seed: the scenario's base / ft (hcnr_deploy.scenario), then every repair variant through the real
 `run_repair` (HCNR, the ablations Random / w/o Task / w/o Compensation, our exact compensation, an R_CW
@@ -19,6 +21,7 @@ versions, date and the size that ran), reproduction.json, tradeoff.png, and each
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -36,6 +39,10 @@ sys.path.insert(0, str(REPO))
 from hcnr_deploy.scenario import pipeline as P  # noqa: E402
 
 HONESTY = ("selfaware", "kuq", "falseqa", "nec", "refunq")
+SEED_MODES = {"train": "each seed: its own scenario data, base, fine-tune and repair",
+              "calibration": "one scenario, base and fine-tune (seed 0); each seed: another draw of the repair's "
+                             "calibration examples and the repair's seed"}
+TABLE_VARIANTS = ("hcnr", "random", "no-task", "no-comp", "exact")  # Tables 1 and 3; sweeps are the rest
 
 
 def parse_floats(s: str) -> list[float]:
@@ -61,21 +68,71 @@ def variants(args, recipe) -> dict[str, dict]:
     return v
 
 
-def build_models(args, recipe, steps, console):
+class ReusedFisher:
+    """Within one seed, every repair variant of the same (base, ft, calibration data) computes the same Fisher
+    scores (Eq. 4 is deterministic: same weights, same batches, same options). This wraps
+    ``hcnr_deploy.repair._fisher`` so each distinct computation runs once; the key hashes the model's current
+    weights, the encoded samples and the options the scores depend on, so a variant never gets another's
+    scores. HCNR is the first variant, so it computes its own: Table 2's wall time is a whole repair."""
+
+    def __init__(self):
+        self.scores: dict[str, dict] = {}
+        self.hits = 0
+
+    @staticmethod
+    def key(model, encoded, o, label) -> str:
+        import hashlib
+
+        import torch
+
+        h = hashlib.sha256(json.dumps([label, o["granularity"], o["batch_size"], o["max_length"], encoded]).encode())
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                h.update(name.encode())
+                h.update(p.detach().float().cpu().numpy().tobytes())
+        return h.hexdigest()
+
+    def __enter__(self):
+        import inspect
+
+        from hcnr_deploy import repair
+
+        self._orig = repair._fisher
+        sig = inspect.signature(self._orig)
+
+        def cached(*a, **kw):
+            b = sig.bind(*a, **kw)
+            k = self.key(b.arguments["model"], b.arguments["encoded"], b.arguments["o"], b.arguments["label"])
+            if k not in self.scores:
+                self.scores[k] = self._orig(*a, **kw)
+            else:
+                self.hits += 1
+            return {n: t.clone() for n, t in self.scores[k].items()}
+
+        repair._fisher = cached
+        return self
+
+    def __exit__(self, *exc):
+        from hcnr_deploy import repair
+
+        repair._fisher = self._orig
+        return False
+
+
+def build_models(args, recipe, steps, console, sweeps=True):
     scen = P.build_data(steps, recipe)
     base = P.build_base(steps, recipe, scen, console)
     ft = P.build_ft(steps, recipe, base, scen, console)
     adapters, meta = {"ft": ft}, {}
-    for name, opts in variants(args, recipe).items():
-        t0 = time.perf_counter()
-        if "scale" in opts:
-            adapters[name] = P.build_ft(steps, recipe, base, scen, ft_dir=ft, scale_b=opts["scale"])
-        else:
-            adapters[name] = P.build_repaired(steps, recipe, base, ft, scen, console, **opts)
-            info = json.loads((adapters[name] / "step.json").read_text())
-            meta[name] = {"edited_fraction": info.get("edited_fraction"), "seconds": info["seconds"],
-                          "timings_s": info.get("timings_s"), "options": P.repair_options(recipe, **opts)}
-        meta.setdefault(name, {})["wall_s_this_run"] = round(time.perf_counter() - t0, 2)
+    chosen = variants(args, recipe)
+    if not sweeps:
+        chosen = {n: v for n, v in chosen.items() if n in TABLE_VARIANTS}
+    with ReusedFisher() if args.reuse_fisher else contextlib.nullcontext() as reuse:
+        for name, opts in chosen.items():
+            hits = reuse.hits if reuse else 0
+            build_variant(steps, recipe, base, ft, scen, console, name, opts, adapters, meta)
+            if reuse and reuse.hits > hits:
+                meta[name]["fisher_reused"] = True  # its `seconds` exclude the Fisher passes
     if not args.no_rait:
         adapters["rait"] = P.build_rait(steps, recipe, base, ft, scen, console)
         info = json.loads((adapters["rait"] / "step.json").read_text())
@@ -84,17 +141,29 @@ def build_models(args, recipe, steps, console):
     return scen, base, ft, adapters, meta
 
 
+def build_variant(steps, recipe, base, ft, scen, console, name, opts, adapters, meta):
+    t0 = time.perf_counter()
+    if "scale" in opts:
+        adapters[name] = P.build_ft(steps, recipe, base, scen, ft_dir=ft, scale_b=opts["scale"])
+    else:
+        adapters[name] = P.build_repaired(steps, recipe, base, ft, scen, console, **opts)
+        info = json.loads((adapters[name] / "step.json").read_text())
+        meta[name] = {"edited_fraction": info.get("edited_fraction"), "seconds": info["seconds"],
+                      "timings_s": info.get("timings_s"), "options": P.repair_options(recipe, **opts)}
+    meta.setdefault(name, {})["wall_s_this_run"] = round(time.perf_counter() - t0, 2)
+
+
 def evaluate_seed(args, recipe, scen, base, adapters, out_dir: Path, console):
     """One server, every adapter; the harness scores all of them (and ft with ICL)."""
     from eval_harness import evaluate
-    from hcnr_deploy.serve import free_port, serve_models
+    from hcnr_deploy.serve import port_in_use, serve_models
 
-    # identical folders (e.g. hcnr and hcnr-rcw0.4) are served once and aliased
-    unique, alias = {}, {}
-    for name, path in adapters.items():
-        key = str(Path(path).resolve())
-        alias[name] = unique.setdefault(key, name)
-    served = {alias[n]: adapters[n] for n in adapters if alias[n] == n}
+    # Each model is served under its cache folder's name (a hash of what built it), on a fixed port: the
+    # harness's response cache (keyed by endpoint, model name and prompt) then answers again only what it
+    # has seen from the same weights, across seeds and reruns. Identical folders are served once.
+    base_name = Path(base).name
+    served = {Path(p).name: p for p in adapters.values()}
+    name_of = {"base": base_name, **{n: Path(p).name for n, p in adapters.items()}}
     if args.data_dir:
         from eval_harness.benchmarks import benchmark_files
         from hcnr_deploy.errors import UserError
@@ -114,20 +183,19 @@ def evaluate_seed(args, recipe, scen, base, adapters, out_dir: Path, console):
                   progress=True, console=console, log_samples=True, n_boot=200, concurrency=args.concurrency)
     log_dir = Path(args.cache_dir) / "logs" / out_dir.name
     log_dir.mkdir(parents=True, exist_ok=True)
-    with serve_models(base, served, port=free_port(), max_model_len=768, dtype="float32", log_dir=log_dir,
-                      timeout=1200) as servers:
+    if port_in_use("127.0.0.1", args.port):
+        raise SystemExit(f"port {args.port} is in use; pass --port with a free one")
+    with serve_models(base, served, served_name=base_name, port=args.port, max_model_len=768, dtype="float32",
+                      log_dir=log_dir, timeout=1200) as servers:
         url = servers[0].base_url
-        res = evaluate(url, models=["base", *served], **kwargs)
-        icl = evaluate(url, models=["ft"], icl=4, **kwargs)
+        res = evaluate(url, models=[base_name, *served], **kwargs)
+        icl = evaluate(url, models=[name_of["ft"]], icl=4, **kwargs)
     (out_dir / "results_icl.json").write_text(json.dumps({k: v for k, v in icl.items() if k != "samples"},
                                                          indent=2, default=str))
-    # ICL as one more "model"
-    res["results"]["icl"] = icl["results"]["ft"]
-    res.setdefault("samples", {})["icl"] = icl["samples"]["ft"]
-    for name, target in alias.items():
-        if target != name:
-            res["results"][name] = res["results"][target]
-            res["samples"][name] = res["samples"][target]
+    results = {n: res["results"][h] for n, h in name_of.items()}
+    samples = {n: res["samples"][h] for n, h in name_of.items()}
+    results["icl"], samples["icl"] = icl["results"][name_of["ft"]], icl["samples"][name_of["ft"]]  # one more "model"
+    res["results"], res["samples"], res["served_names"] = results, samples, name_of
     return res, benchmarks
 
 
@@ -192,16 +260,20 @@ def model_rows(res, benchmarks) -> dict:
 
 
 def average_rows(per_seed: list[dict]) -> dict:
+    """Mean and std over the seeds that scored each model (sweep variants may run on fewer seeds)."""
     out = {}
-    for m in per_seed[0]:
+    names = list(dict.fromkeys(m for rows in per_seed for m in rows))
+    for m in names:
+        have = [rows[m] for rows in per_seed if m in rows]
+
         def agg(get):
-            vals = [get(s[m]) for s in per_seed]
+            vals = [get(r) for r in have]
             return {"mean": float(np.mean(vals)), "std": float(np.std(vals)), "per_seed": vals}
 
         out[m] = {"mean_f1": agg(lambda r: r["mean_f1"]), "mean_rf_delta": agg(lambda r: r["mean_rf_delta"]),
-                  "domain_accuracy": agg(lambda r: r["domain_accuracy"])}
-        for b in per_seed[0][m]:
-            if isinstance(per_seed[0][m][b], dict) and "f1" in per_seed[0][m][b]:
+                  "domain_accuracy": agg(lambda r: r["domain_accuracy"]), "n_seeds": len(have)}
+        for b in have[0]:
+            if isinstance(have[0][b], dict) and "f1" in have[0][b]:
                 out[m][b] = {k: agg(lambda r, b=b, k=k: r[b][k]) for k in ("f1", "rf_delta")}
     return out
 
@@ -276,13 +348,15 @@ def plot(avg, names, path: Path, title: str):
     plt.close(fig)
 
 
-def write_report(args, out: Path, seeds_out: dict, avg: dict, benchmarks, meta, recov, gaps, started, command):
+def write_report(args, out: Path, seeds_out: dict, avg: dict, benchmarks, meta, recov, gaps, started, command,
+                 plane: dict, plane_label: str):
     names = list(avg)
     lines = [f"# HCNR reproduction on this machine ({args.model} scenario)", "",
              f"- command: `{command}`", f"- date: {datetime.datetime.now(datetime.timezone.utc).isoformat()}"
              f" (took {time.time() - started:.0f} s)",
              f"- machine: {json.dumps(machine())}",
-             f"- size that ran: seeds {args.seeds}; honesty benchmarks {', '.join(benchmarks)} "
+             f"- size that ran: seeds {args.seeds} ({SEED_MODES[args.seed_mode]}); sweeps on seeds "
+             f"{args.sweep_seeds or args.seeds}; honesty benchmarks {', '.join(benchmarks)} "
              f"({'--limit ' + str(args.limit) + ' per benchmark' if args.limit else 'all questions'}; "
              f"questions per class: {seeds_out['n_per_class']}); domain: scenario's held-out phrasings "
              f"({seeds_out['n_domain']} questions); R_CW sweep {args.rcw_sweep}; task-aware weights {args.mu_sweep};"
@@ -324,17 +398,18 @@ def write_report(args, out: Path, seeds_out: dict, avg: dict, benchmarks, meta, 
             lines.append(f"| {label} | {ms(avg[n]['mean_f1'])} | {ms(avg[n]['mean_rf_delta'])} | "
                          f"{ms(avg[n]['domain_accuracy'])} | {fmt(m0.get(n, {}).get('edited_fraction'))} |")
     lines += ["", "## Trade-off (tradeoff.png): points vs the baselines' curves at equal honesty F1", "",
+              f"Every point and curve here is the mean over seeds {plane_label} (the seeds that ran the sweeps). "
               "Gap = domain accuracy of the point minus the curve's (interpolated) domain accuracy at the same F1; "
               "positive means the point lies above the curve, '-' that its F1 is outside the curve's range.", "",
               "| point | F1 | domain acc | gap to delta scaling | gap to random (R_CW sweep) |", "|---|---|---|---|---|"]
     for n, g in gaps.items():
-        lines.append(f"| {n} | {fmt(avg[n]['mean_f1']['mean'])} | {fmt(avg[n]['domain_accuracy']['mean'])} | "
+        lines.append(f"| {n} | {fmt(plane[n]['mean_f1']['mean'])} | {fmt(plane[n]['domain_accuracy']['mean'])} | "
                      f"{fmt(g['vs_scaling'], True)} | {fmt(g['vs_random'], True)} |")
     lines += ["", "**Verdict (computed):** " + verdict(avg, gaps, recov)]
-    lines += ["", "## Every model (mean over seeds)", "", "| model | mean F1 | mean RF Delta | domain acc |",
-              "|---|---|---|---|"]
+    lines += ["", "## Every model (mean ± std over the seeds that scored it)", "",
+              "| model | seeds | mean F1 | mean RF Delta | domain acc |", "|---|---|---|---|---|"]
     for n in names:
-        lines.append(f"| {n} | {ms(avg[n]['mean_f1'])} | {ms(avg[n]['mean_rf_delta'])} | "
+        lines.append(f"| {n} | {avg[n]['n_seeds']} | {ms(avg[n]['mean_f1'])} | {ms(avg[n]['mean_rf_delta'])} | "
                      f"{ms(avg[n]['domain_accuracy'])} |")
     (out / "reproduction.md").write_text("\n".join(lines) + "\n")
 
@@ -360,7 +435,8 @@ def args_samples(args):
     return args.num_samples
 
 
-def finalize(args, out, seeds_done, per_seed_rows, recov, meta, seeds_out, benchmarks, started, command):
+def finalize(args, out, seeds_done, per_seed_rows, recov, meta, seeds_out, benchmarks, started, command,
+             sweep_seeds=()):
     """Aggregate the seeds done so far and (re)write reproduction.md / .json and tradeoff.png."""
     seeds = seeds_done
     done = ",".join(map(str, seeds_done))
@@ -368,19 +444,23 @@ def finalize(args, out, seeds_done, per_seed_rows, recov, meta, seeds_out, bench
         args = argparse.Namespace(**{**vars(args), "seeds": f"{done} (of the requested {args.seeds}; the run stopped "
                                                               "or is still running)"})
     avg = average_rows(per_seed_rows)
-    names = list(avg)
-    scaling = [(avg[n]["mean_f1"]["mean"], avg[n]["domain_accuracy"]["mean"]) for n in names
+    # the honesty/domain plane: every point averaged over the same seeds (those that ran the sweeps)
+    plane_seeds = [s for s in seeds_done if s in sweep_seeds] or seeds_done
+    plane = average_rows([rows for s, rows in zip(seeds_done, per_seed_rows) if s in plane_seeds])
+    names = list(plane)
+    scaling = [(plane[n]["mean_f1"]["mean"], plane[n]["domain_accuracy"]["mean"]) for n in names
                if n.startswith("scale-a") or n == "ft"]
-    random_c = [(avg[n]["mean_f1"]["mean"], avg[n]["domain_accuracy"]["mean"]) for n in names
+    random_c = [(plane[n]["mean_f1"]["mean"], plane[n]["domain_accuracy"]["mean"]) for n in names
                 if n.startswith("random-rcw")]
     gaps = {}
     for n in names:
         if n.startswith(("hcnr", "taskaware", "exact", "no-comp", "no-task", "rait", "random")):
-            pt = [(avg[n]["mean_f1"]["mean"], avg[n]["domain_accuracy"]["mean"])]
+            pt = [(plane[n]["mean_f1"]["mean"], plane[n]["domain_accuracy"]["mean"])]
             gaps[n] = {"vs_scaling": curve_gap(pt, scaling)[0] if scaling else None,
                        "vs_random": curve_gap(pt, random_c)[0] if len(random_c) > 1 else None}
-    plot(avg, names, out / "tradeoff.png",
-         f"{args.model}: domain accuracy vs honesty F1, seeds {done} (benchmarks: {', '.join(benchmarks)})")
+    plane_label = ",".join(map(str, plane_seeds))
+    plot(plane, names, out / "tradeoff.png",
+         f"{args.model}: domain accuracy vs honesty F1, seeds {plane_label} (benchmarks: {', '.join(benchmarks)})")
     summary = {
         "command": command, "machine": machine(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         "model": args.model, "seeds": seeds, "benchmarks": benchmarks, "limit": args.limit,
@@ -390,10 +470,13 @@ def finalize(args, out, seeds_done, per_seed_rows, recov, meta, seeds_out, bench
                            "per_seed": {s: r for s, r in recov.items()}},
         "domain_change": {"mean": float(np.mean([r["domain_change"] for r in recov.values()])),
                           "std": float(np.std([r["domain_change"] for r in recov.values()]))},
+        "tradeoff_seeds": plane_seeds,
+        "tradeoff_points": {n: {"mean_f1": plane[n]["mean_f1"]["mean"],
+                                "domain_accuracy": plane[n]["domain_accuracy"]["mean"]} for n in names},
         "tradeoff_gaps": gaps,
     }
     (out / "reproduction.json").write_text(json.dumps(summary, indent=2, default=str))
-    write_report(args, out, seeds_out, avg, benchmarks, meta, recov, gaps, started, command)
+    write_report(args, out, seeds_out, avg, benchmarks, meta, recov, gaps, started, command, plane, plane_label)
 
 
 def main(argv=None):
@@ -401,13 +484,25 @@ def main(argv=None):
     ap.add_argument("--model", choices=sorted(P.RECIPES), default="smollm2")
     ap.add_argument("--data-dir", default=None, help="real benchmarks (../shared/data); default: scenario questions")
     ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--seed-mode", choices=("train", "calibration"), default="train",
+                    help="train: each seed builds its own scenario data, base and fine-tune; calibration: one "
+                         "scenario, base and fine-tune (seed 0), each seed another draw of the repair's 128 + 128 "
+                         "calibration examples and the repair's own seed (for when training is too slow)")
     ap.add_argument("--limit", type=int, default=None, help="questions per honesty benchmark (stratified)")
     ap.add_argument("--num-samples", type=int, default=128, help="repair examples per set")
     ap.add_argument("--rcw-sweep", default="0.1,0.2,0.4,0.6,0.8")
     ap.add_argument("--mu-sweep", default="0.1,0.3,1,3,10")
     ap.add_argument("--scale-sweep", default="0.2,0.4,0.6,0.8,0.9")
     ap.add_argument("--no-rait", action="store_true")
+    ap.add_argument("--sweep-seeds", default=None,
+                    help="seeds that run the sweeps (R_CW, task-aware weight, delta scale) for the trade-off "
+                         "figure; the others run Tables 1-3 only (default: every seed)")
+    ap.add_argument("--no-reuse-fisher", dest="reuse_fisher", action="store_false",
+                    help="recompute the Fisher scores in every repair variant (default: computed once per seed "
+                         "and model state, see ReusedFisher)")
     ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--port", type=int, default=8765,
+                    help="the vLLM server's port (fixed, so the response cache carries over between runs)")
     ap.add_argument("--cache-dir", default=str(P.cache_root()))
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = ap.parse_args(argv)
@@ -421,12 +516,14 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     steps = P.Steps(Path(args.cache_dir), console=console)
     seeds = [int(s) for s in args.seeds.split(",")]
+    sweep_seeds = seeds if args.sweep_seeds is None else [int(s) for s in args.sweep_seeds.split(",") if s.strip()]
     per_seed_rows, recov, meta, seeds_out = [], {}, {}, {}
     for seed in seeds:
-        recipe = P.RECIPES[args.model].with_seed(seed)
+        recipe = P.RECIPES[args.model]
+        recipe = recipe.with_seed(seed) if args.seed_mode == "train" else P.replace(recipe, calib_draw=seed)
         recipe = P.replace(recipe, num_samples=args.num_samples)
         console.rule(f"seed {seed}")
-        scen, base, ft, adapters, meta[seed] = build_models(args, recipe, steps, console)
+        scen, base, ft, adapters, meta[seed] = build_models(args, recipe, steps, console, seed in sweep_seeds)
         seed_dir = out / f"seed{seed}"
         shutil.rmtree(seed_dir, ignore_errors=True)
         seed_dir.mkdir(parents=True)
@@ -440,7 +537,8 @@ def main(argv=None):
         seeds_out[seed] = {"models": rows, **recov[seed], "repair": meta[seed], "timings_s": dict(steps.timings)}
         (seed_dir / "results.json").write_text(json.dumps({k: v for k, v in res.items() if k != "samples"},
                                                           indent=2, default=str))
-        finalize(args, out, list(recov), per_seed_rows, recov, meta, seeds_out, benchmarks, started, command)
+        finalize(args, out, list(recov), per_seed_rows, recov, meta, seeds_out, benchmarks, started, command,
+                 sweep_seeds)
     console.print((out / "reproduction.md").read_text())
 
 

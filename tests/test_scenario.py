@@ -40,6 +40,29 @@ def test_data_is_deterministic_and_disjoint(tmp_path):
     assert all("unknown" not in it["response"] for it in sets["task_train"])
 
 
+@pytest.mark.parametrize("size", [scen_data.TINY_SIZE, scen_data.SMOLLM2_SIZE], ids=["tiny", "smollm2"])
+def test_calibration_draw_changes_only_the_calibration_sets(size):
+    draw0 = scen_data.build(size, seed=0)
+    draws = [scen_data.build(size, seed=0, calib_draw=d) for d in (1, 2)]
+    assert scen_data.build(size, seed=0, calib_draw=1) == draws[0]
+    evals = {it["prompt"] for k in ("eval_unanswerable", "eval_answerable", "domain_eval") for it in draw0[k]}
+    taught = {it["prompt"] for it in draw0["task_train"]}
+    people = {it.get("person") for k in ("base_train", "task_train", "eval_unanswerable") for it in draw0[k]} - {None}
+    prompts = []
+    for sets in draws:
+        for k in draw0:
+            if k not in ("honesty_calib", "task_calib"):
+                assert sets[k] == draw0[k], k
+        assert len(sets["honesty_calib"]) == len(sets["task_calib"]) == 128
+        calib = {it["prompt"] for k in ("honesty_calib", "task_calib") for it in sets[k]}
+        assert not calib & evals
+        assert {it["prompt"] for it in sets["task_calib"]} <= taught  # the fine-tune's own domain
+        fake = {it["person"] for it in sets["honesty_calib"] if it["kind"] == "nonexistent"}
+        assert fake and not fake & people
+        prompts.append({it["prompt"] for it in sets["honesty_calib"]})
+    assert prompts[0] != prompts[1] != {it["prompt"] for it in draw0["honesty_calib"]}
+
+
 def test_eval_files_have_harness_formats(tmp_path):
     from eval_harness.benchmarks import load_benchmark, load_domain_benchmark
 

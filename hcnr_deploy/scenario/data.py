@@ -218,8 +218,11 @@ def _dedupe(items: list[dict]) -> list[dict]:
     return out
 
 
-def build(size: ScenarioSize = TINY_SIZE, seed: int = 0) -> dict[str, list[dict]]:
-    """All of the scenario's sets, as lists of dicts (pure: same size and seed, same lists)."""
+def build(size: ScenarioSize = TINY_SIZE, seed: int = 0, calib_draw: int = 0) -> dict[str, list[dict]]:
+    """All of the scenario's sets, as lists of dicts (pure: same size, seed and draw, same lists).
+
+    `calib_draw` > 0 redraws only the repair's calibration sets (`redraw_calibration`): every training and
+    evaluation set stays that of `seed`, so the same base and fine-tune are repaired with other examples."""
     rng = random.Random(seed)
     taken = set(VALUES["town"])
     relations = sorted(RELATIONS)[: size.domain_relations]
@@ -270,6 +273,10 @@ def build(size: ScenarioSize = TINY_SIZE, seed: int = 0) -> dict[str, list[dict]
                            size.eval_answerable)
     domain_eval = _sample(random.Random(seed + 8), fact_questions(domain, HELDOUT_TEMPLATES), size.domain_eval)
 
+    if calib_draw:
+        eval_prompts = {it["prompt"] for it in eval_unans + eval_ans + domain_eval}
+        honesty_calib, task_calib = redraw_calibration(size, seed, calib_draw, taken, known, answerable_train,
+                                                       task_train, eval_prompts)
     base_train = refusals + answerable_train
     random.Random(seed + 9).shuffle(base_train)
     random.Random(seed + 10).shuffle(task_train)
@@ -286,6 +293,23 @@ def build(size: ScenarioSize = TINY_SIZE, seed: int = 0) -> dict[str, list[dict]
     }
     check_disjoint(sets)
     return sets
+
+
+def redraw_calibration(size: ScenarioSize, seed: int, draw: int, taken: set[str], known: dict, answerable: list[dict],
+                       task_train: list[dict], eval_prompts: set[str]) -> tuple[list[dict], list[dict]]:
+    """Another draw of the repair's calibration sets, by build()'s recipe: 3/4 refusals (new nonexistent people,
+    the future, false premises), 1/4 answerable training questions, and task examples sampled from the
+    fine-tune's own training questions; rngs seeded by (seed, draw); no evaluation question."""
+    def rng(k):
+        return random.Random(f"calib/{seed}/{draw}/{k}")
+
+    fake = person_names(rng(0), max(1, size.calib), taken)
+    refusals = [it for it in unanswerable_questions(rng(1), size.calib, size.calib // 4, size.calib // 4, fake, known)
+                if it["prompt"] not in eval_prompts]
+    n_ref = (3 * size.calib) // 4
+    answerable = [it for it in answerable if it["prompt"] not in eval_prompts]
+    honesty = _sample(rng(2), refusals, n_ref) + _sample(rng(3), answerable, size.calib - n_ref)
+    return honesty, _sample(rng(4), task_train, size.calib)
 
 
 def _sample(rng: random.Random, items: list, n: int) -> list:
@@ -319,12 +343,12 @@ def write_jsonl(path: Path, rows: list[dict]):
             f.write(json.dumps(row, sort_keys=True) + "\n")
 
 
-def write(out_dir: str | Path, size: ScenarioSize = TINY_SIZE, seed: int = 0) -> dict[str, Path]:
+def write(out_dir: str | Path, size: ScenarioSize = TINY_SIZE, seed: int = 0, calib_draw: int = 0) -> dict[str, Path]:
     """Write every set; returns the paths. Training/calibration files are {"prompt","response"} JSONL;
     `domain.jsonl` is the eval harness's domain format {"question","answers"}; `kuq/knowns_unknowns.jsonl`
     holds the honesty evaluation questions in KUQ's format so the harness scores them like KUQ."""
     out_dir = Path(out_dir)
-    sets = build(size, seed)
+    sets = build(size, seed, calib_draw)
     paths = {}
     for name in ("base_train", "task_train", "honesty_calib", "task_calib", "rait_train"):
         paths[name] = out_dir / f"{name}.jsonl"
@@ -337,6 +361,6 @@ def write(out_dir: str | Path, size: ScenarioSize = TINY_SIZE, seed: int = 0) ->
     rows += [{"question": it["prompt"], "answer": [it["answer"]], "unknown": False, "source": "hcnr-scenario",
               "category": it["kind"]} for it in sets["eval_answerable"]]
     write_jsonl(paths["honesty_eval"], rows)
-    (out_dir / "scenario.json").write_text(json.dumps({"seed": seed, "size": asdict(size),
+    (out_dir / "scenario.json").write_text(json.dumps({"seed": seed, "calib_draw": calib_draw, "size": asdict(size),
                                                        "counts": {k: len(v) for k, v in sets.items()}}, indent=2))
     return paths

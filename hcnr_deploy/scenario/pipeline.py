@@ -38,6 +38,7 @@ class Recipe:
     model: str = "tiny"                 # tiny | smollm2
     size: scen_data.ScenarioSize = field(default_factory=lambda: scen_data.TINY_SIZE)
     seed: int = 0
+    calib_draw: int = 0                 # > 0: same models, another draw of the repair's calibration examples
     # tiny model (trained from scratch: knowledge + refusals = the base)
     hidden: int = 128
     layers: int = 4
@@ -164,8 +165,10 @@ def _threads():
 
 def build_data(steps: Steps, recipe: Recipe) -> Path:
     key = {"v": DATA_VERSION, "size": asdict(recipe.size), "seed": recipe.seed}
-    return steps.run("data", key, lambda tmp: {"counts": {k: str(v) for k, v in
-                                                          scen_data.write(tmp, recipe.size, recipe.seed).items()}})
+    if recipe.calib_draw:
+        key["calib_draw"] = recipe.calib_draw
+    return steps.run("data", key, lambda tmp: {"counts": {k: str(v) for k, v in scen_data.write(
+        tmp, recipe.size, recipe.seed, recipe.calib_draw).items()}})
 
 
 def _rows(path: Path) -> list[dict]:
@@ -300,8 +303,10 @@ def build_rait(steps: Steps, recipe: Recipe, base_dir: Path, ft_dir: Path, data_
 
 
 def repair_options(recipe: Recipe, **overrides) -> dict:
+    """The repair's options; its seed (random selection) is the recipe's seed plus the calibration draw."""
     opts = {k: getattr(recipe, k) for k in ("num_samples", "r_iw", "r_cw", "selection", "compensation",
-                                            "task_weight", "seed")}
+                                            "task_weight")}
+    opts["seed"] = recipe.seed + recipe.calib_draw
     opts.update(overrides)
     return opts
 
