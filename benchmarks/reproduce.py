@@ -126,7 +126,8 @@ def build_models(args, recipe, steps, console, sweeps=True):
     adapters, meta = {"ft": ft}, {}
     chosen = variants(args, recipe)
     if not sweeps:
-        chosen = {n: v for n, v in chosen.items() if n in TABLE_VARIANTS}
+        keep = TABLE_VARIANTS if args.other_seed_variants is None else args.other_seed_variants.split(",")
+        chosen = {n: v for n, v in chosen.items() if n in keep}
     with ReusedFisher() if args.reuse_fisher else contextlib.nullcontext() as reuse:
         for name, opts in chosen.items():
             hits = reuse.hits if reuse else 0
@@ -497,6 +498,9 @@ def main(argv=None):
     ap.add_argument("--sweep-seeds", default=None,
                     help="seeds that run the sweeps (R_CW, task-aware weight, delta scale) for the trade-off "
                          "figure; the others run Tables 1-3 only (default: every seed)")
+    ap.add_argument("--other-seed-variants", default=None,
+                    help=f"comma-separated repair variants that the seeds outside --sweep-seeds run (default: "
+                         f"{','.join(TABLE_VARIANTS)}); hcnr is needed for the recovery ratio")
     ap.add_argument("--no-reuse-fisher", dest="reuse_fisher", action="store_false",
                     help="recompute the Fisher scores in every repair variant (default: computed once per seed "
                          "and model state, see ReusedFisher)")
