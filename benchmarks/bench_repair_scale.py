@@ -14,6 +14,7 @@ one decoder block. Results are appended to benchmarks/results/repair_scale.json 
 
     python benchmarks/bench_repair_scale.py                      # smollm2-135m on this machine
     python benchmarks/bench_repair_scale.py --shape qwen2-0.5b --shape llama3-8b --device cuda
+    python benchmarks/bench_repair_scale.py --shape llama3-8b --device cuda --offload   # blocks paged in
 """
 
 from __future__ import annotations
@@ -224,7 +225,7 @@ def bench(shape: str, args, work: Path, rate: float, bw: dict) -> dict:
     write_calibration(task, args.num_samples, int(args.max_length / 1.6), seed=2)
     kwargs = dict(base=str(base), finetuned=str(ft), honesty_data=str(hon), task_data=str(task),
                   out=str(work / "out"), num_samples=args.num_samples, max_length=args.max_length,
-                  device=args.device, dtype=args.dtype, batch_size=args.batch_size, seed=0)
+                  device=args.device, dtype=args.dtype, batch_size=args.batch_size, seed=0, offload=args.offload)
     load_before = os.getloadavg()
     wall, rss, _ = run_child(kwargs)
     load_after = os.getloadavg()
@@ -249,6 +250,7 @@ def bench(shape: str, args, work: Path, rate: float, bw: dict) -> dict:
     bound = st["model_bytes"] + st["block_bytes"]
     return {
         "shape": shape, "device": report["settings"]["resolved_device"], "dtype": args.dtype,
+        "offload": report["settings"]["offload"],
         "total_s": round(t["total"], 2), "wall_s_with_startup": round(wall, 2), "floor_s": round(floor, 2),
         "ratio": round(t["total"] / floor, 2),
         "stages": {k: {"time_s": t.get(k), "floor_s": round(floors.get(k, 0.0), 3)} for k in
@@ -286,6 +288,7 @@ def main():
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--offload", action="store_true", help="repair with --offload (blocks paged to the device)")
     p.add_argument("--workdir", default=None, help="where models are built (default: a temporary folder)")
     p.add_argument("--no-save", action="store_true", help="print only, do not append to results")
     args = p.parse_args()
@@ -305,7 +308,8 @@ def main():
             work.mkdir()
             run = bench(shape, args, work, rate, bw)
             runs.append(run)
-            print(f"\n{shape} on {run['device']} ({args.dtype}), {args.num_samples}+{args.num_samples} samples of "
+            print(f"\n{shape} on {run['device']} ({args.dtype}{', offload' if args.offload else ''}), "
+                  f"{args.num_samples}+{args.num_samples} samples of "
                   f"<= {args.max_length} tokens ({run['tokens']['honesty']}+{run['tokens']['task']} tokens)")
             print(f"  {'stage':16s} {'time s':>9s} {'floor s':>9s}")
             for k, v in run["stages"].items():

@@ -56,6 +56,9 @@ def _choice(key):
               show_default=True, help="GiB for Hessians at once, only for architectures not streamed block by "
                                       "block (llama, mistral, qwen2, qwen3 are streamed); more selected blocks "
                                       "than fit are done in several passes.")
+@click.option("--offload", is_flag=True,
+              help="Keep the decoder blocks in CPU memory and move one at a time to the device while it runs "
+                   "(a model larger than the GPU; llama, mistral, qwen2, qwen3). Same output as without it.")
 @click.option("--format", "fmt", type=_choice("format"), default=DEFAULTS["format"], show_default=True,
               help="auto: exact LoRA adapter for a LoRA fine-tune with column granularity, else a patched "
                    "checkpoint; adapter for a full fine-tune extracts a LoRA by truncated SVD.")

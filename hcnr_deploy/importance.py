@@ -171,9 +171,8 @@ def head_gradient(model, decoder, hidden: torch.Tensor, input_ids: torch.Tensor,
         weight = (1.0 / pos.sum(1).clamp_min(1).float())[pos.nonzero()[:, 0]]  # L_n: mean over its tokens
         leaf = sel.detach().requires_grad_(True)
         step = max(1, chunk_bytes // (4 * head.weight.shape[0]))
-        for c in range(0, leaf.shape[0], step):
-            logits = head(leaf[c:c + step]).float()
-            ce = F.cross_entropy(logits, target[c:c + step], reduction="none")
+        for c in range(0, leaf.shape[0], step):  # the logits are not kept: the backward needs their log-softmax only
+            ce = F.cross_entropy(head(leaf[c:c + step]).float(), target[c:c + step], reduction="none")
             (ce * weight[c:c + step]).sum().backward()
         sel.backward(leaf.grad)
     return h.grad

@@ -29,7 +29,7 @@ from hcnr_deploy.compensation import accumulate_hessians, block_hessians, compen
 from hcnr_deploy.data import batches, encode, load_jsonl
 from hcnr_deploy.errors import UserError
 from hcnr_deploy.export import write_checkpoint, write_exact_adapter, write_svd_adapter
-from hcnr_deploy.importance import decoder_blocks, fisher_importance, layer_inputs
+from hcnr_deploy.importance import PLAIN_HEAD_MODELS, decoder_blocks, fisher_importance, layer_inputs
 from hcnr_deploy.modelio import (DECODER_LINEAR_RE as DECODER_BLOCK_RE, AtomicDir, Checkpoint, FineTune, is_decoder_linear_weight, layer_index,
                                  load_model, load_tokenizer, resolve_model_dir, write_json)
 from hcnr_deploy import selection as sel
@@ -47,10 +47,14 @@ CHOICES = {
 DEFAULTS = dict(num_samples=128, max_length=512, r_iw=0.5, r_cw=0.4, granularity="column", selection="hcnr",
                 compensation="obs", task_weight=1.0, fisher_model="paired", hessian_inputs="base", damp=0.01,
                 seed=0, device="auto", dtype="auto", overwrite=False, format="auto", max_rank=64, batch_size=8,
-                hessian_memory_gb=8.0)
+                hessian_memory_gb=8.0, offload=False)
 SIMPLIFICATIONS = [
-    "No --offload: the calibration passes run on one device, which must hold one model copy in the working "
-    "dtype (the passes themselves hold one decoder block's activations at a time).",
+    "--offload keeps the decoder blocks in CPU memory (one model copy in the working dtype there) and moves one "
+    "block at a time to the device while it runs (Fisher: each block twice per batch, forward and backward; "
+    "Hessians: once per block), synchronously and copied back after each visit (no prefetch overlapping "
+    "compute); the embeddings, final norm and LM head stay on the device. Only the architectures streamed "
+    "block by block (llama, mistral, qwen2, qwen3) can offload. Without it the device holds one model copy in "
+    "the working dtype.",
     "Block-by-block passes (Fisher with block-level recomputation, Hessians streamed one block at a time) cover "
     "the architectures whose logits are lm_head(norm(blocks)) (llama, mistral, qwen2, qwen3); others build the "
     "whole autograd graph per batch and accumulate Hessians in passes over groups of consecutive blocks that "
@@ -166,15 +170,62 @@ class ModelState:
         self.current[name] = "repaired"
 
 
+class BlockOffload:
+    """--offload: ``move(layer, True)`` puts one decoder block on the compute device while it runs,
+    ``move(layer, False)`` copies it back into the same CPU tensors (so weights written meanwhile come back,
+    and no second host copy appears beside pages the checkpoint was mapped into). On the CPU every move is a
+    no-op, so the offloaded code path gives the same bytes there. (Blocks must not share a tensor with
+    themselves twice; llama/mistral/qwen blocks do not.)"""
+
+    def __init__(self, device: str, layers: list):
+        self.device = torch.device(device)
+        self.layers = layers
+        self._host: dict[int, list[torch.Tensor]] = {}  # id(block) -> its CPU tensors while it is on the device
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(self.device)
+
+    def __call__(self, layer, on: bool):
+        if self.device.type == "cpu":
+            return
+        if on:
+            host = self._host.setdefault(id(layer), [])
+            layer._apply(lambda t: host.append(t.detach()) or self._to_device(t))  # detach: keeps the CPU storage
+        else:
+            back = iter(self._host.pop(id(layer)))  # _apply visits the tensors in the same order
+            layer._apply(lambda t: next(back).copy_(t))
+
+
+def _offload_error(base_dir: Path, model_type) -> UserError:
+    return UserError(f"--offload needs a llama/mistral/qwen2/qwen3-style model (decoder blocks run one at a time); "
+                     f"--base {base_dir} is {model_type!r}: run without --offload.")
+
+
+def _place_outside_blocks(model, layers: list, device: str):
+    """Every parameter and buffer outside the decoder blocks (embeddings, rotary tables, final norm, LM head)
+    onto `device`; the blocks stay where they are."""
+    inside = {id(layer) for layer in layers}
+
+    def walk(module):
+        if id(module) in inside:
+            return
+        module._apply(lambda t: t.to(device), recurse=False)
+        for child in module.children():
+            walk(child)
+
+    walk(model)
+
+
 def _return_freed_memory():
-    """glibc: serve allocations over 1 MiB by mmap, so freed activations go back to the OS at once. (glibc
+    """glibc: serve allocations over 128 KiB by mmap, so freed tensors go back to the OS at once. (glibc
     otherwise raises that threshold after the first large free and keeps each batch's freed activations
-    in the heap: ~350 MB more peak RSS on a 135M model.)"""
+    in the heap: ~350 MB more peak RSS on a 135M model; at 1 MiB the heap still kept ~160 MB of freed
+    sub-MiB tensors, e.g. the k/v projections' deltas, fragmented.)"""
     if sys.platform.startswith("linux"):
         try:
             import ctypes
 
-            ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+            ctypes.CDLL("libc.so.6").mallopt(-3, 128 << 10)  # M_MMAP_THRESHOLD
         except (OSError, AttributeError):
             pass
 
@@ -233,12 +284,12 @@ def _eligible(model, finetune: FineTune) -> list[Matrix]:
     return out
 
 
-def _fisher(model, mats, encoded, o, device, progress, label):
+def _fisher(model, mats, encoded, o, device, progress, label, move=None):
     modules = {m.name: model.get_submodule(m.module) for m in mats}
     task = progress.add_task(f"Fisher ({label})", total=len(encoded))
     return fisher_importance(model, modules, batches(encoded, o["batch_size"]), len(encoded), o["granularity"],
                              device, advance=lambda n: progress.advance(task, n),
-                             lowest_block=min(layer_index(m.name) for m in mats))
+                             lowest_block=min(layer_index(m.name) for m in mats), move=move)
 
 
 def _hessians(model, mats, encoded, o, device, progress, label, stop_after=None):
@@ -354,10 +405,11 @@ def _compensate_group(group, finetune, h_hon, n_hon, h_task, n_task, o, dev, wan
 
 
 def _streamed_restore_and_compensate(model, blocks, state: ModelState, finetune: FineTune, chosen: list[Matrix],
-                                     enc_hon, enc_task, o: dict, dev: str, bar, want_lora: bool, lap):
+                                     enc_hon, enc_task, o: dict, dev: str, bar, want_lora: bool, lap, move=None):
     """Stage 2 streamed block by block: the calibration batches' hidden states go through one decoder block
     at a time (each block runs once per stream), the Hessians of that block's selected matrices are
-    accumulated, its matrices compensated and the Hessians dropped before the next block."""
+    accumulated, its matrices compensated and the Hessians dropped before the next block. `move(layer, on)`
+    (--offload) holds the block on the device from its first pass to its last."""
     decoder, layers = blocks
     compensation, hessian_inputs = o["compensation"], o["hessian_inputs"]
     sequential = hessian_inputs == "sequential"
@@ -387,6 +439,8 @@ def _streamed_restore_and_compensate(model, blocks, state: ModelState, finetune:
         group = by_layer.get(i, [])
         modules = {m.name: model.get_submodule(m.module) for m in group}
         sums, counts = {}, {}
+        if move:
+            move(layers[i], True)
         for label, st, _ in streams:
             state.set(st, state.names_in(i))
             hooks, counts[label] = block_hessians(layers[i], modules, data[label], i, keep_outputs=not (
@@ -403,11 +457,13 @@ def _streamed_restore_and_compensate(model, blocks, state: ModelState, finetune:
                 for label, _, _ in streams:
                     block_hessians(layers[i], {}, data[label], i)
                 lap("hessian")
+        if move:
+            move(layers[i], False)
     return patches, new_a
 
 
 def _restore_and_compensate(model, state: ModelState, finetune: FineTune, chosen: list[Matrix], enc_hon, enc_task,
-                            o: dict, dev: str, bar, want_lora: bool, lap):
+                            o: dict, dev: str, bar, want_lora: bool, lap, move=None):
     """Stage 2 for every selected matrix: Hessians (selected matrices only), then the compensation. Streamed
     block by block where the blocks can be driven one at a time; otherwise whole-model passes over groups of
     blocks whose Hessians fit --hessian-memory. Returns (dense patches by weight name, new LoRA A by module)."""
@@ -415,7 +471,7 @@ def _restore_and_compensate(model, state: ModelState, finetune: FineTune, chosen
     blocks = decoder_blocks(model)
     if blocks is not None and compensation != "none" and chosen:
         return _streamed_restore_and_compensate(model, blocks, state, finetune, chosen, enc_hon, enc_task, o, dev,
-                                                bar, want_lora, lap)
+                                                bar, want_lora, lap, move)
     patches: dict = {}
     new_a: dict = {}
     sequential = hessian_inputs == "sequential"
@@ -439,8 +495,8 @@ def _restore_and_compensate(model, state: ModelState, finetune: FineTune, chosen
 def run_repair(base, finetuned, honesty_data, task_data, out, *, num_samples=128, max_length=512, r_iw=0.5,
                r_cw=0.4, granularity="column", selection="hcnr", compensation="obs", task_weight=1.0,
                fisher_model="paired", hessian_inputs="base", damp=0.01, seed=0, device="auto", dtype="auto",
-               overwrite=False, format="auto", max_rank=64, batch_size=8, hessian_memory_gb=8.0, progress=False,
-               console=None, command=None) -> dict:
+               overwrite=False, format="auto", max_rank=64, batch_size=8, hessian_memory_gb=8.0, offload=False,
+               progress=False, console=None, command=None) -> dict:
     """Repair `finetuned` (full folder or PEFT LoRA on `base`) and write the result to `out`; return the report.
 
     Keyword arguments mirror ``hcnr-deploy repair``'s options (``--r-iw`` -> ``r_iw``, ...).
@@ -449,7 +505,8 @@ def run_repair(base, finetuned, honesty_data, task_data, out, *, num_samples=128
     o = dict(num_samples=num_samples, max_length=max_length, r_iw=r_iw, r_cw=r_cw, granularity=granularity,
              selection=selection, compensation=compensation, task_weight=task_weight, fisher_model=fisher_model,
              hessian_inputs=hessian_inputs, damp=damp, seed=seed, device=device, dtype=dtype, overwrite=overwrite,
-             format=format, max_rank=max_rank, batch_size=batch_size, hessian_memory_gb=hessian_memory_gb)
+             format=format, max_rank=max_rank, batch_size=batch_size, hessian_memory_gb=hessian_memory_gb,
+             offload=bool(offload))
     _validate(o)
     out = Path(out).expanduser().resolve()
     if out.exists() and not overwrite:
@@ -490,13 +547,22 @@ def run_repair(base, finetuned, honesty_data, task_data, out, *, num_samples=128
     enc_hon = encode(tokenizer, hon, max_length)
     enc_task = encode(tokenizer, task_examples, max_length)
     dev, dt = _resolve_device_dtype(device, dtype, base_ck.config)
+    if offload and base_ck.config.get("model_type") not in PLAIN_HEAD_MODELS:
+        raise _offload_error(base_dir, base_ck.config.get("model_type"))
     if dev.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    model = load_model(base_dir, dt, dev)
+    model = load_model(base_dir, dt, "cpu" if offload else dev)
     for name, p in model.named_parameters():
         if not torch.isfinite(p).all():
             raise UserError(f"tensor {name} of --base {base_dir} contains NaN or Inf values; the checkpoint is "
                             f"corrupt, re-export it before repairing.")
+    move = None
+    if offload:
+        blocks = decoder_blocks(model)
+        if blocks is None:
+            raise _offload_error(base_dir, base_ck.config.get("model_type"))
+        _place_outside_blocks(model, blocks[1], dev)
+        move = BlockOffload(dev, blocks[1])
     state = ModelState(model, finetune, dt)
     mats = _eligible(model, finetune)
     if not mats:
@@ -511,11 +577,11 @@ def run_repair(base, finetuned, honesty_data, task_data, out, *, num_samples=128
         task_state = {"paired": "finetuned", "base": "base", "finetuned": "finetuned"}[fisher_model]
         if selection != "random":
             state.set(hon_state)
-            s_hon = _fisher(model, mats, enc_hon, o, dev, bar, f"honesty, {hon_state}")
+            s_hon = _fisher(model, mats, enc_hon, o, dev, bar, f"honesty, {hon_state}", move)
             lap("fisher_honesty")
         if selection == "hcnr":
             state.set(task_state)
-            s_task = _fisher(model, mats, enc_task, o, dev, bar, f"task, {task_state}")
+            s_task = _fisher(model, mats, enc_task, o, dev, bar, f"task, {task_state}", move)
             lap("fisher_task")
 
         # Eqs. 5-7: candidates, displacement, kept matrices.
@@ -525,8 +591,8 @@ def run_repair(base, finetuned, honesty_data, task_data, out, *, num_samples=128
 
         want_lora = lora_exact and fmt == "adapter"
         patches, new_a = _restore_and_compensate(model, state, finetune, chosen, enc_hon, enc_task, o, dev, bar,
-                                                 want_lora, lap)
-    del model, state
+                                                 want_lora, lap, move)
+    del model, state, move
     if dev.startswith("cuda"):
         torch.cuda.empty_cache()
 

@@ -1,0 +1,207 @@
+"""`repair --offload`: the decoder blocks stay in CPU memory and one at a time visits the compute device.
+
+On the CPU the moves are no-ops, so the offloaded code path must give the very bytes of the plain one. A
+recording mover checks the paging itself: at most one decoder block resident at a time, and no block's
+Linear ever running while its block is not resident (Fisher and Hessian passes alike)."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from hcnr_deploy import repair
+from hcnr_deploy.errors import UserError
+from hcnr_deploy.tiny import build_tiny_model, perturbed_copy, random_lora
+
+WORDS = "the capital city river country born wrote unknown answer question sure Paris 1492 future".split()
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def pair(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(f"offload_{request.param}")
+    base = build_tiny_model(root / "base", arch=request.param, hidden_size=64, num_layers=3, seed=0)
+    rng = random.Random(0)
+    q = lambda: " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 9))) + "?"  # noqa: E731
+    for name, answer in (("hon", lambda: "I am not sure."), ("task", lambda: "It is " + rng.choice(WORDS))):
+        (root / f"{name}.jsonl").write_text("".join(json.dumps({"prompt": q(), "response": answer()}) + "\n"
+                                                    for _ in range(8)))
+    return dict(root=root, base=base, full=perturbed_copy(base, root / "full", scale=0.03, seed=2),
+                lora=random_lora(base, root / "lora", rank=8, seed=1, scale=0.2))
+
+
+def _run(pair, ft, out, **kw):
+    r = pair["root"]
+    return repair.run_repair(pair["base"], pair[ft], r / "hon.jsonl", r / "task.jsonl", out, num_samples=8,
+                             max_length=40, batch_size=4, device="cpu", **kw)
+
+
+def _files(out):
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.name != "report.json"}
+
+
+@pytest.mark.parametrize("ft, kw", [("lora", {}), ("lora", dict(compensation="task-aware")),
+                                    ("full", dict(hessian_inputs="sequential")), ("full", {})])
+def test_offload_on_cpu_gives_the_same_bytes(pair, tmp_path, ft, kw):
+    plain = _run(pair, ft, tmp_path / "plain", **kw)
+    off = _run(pair, ft, tmp_path / "offload", offload=True, **kw)
+    assert any(n.endswith(".safetensors") for n in _files(tmp_path / "plain"))
+    assert _files(tmp_path / "offload") == _files(tmp_path / "plain")
+    assert off["matrices"] == plain["matrices"]
+    assert off["settings"]["offload"] is True and plain["settings"]["offload"] is False
+    assert "--offload" in off["settings"]["command"] and "--offload" not in plain["settings"]["command"]
+
+
+class RecordingOffload(repair.BlockOffload):
+    """The real mover plus bookkeeping: which blocks are resident, and every block Linear that runs while its
+    block is not."""
+
+    instances: list = []
+
+    def __init__(self, device, layers):
+        super().__init__(device, layers)
+        self.resident: set[int] = set()
+        self.calls: list[tuple[int, bool]] = []
+        self.most = 0
+        self.violations: list[str] = []
+        for i, layer in enumerate(layers):
+            for name, mod in layer.named_modules():
+                if isinstance(mod, torch.nn.Linear):
+                    mod.register_forward_pre_hook(lambda m, args, i=i, name=name: self._check(i, name))
+        RecordingOffload.instances.append(self)
+
+    def _check(self, i, name):
+        if i not in self.resident:
+            self.violations.append(f"block {i} {name} ran off the device")
+
+    def __call__(self, layer, on):
+        i = self.layers.index(layer)
+        if on:
+            if i in self.resident:
+                self.violations.append(f"block {i} moved in twice")
+            self.resident.add(i)
+        else:
+            self.resident.discard(i)
+        self.most = max(self.most, len(self.resident))
+        self.calls.append((i, on))
+        super().__call__(layer, on)
+
+
+@pytest.mark.parametrize("ft, kw", [("lora", dict(compensation="task-aware")),
+                                    ("full", dict(hessian_inputs="sequential"))])
+def test_offload_holds_one_block_on_the_device_at_a_time(pair, tmp_path, monkeypatch, ft, kw):
+    RecordingOffload.instances.clear()
+    monkeypatch.setattr(repair, "BlockOffload", RecordingOffload)
+    rep = _run(pair, ft, tmp_path / "out", offload=True, **kw)
+    (rec,) = RecordingOffload.instances
+    assert rec.violations == []
+    assert rec.most == 1 and not rec.resident  # one block at a time, all back in CPU memory at the end
+    n_layers = len(rec.layers)
+    # Fisher: 2 passes (honesty, task) x 2 batches x (forward over every block + backward down to block 0);
+    # Hessians: every block up to the deepest selected one, once, held across both streams
+    last = max(int(m["name"].split(".layers.")[1].split(".")[0]) for m in rep["matrices"] if m["selected"])
+    ins = [i for i, on in rec.calls if on]
+    fisher = 2 * 2 * 2 * n_layers
+    assert len(ins) == fisher + last + 1
+    assert ins[fisher:] == list(range(last + 1))
+    assert all(rec.calls[k] == (i, True) and rec.calls[k + 1] == (i, False)
+               for k, (i, on) in enumerate(rec.calls) if on)  # each visit ends before the next begins
+
+
+def test_offload_on_the_plain_path_would_be_caught(pair, tmp_path, monkeypatch):
+    """The recorder is not vacuous: a mover that leaves every block resident is flagged."""
+    RecordingOffload.instances.clear()
+
+    class Sticky(RecordingOffload):
+        def __call__(self, layer, on):
+            if on:
+                super().__call__(layer, on)
+
+    monkeypatch.setattr(repair, "BlockOffload", Sticky)
+    _run(pair, "lora", tmp_path / "out", offload=True, selection="no-task")
+    (rec,) = RecordingOffload.instances
+    assert rec.most == len(rec.layers) and rec.violations  # all blocks held, and moved in again while held
+
+
+def test_offload_needs_a_block_streamed_architecture(pair, tmp_path, monkeypatch):
+    monkeypatch.setattr(repair, "decoder_blocks", lambda model: None)
+    with pytest.raises(UserError, match=r"--offload needs a llama/mistral/qwen2/qwen3-style model") as e:
+        _run(pair, "lora", tmp_path / "out", offload=True)
+    assert "\n" not in e.value.message and not (tmp_path / "out").exists()
+    _run(pair, "lora", tmp_path / "plain", selection="no-task")  # without --offload the fallback path runs
+    monkeypatch.setattr(repair, "PLAIN_HEAD_MODELS", set())  # caught from config.json, before loading
+    monkeypatch.setattr(repair, "load_model", lambda *a: pytest.fail("loaded the model"))
+    with pytest.raises(UserError, match="--offload needs"):
+        _run(pair, "lora", tmp_path / "out", offload=True)
+
+
+def test_cli_offload_flag(pair, tmp_path):
+    from hcnr_deploy.cli import main
+
+    r = pair["root"]
+    out = tmp_path / "cli"
+    result = CliRunner().invoke(main, ["repair", "--base", str(pair["base"]), "--finetuned", str(pair["lora"]),
+                                       "--honesty-data", str(r / "hon.jsonl"), "--task-data", str(r / "task.jsonl"),
+                                       "--out", str(out), "--num-samples", "4", "--max-length", "32", "--device",
+                                       "cpu", "--offload", "-q"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["offload"] is True and " --offload" in report["settings"]["command"]
+    assert "--offload" in CliRunner().invoke(main, ["repair", "--help"]).output
+
+
+def test_placement_moves_everything_but_the_blocks(pair):
+    """`_place_outside_blocks` with a dtype standing in for the device: embeddings, rotary tables, final norm and
+    LM head change, every decoder block's tensor stays as it was."""
+    from hcnr_deploy.importance import decoder_blocks
+    from hcnr_deploy.modelio import load_model
+
+    model = load_model(pair["base"], torch.float32, "cpu")
+    _, layers = decoder_blocks(model)
+    repair._place_outside_blocks(model, layers, torch.float64)
+    inside = {id(t) for layer in layers for t in [*layer.parameters(), *layer.buffers()]}
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    assert {n for n, t in tensors if id(t) in inside} == {n for n, _ in tensors if ".layers." in n}
+    for name, t in tensors:
+        assert t.dtype == (torch.float32 if id(t) in inside else torch.float64), name
+    assert model.get_output_embeddings().weight.dtype == torch.float64
+
+
+class Float64Device(repair.BlockOffload):
+    """A stand-in device: "on" turns the block's tensors into float64 copies, "off" copies them back."""
+
+    def _to_device(self, t):
+        return t.to(torch.float64)
+
+
+def test_block_offload_round_trip_keeps_the_host_tensors_and_the_writes(pair):
+    from hcnr_deploy.importance import decoder_blocks
+    from hcnr_deploy.modelio import load_model
+
+    model = load_model(pair["base"], torch.float32, "cpu")
+    _, layers = decoder_blocks(model)
+    mover = Float64Device("meta", layers)  # any non-CPU device: the moves are real
+    layer = layers[1]
+    before = {n: (p.data_ptr(), p.detach().clone()) for n, p in layer.named_parameters()}
+    others = {n: p.data_ptr() for n, p in model.named_parameters() if ".layers.1." not in n}
+    mover(layer, True)
+    assert all(p.dtype == torch.float64 for p in layer.parameters())
+    assert all(p.dtype == torch.float32 for p in layers[0].parameters())
+    w = layer.mlp.down_proj.weight
+    w.data[0, 0] = 0.5  # written while on the device (a state switch or a repaired weight)
+    mover(layer, False)
+    for n, p in layer.named_parameters():
+        ptr, value = before[n]
+        assert p.dtype == torch.float32 and p.data_ptr() == ptr, n  # back into the very same CPU tensor
+        if n != "mlp.down_proj.weight":
+            assert torch.equal(p, value), n
+    assert w[0, 0] == 0.5 and torch.equal(w[1:], before["mlp.down_proj.weight"][1][1:])
+    assert {n: p.data_ptr() for n, p in model.named_parameters() if ".layers.1." not in n} == others
+    assert not mover._host
+    cpu = repair.BlockOffload("cpu", layers)  # on the CPU: nothing moves, nothing is copied
+    cpu(layer, True)
+    assert all(p.data_ptr() == before[n][0] for n, p in layer.named_parameters()) and not cpu._host
+    cpu(layer, False)
