@@ -2,14 +2,57 @@
 
 from __future__ import annotations
 
+import json
+import random
 from pathlib import Path
 
 import pytest
 
-from hcnr_deploy.tiny import build_tiny_model, random_lora
+from hcnr_deploy.tiny import build_tiny_model, perturbed_copy, random_lora
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+
+def float64_tiny_model(arch: str, num_layers: int):
+    """A tiny frozen float64 model (hidden 32, vocab 64, seed 0), for comparisons against naive float64 loops."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from hcnr_deploy.tiny import tiny_config
+
+    torch.manual_seed(0)
+    cfg = tiny_config(arch, hidden_size=32, num_layers=num_layers, vocab_size=64, head_dim=16)
+    cfg.initializer_range = 0.2
+    model = AutoModelForCausalLM.from_config(cfg).double().eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def token_samples(lengths: list[tuple[int, int]]) -> list[tuple[list[int], list[int]]]:
+    """(token ids, loss mask) per (prompt length, response length), random ids in [3, 64) from seed 1."""
+    import torch
+
+    gen = torch.Generator().manual_seed(1)
+    out = []
+    for p, r in lengths:
+        ids = torch.randint(3, 64, (p + r,), generator=gen).tolist()
+        out.append((ids, [0] * p + [1] * r))
+    return out
+
+
+def repair_pair(root: Path, arch: str, n_examples: int, words: list[str]) -> dict:
+    """A tiny 3-layer base, a full fine-tune and a LoRA of it, and `n_examples` honesty / task prompt-response
+    lines (hon.jsonl, task.jsonl) in `root`."""
+    base = build_tiny_model(root / "base", arch=arch, hidden_size=64, num_layers=3, seed=0)
+    rng = random.Random(0)
+    q = lambda: " ".join(rng.choice(words) for _ in range(rng.randint(4, 9))) + "?"  # noqa: E731
+    for name, answer in (("hon", lambda: "I am not sure."), ("task", lambda: "It is " + rng.choice(words))):
+        (root / f"{name}.jsonl").write_text("".join(json.dumps({"prompt": q(), "response": answer()}) + "\n"
+                                                    for _ in range(n_examples)))
+    return dict(root=root, base=base, full=perturbed_copy(base, root / "full", scale=0.03, seed=2),
+                lora=random_lora(base, root / "lora", rank=8, seed=1, scale=0.2))
+
 
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory) -> Path:

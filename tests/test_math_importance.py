@@ -7,6 +7,8 @@ from hcnr_deploy.data import Batch, batches
 from hcnr_deploy.importance import (FisherHooks, fisher_importance, per_sample_column_sq, per_sample_element_sq,
                                     per_sample_response_loss)
 
+from conftest import float64_tiny_model, token_samples
+
 
 @pytest.mark.parametrize("t", [3, 40])  # Gram-trick branch (small T) and direct branch (large T)
 def test_per_sample_column_sq_matches_naive(t):
@@ -23,26 +25,11 @@ def test_per_sample_column_sq_matches_naive(t):
 
 @pytest.fixture(scope="module")
 def tiny_model():
-    from transformers import LlamaForCausalLM
-
-    from hcnr_deploy.tiny import tiny_config
-
-    torch.manual_seed(0)
-    cfg = tiny_config("llama", hidden_size=32, num_layers=2, vocab_size=64, head_dim=16)
-    cfg.initializer_range = 0.2
-    model = LlamaForCausalLM(cfg).double().eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
+    return float64_tiny_model("llama", num_layers=2)
 
 
 def _samples():
-    gen = torch.Generator().manual_seed(1)
-    out = []
-    for n, (p, r) in enumerate([(5, 3), (2, 6), (7, 2), (3, 3), (4, 1)]):
-        ids = torch.randint(3, 64, (p + r,), generator=gen).tolist()
-        out.append((ids, [0] * p + [1] * r))
-    return out
+    return token_samples([(5, 3), (2, 6), (7, 2), (3, 3), (4, 1)])
 
 
 def _naive_fisher(model, names, samples, element=False):

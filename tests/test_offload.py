@@ -7,7 +7,6 @@ Linear ever running while its block is not resident (Fisher and Hessian passes a
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 import torch
@@ -15,22 +14,15 @@ from click.testing import CliRunner
 
 from hcnr_deploy import repair
 from hcnr_deploy.errors import UserError
-from hcnr_deploy.tiny import build_tiny_model, perturbed_copy, random_lora
+
+from conftest import repair_pair
 
 WORDS = "the capital city river country born wrote unknown answer question sure Paris 1492 future".split()
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
 def pair(request, tmp_path_factory):
-    root = tmp_path_factory.mktemp(f"offload_{request.param}")
-    base = build_tiny_model(root / "base", arch=request.param, hidden_size=64, num_layers=3, seed=0)
-    rng = random.Random(0)
-    q = lambda: " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 9))) + "?"  # noqa: E731
-    for name, answer in (("hon", lambda: "I am not sure."), ("task", lambda: "It is " + rng.choice(WORDS))):
-        (root / f"{name}.jsonl").write_text("".join(json.dumps({"prompt": q(), "response": answer()}) + "\n"
-                                                    for _ in range(8)))
-    return dict(root=root, base=base, full=perturbed_copy(base, root / "full", scale=0.03, seed=2),
-                lora=random_lora(base, root / "lora", rank=8, seed=1, scale=0.2))
+    return repair_pair(tmp_path_factory.mktemp(f"offload_{request.param}"), request.param, 8, WORDS)
 
 
 def _run(pair, ft, out, **kw):

@@ -18,6 +18,8 @@ from hcnr_deploy.importance import (blockwise_backward, decoder_blocks, fisher_i
 from hcnr_deploy.modelio import Checkpoint, ShardWriter
 from hcnr_deploy.tiny import reshard
 
+from conftest import float64_tiny_model, repair_pair, token_samples
+
 
 def _write_sharded(folder, tensors: dict, shards: int):
     folder.mkdir()
@@ -74,26 +76,11 @@ def test_single_shard_writer_writes_no_index(tmp_path):
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
 def tiny_model(request):
-    from transformers import AutoModelForCausalLM
-
-    from hcnr_deploy.tiny import tiny_config
-
-    torch.manual_seed(0)
-    cfg = tiny_config(request.param, hidden_size=32, num_layers=3, vocab_size=64, head_dim=16)
-    cfg.initializer_range = 0.2
-    model = AutoModelForCausalLM.from_config(cfg).double().eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
+    return float64_tiny_model(request.param, num_layers=3)
 
 
 def _samples():
-    gen = torch.Generator().manual_seed(1)
-    out = []
-    for p, r in [(5, 3), (2, 6), (7, 2), (3, 3), (4, 1), (6, 4)]:
-        ids = torch.randint(3, 64, (p + r,), generator=gen).tolist()
-        out.append((ids, [0] * p + [1] * r))
-    return out
+    return token_samples([(5, 3), (2, 6), (7, 2), (3, 3), (4, 1), (6, 4)])
 
 
 def _linears(model):
@@ -189,20 +176,8 @@ def test_block_streamed_hessians_equal_whole_model_hessians(tiny_model):
 
 @pytest.fixture(scope="module")
 def tiny_pair(tmp_path_factory):
-    import random
-
-    from hcnr_deploy.tiny import build_tiny_model, perturbed_copy, random_lora
-
-    root = tmp_path_factory.mktemp("scale")
-    base = build_tiny_model(root / "base", arch="llama", hidden_size=64, num_layers=3, seed=0)
-    rng = random.Random(0)
     words = "the capital city river country born wrote unknown answer question sure Paris 1492".split()
-    q = lambda: " ".join(rng.choice(words) for _ in range(rng.randint(4, 9))) + "?"  # noqa: E731
-    for name, answer in (("hon", lambda: "I am not sure."), ("task", lambda: "It is " + rng.choice(words))):
-        (root / f"{name}.jsonl").write_text("".join(json.dumps({"prompt": q(), "response": answer()}) + "\n"
-                                                    for _ in range(10)))
-    return dict(root=root, base=base, full=perturbed_copy(base, root / "full", scale=0.03, seed=2),
-                lora=random_lora(base, root / "lora", rank=8, seed=1, scale=0.2))
+    return repair_pair(tmp_path_factory.mktemp("scale"), "llama", 10, words)
 
 
 @pytest.mark.parametrize("ft, kw", [("full", dict(hessian_inputs="sequential")),
