@@ -12,6 +12,8 @@ from hcnr_deploy import __version__
 
 SUBCOMMANDS = {
     "repair": ("hcnr_deploy.cli_repair", "repair"),
+    "sweep": ("hcnr_deploy.sweep", "sweep"),
+    "probe": ("hcnr_deploy.probe", "probe"),
     "serve": ("hcnr_deploy.serve", "serve"),
     "eval": ("eval_harness.cli", "eval_cmd"),
     "demo": ("hcnr_deploy.scenario.cli", "demo"),
@@ -19,6 +21,8 @@ SUBCOMMANDS = {
 
 HELP = {
     "repair": "Compute the HCNR edit of a fine-tune and write an adapter or checkpoint.",
+    "sweep": "Measure the honesty/domain frontier of repair methods on your model; ship the chosen point.",
+    "probe": "Linear probes: does the model still tell answerable from unanswerable (Observation 2)?",
     "serve": "Serve base, fine-tuned and repaired models behind vLLM's OpenAI API.",
     "eval": "Score OpenAI-compatible models on honesty benchmarks.",
     "demo": "Run the embedded base / fine-tune / repair / serve / eval scenario.",
