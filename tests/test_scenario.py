@@ -149,3 +149,53 @@ def test_demo_bad_input_is_one_line_error(tmp_path):
     r = CliRunner().invoke(main, ["demo", "--out", str(tmp_path / "nope" / "x"), "--cache-dir", str(tmp_path / "c")])
     assert r.exit_code == 2 and "does not exist" in r.output
     assert not (tmp_path / "c").exists()
+
+
+def test_rehearsal_mix_has_the_share_and_the_seed(tmp_path):
+    from hcnr_deploy.errors import UserError
+    from hcnr_deploy.scenario.pipeline import REHEARSAL_SHARE, rehearsal_rows
+
+    scen_data.write(tmp_path, scen_data.CI_SIZE, seed=0)
+    task = [json.loads(x) for x in (tmp_path / "task_train.jsonl").read_text().splitlines()]
+    base_train = [json.loads(x) for x in (tmp_path / "base_train.jsonl").read_text().splitlines()]
+    refusal_texts = set(scen_data.REFUSALS.values())
+    rows = rehearsal_rows(tmp_path, REHEARSAL_SHARE, seed=0)
+    assert REHEARSAL_SHARE == 0.05 and rows[:len(task)] == task  # every domain row, in order
+    mixed_in = rows[len(task):]
+    assert len(mixed_in) == round(0.05 * len(task) / 0.95) > 0
+    assert len(mixed_in) / len(rows) == pytest.approx(0.05, abs=0.5 / len(rows))
+    assert all(r["response"] in refusal_texts and r in base_train for r in mixed_in)
+    assert len({r["prompt"] for r in mixed_in}) == len(mixed_in)
+    assert rehearsal_rows(tmp_path, 0.05, seed=0) == rows
+    assert rehearsal_rows(tmp_path, 0.05, seed=1)[len(task):] != mixed_in
+    assert len(rehearsal_rows(tmp_path, 0.2, seed=0)) - len(task) == round(0.2 * len(task) / 0.8)
+    assert rehearsal_rows(tmp_path, 0.0) == task
+    with pytest.raises(UserError, match="share"):
+        rehearsal_rows(tmp_path, 1.0)
+    with pytest.raises(UserError, match="Lower the share"):
+        rehearsal_rows(tmp_path, 0.9)
+
+
+def test_rehearsal_is_the_fine_tune_recipe_on_the_mix(tmp_path, tiny_base):
+    """A few steps on a tiny base: with no refusals mixed in Rehearsal is the fine-tune, byte for byte;
+    with 5% it differs, and it is cached like the other steps."""
+    from dataclasses import replace
+
+    import torch
+
+    from hcnr_deploy.scenario.pipeline import RECIPES, build_ft, build_rehearsal
+
+    scen = tmp_path / "data"
+    scen_data.write(scen, scen_data.CI_SIZE, seed=0)
+    recipe = replace(RECIPES["ci"], ft_steps=3, ft_batch=4)
+    steps = Steps(tmp_path / "cache")
+    torch.manual_seed(recipe.seed)  # build_ft draws its LoRA init from the global RNG; Rehearsal seeds it
+    ft = build_ft(steps, recipe, tiny_base, scen)
+    same = build_rehearsal(steps, recipe, tiny_base, scen, share=0.0)
+    mixed = build_rehearsal(steps, recipe, tiny_base, scen)
+    weights = lambda d: (d / "adapter_model.safetensors").read_bytes()  # noqa: E731
+    assert weights(same) == weights(ft) and weights(mixed) != weights(ft)
+    info = json.loads((mixed / "step.json").read_text())
+    n_task = len((scen / "task_train.jsonl").read_text().splitlines())
+    assert info["refusal_rows"] == round(0.05 * n_task / 0.95) and info["inputs"]["share"] == 0.05
+    assert build_rehearsal(Steps(tmp_path / "cache"), recipe, tiny_base, scen) == mixed

@@ -302,6 +302,59 @@ def build_rait(steps: Steps, recipe: Recipe, base_dir: Path, ft_dir: Path, data_
     return steps.run("rait", {"ft": ft_dir.name, "steps": n, "data": files_key(data_dir, "rait_train.jsonl")}, build)
 
 
+REHEARSAL_SHARE = 0.05  # DESIGN.md section 8: the domain SFT with ~5% refusal data mixed in
+
+
+def rehearsal_rows(data_dir: Path, share: float = REHEARSAL_SHARE, seed: int = 0) -> list[dict]:
+    """Rehearsal's training set: the fine-tune's domain rows (task_train.jsonl, in order) followed by
+    refusal rows of the base's refusal training (base_train.jsonl rows answered with a scenario refusal),
+    `round(share * n_task / (1 - share))` of them drawn with `random.Random(seed)`, so refusals are
+    `share` of the mix (the training loop's seeded shuffle mixes them)."""
+    import random
+
+    if not 0 <= share < 1:
+        raise UserError(f"rehearsal share must be in [0, 1), got {share}.")
+    task = _rows(data_dir / "task_train.jsonl")
+    refusal_texts = set(scen_data.REFUSALS.values())
+    refusals = [r for r in _rows(data_dir / "base_train.jsonl") if r["response"] in refusal_texts]
+    n = round(share * len(task) / (1 - share))
+    if n > len(refusals):
+        raise UserError(f"rehearsal share {share} needs {n} refusal rows; {data_dir / 'base_train.jsonl'} has "
+                        f"{len(refusals)}. Lower the share.")
+    return task + random.Random(seed).sample(refusals, n)
+
+
+def build_rehearsal(steps: Steps, recipe: Recipe, base_dir: Path, data_dir: Path, console=None,
+                    share: float = REHEARSAL_SHARE) -> Path:
+    """The Rehearsal baseline (Table 1; the separability check of DESIGN.md section 8): the fine-tune's
+    recipe (a fresh domain LoRA on base, same rank, steps, batch, lr and seed) on the domain rows with
+    `share` refusal rows mixed in (`rehearsal_rows`), saved as a PEFT adapter. Its LoRA init is seeded
+    with the recipe's seed (build_ft's is drawn from whatever state torch's RNG is in)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hcnr_deploy.scenario import train
+
+    rows = rehearsal_rows(data_dir, share, recipe.seed)
+
+    def build(tmp):
+        _threads()
+        tok = AutoTokenizer.from_pretrained(base_dir)
+        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+        peft_model = train.add_lora(model, recipe.ft_rank, seed=recipe.seed)
+        with _progress(console) as p:
+            losses = train.sft(peft_model, tok, rows, steps=recipe.ft_steps, batch_size=recipe.ft_batch,
+                               lr=recipe.ft_lr, seed=recipe.seed, progress=p,
+                               description=f"Rehearsal: domain LoRA + {share:.0%} refusals")
+        train.save_adapter(peft_model, tmp, base_dir)
+        return {"final_loss": losses[-1], "rows": len(rows), "refusal_rows": n_refusals}
+
+    n_refusals = len(rows) - len(_rows(data_dir / "task_train.jsonl"))
+    fields = {k: getattr(recipe, k) for k in ("seed", "ft_steps", "ft_lr", "ft_batch", "ft_rank")}
+    return steps.run("rehearsal", {**fields, "share": share, "base": base_dir.name,
+                                   "data": files_key(data_dir, "task_train.jsonl", "base_train.jsonl")}, build)
+
+
 def repair_options(recipe: Recipe, **overrides) -> dict:
     """The repair's options; its seed (random selection) is the recipe's seed plus the calibration draw."""
     opts = {k: getattr(recipe, k) for k in ("num_samples", "r_iw", "r_cw", "selection", "compensation",

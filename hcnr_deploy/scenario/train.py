@@ -52,9 +52,17 @@ def sft(model, tokenizer, rows: list[dict], *, steps: int, batch_size: int, lr: 
     return losses
 
 
-def add_lora(model, rank: int, alpha: int | None = None, targets=LORA_TARGETS):
-    """Wrap `model` with a fresh PEFT LoRA (vLLM-compatible: no bias, no modules_to_save)."""
+def add_lora(model, rank: int, alpha: int | None = None, targets=LORA_TARGETS, seed: int | None = None):
+    """Wrap `model` with a fresh PEFT LoRA (vLLM-compatible: no bias, no modules_to_save).
+
+    PEFT draws the A factors from torch's global RNG: `seed` seeds it first; None leaves it as the
+    process has it (then the init depends on what ran before in the process)."""
     from peft import LoraConfig, get_peft_model
+
+    if seed is not None:
+        import torch
+
+        torch.manual_seed(seed)
 
     cfg = LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=list(targets), lora_dropout=0.0, bias="none",
                      task_type="CAUSAL_LM")
