@@ -8,8 +8,8 @@ from pathlib import Path
 import click
 
 from eval_harness.benchmarks import HONESTY_BENCHMARKS
+from eval_harness.prompts import APIS
 from eval_harness.refusal import DETECTORS
-from eval_harness.client import DEFAULT_CACHE
 
 
 @click.command("eval", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -37,6 +37,10 @@ from eval_harness.client import DEFAULT_CACHE
               help="Requests in flight per endpoint.")
 @click.option("--max-tokens", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--api", type=click.Choice(APIS), default="chat", show_default=True,
+              help="chat: chat completions (the server applies the model's chat template). completions: plain "
+                   "completions of SelfAware's prompt ('Q: <question>\\nA:', --system-prompt and --icl turns "
+                   "before it, stop at '\\nQ:'), for base models without a chat template.")
 @click.option("--system-prompt", default=None, metavar="TEXT | @FILE", help="System message (or @file to read it).")
 @click.option("--icl", type=click.IntRange(0, 8), default=0, show_default=True,
               help="K in-context exemplars that show uncertainty (the paper's ICL baseline), 0-8.")
@@ -53,9 +57,16 @@ from eval_harness.client import DEFAULT_CACHE
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="results.json",
               help="Write every setting, version, metric and interval here (atomically).")
 @click.option("--log-samples", is_flag=True, help="Also store every prompt, response and verdict in --out.")
-@click.option("--cache", type=click.Path(dir_okay=False, path_type=Path), default=DEFAULT_CACHE, show_default=True,
-              help="SQLite response cache: reruns send nothing twice, killed runs resume.")
+@click.option("--cache", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="SQLite response cache: reruns send nothing twice, killed runs resume. Keyed by endpoint, model "
+                   "name, the served weights' fingerprint, prompt and sampling.  [default: eval-cache.sqlite in "
+                   "$HCNR_DEPLOY_CACHE, else $XDG_CACHE_HOME/hcnr-deploy, else ~/.cache/hcnr-deploy]")
 @click.option("--no-cache", is_flag=True, help="Do not read or write the cache.")
+@click.option("--trust-cache-names", is_flag=True,
+              help="Also cache models whose weights cannot be fingerprinted here (a hub id, a path on another "
+                   "machine, a server that reports no root), keyed by served name and reported root: a rerun "
+                   "then trusts that the name still means the same weights. Without it, their answers are not "
+                   "cached (a warning names them).")
 @click.option("--timeout", type=click.FloatRange(min=0.1), default=120.0, show_default=True,
               help="Seconds per request.")
 @click.option("--max-retries", type=click.IntRange(min=0), default=5, show_default=True,
@@ -64,8 +75,8 @@ from eval_harness.client import DEFAULT_CACHE
               help="Bootstrap resamples for the 95% intervals.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def eval_cmd(endpoints, api_key, models, benchmarks, data_dir, domain, limit, seed, concurrency, max_tokens,
-             temperature, system_prompt, icl, detector, embedding_threshold, judge_model, judge_endpoint, out,
-             log_samples, cache, no_cache, timeout, max_retries, n_boot, quiet):
+             temperature, api, system_prompt, icl, detector, embedding_threshold, judge_model, judge_endpoint, out,
+             log_samples, cache, no_cache, trust_cache_names, timeout, max_retries, n_boot, quiet):
     """Score models behind OpenAI-compatible endpoints on honesty benchmarks and print the comparison.
 
     \b
@@ -80,6 +91,7 @@ def eval_cmd(endpoints, api_key, models, benchmarks, data_dir, domain, limit, se
     from rich.console import Console
 
     from eval_harness import report
+    from eval_harness.client import DEFAULT_CACHE
     from eval_harness.run import evaluate
     from hcnr_deploy.errors import UserError
 
@@ -95,9 +107,9 @@ def eval_cmd(endpoints, api_key, models, benchmarks, data_dir, domain, limit, se
                            temperature=temperature, system_prompt=system_prompt, icl=icl, detector=detector,
                            embedding_threshold=embedding_threshold,
                            judge_model=judge_model, judge_endpoint=judge_endpoint, api_key=api_key, timeout=timeout,
-                           max_retries=max_retries, cache=None if no_cache else cache, n_boot=n_boot,
-                           log_samples=log_samples, out=out, progress=not quiet, console=err,
-                           command=_redacted_argv())
+                           max_retries=max_retries, cache=None if no_cache else cache or DEFAULT_CACHE,
+                           n_boot=n_boot, log_samples=log_samples, out=out, progress=not quiet, console=err,
+                           command=_redacted_argv(), api=api, trust_cache_names=trust_cache_names)
     except KeyboardInterrupt:
         raise UserError("interrupted; the responses received so far are cached: rerun the same command to resume") \
             from None
@@ -106,7 +118,8 @@ def eval_cmd(endpoints, api_key, models, benchmarks, data_dir, domain, limit, se
     err.print(f"requests: {run['sent']} sent, {run['cached']} from cache"
               + (f", {run['retries']} retried" if run["retries"] else "")
               + (f", {run['errors']} rejected" if run["errors"] else "")
-              + (f"; results written to {out}" if out else ""))
+              + (f"; cache {results['config']['cache']}" if results["config"]["cache"] else "; no cache")
+              + (f"; results written to {out}" if out else ""), soft_wrap=True, highlight=False)
 
 
 def _redacted_argv() -> list[str] | None:

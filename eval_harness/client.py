@@ -1,6 +1,7 @@
-"""Async chat completions against OpenAI-compatible endpoints: concurrency limit, retries, SQLite response cache.
+"""Async chat (or plain) completions against OpenAI-compatible endpoints: concurrency limit, retries, SQLite cache.
 
-The cache key is (endpoint URL, model name, messages, sampling parameters). Responses are committed within a fifth
+The cache key is (endpoint URL, model name, identity of what the endpoint serves under that name
+(eval_harness.identity), messages or prompt, sampling parameters). Responses are committed within a fifth
 of a second of arriving, so a rerun sends nothing twice and a killed run resumes where it stopped (re-sending only
 what was in flight or arrived in its last fifth of a second).
 """
@@ -17,10 +18,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from eval_harness.identity import model_identities
+from hcnr_deploy.cachedir import cache_root
 from hcnr_deploy.errors import UserError
 
 RETRY_STATUS = {408, 409, 429}
-DEFAULT_CACHE = Path(".hcnr-cache") / "eval-cache.sqlite"
+DEFAULT_CACHE = "default"  # evaluate(cache=DEFAULT_CACHE): default_cache_path(), resolved when the run starts
+
+
+def default_cache_path() -> Path:
+    """eval-cache.sqlite in the user cache folder the demo uses ($HCNR_DEPLOY_CACHE, $XDG_CACHE_HOME/hcnr-deploy,
+    ~/.cache/hcnr-deploy)."""
+    return cache_root() / "eval-cache.sqlite"
+
+
+def resolve_cache_path(cache: str | Path | None) -> Path | None:
+    return default_cache_path() if isinstance(cache, str) and cache == DEFAULT_CACHE else \
+        None if cache is None else Path(cache).expanduser()
 
 
 def normalize_url(url: str) -> str:
@@ -35,8 +49,12 @@ def normalize_url(url: str) -> str:
     return url
 
 
-def request_key(endpoint: str, model: str, messages: list[dict], params: dict) -> str:
-    blob = json.dumps({"endpoint": endpoint, "model": model, "messages": messages, "params": params},
+def request_key(endpoint: str, model: str, messages: list[dict] | str, params: dict,
+                served: dict | None = None) -> str:
+    """sha256 of the request: `messages` (chat) or a prompt string (completions), and `served`, the identity of
+    what the endpoint serves as `model` (eval_harness.identity.model_identities)."""
+    prompt = {"prompt": messages} if isinstance(messages, str) else {"messages": messages}
+    blob = json.dumps({"endpoint": endpoint, "model": model, **prompt, "params": params, "served": served},
                       sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -123,6 +141,7 @@ class ChatClient:
         self.timeout, self.max_retries, self.backoff = timeout, max_retries, backoff
         self._clients: dict[str, object] = {}
         self._sems: dict[str, asyncio.Semaphore] = {}
+        self._cards: dict[str, dict[str, dict]] = {}
         self._inflight: dict[str, asyncio.Future] = {}
         self.sent = self.cached = self.retries = self.errors = 0
 
@@ -136,8 +155,14 @@ class ChatClient:
         return self._clients[endpoint]
 
     async def served_models(self, endpoint: str, timeout: float = 15.0) -> list[str]:
+        return list(await self.served_cards(endpoint, timeout))
+
+    async def served_cards(self, endpoint: str, timeout: float = 15.0) -> dict[str, dict]:
+        """{id: model card as a dict} from `GET /models` (asked once per endpoint and client)."""
         import openai
 
+        if endpoint in self._cards:
+            return self._cards[endpoint]
         try:
             page = await self._client(endpoint).models.list(timeout=timeout)
         except openai.APIConnectionError as e:
@@ -148,19 +173,25 @@ class ChatClient:
         except openai.APIStatusError as e:
             raise UserError(f"endpoint {endpoint} answered GET /models with HTTP {e.status_code}; "
                             "is it an OpenAI-compatible /v1 URL?") from None
-        return [m.id for m in page.data]
+        cards = self._cards[endpoint] = {m.id: m.model_dump() for m in page.data}
+        return cards
 
-    async def check_models(self, endpoint: str, models: list[str]):
-        served = await self.served_models(endpoint)
-        missing = [m for m in models if m not in served]
+    async def check_models(self, endpoint: str, models: list[str]) -> dict[str, dict]:
+        """Raise unless `endpoint` serves every model; return their identities (eval_harness.identity)."""
+        cards = await self.served_cards(endpoint)
+        missing = [m for m in models if m not in cards]
         if missing:
             raise UserError(f"model(s) {', '.join(missing)} not served by {endpoint} "
-                            f"(it serves: {', '.join(served) or 'nothing'}); fix --models or --endpoint")
+                            f"(it serves: {', '.join(cards) or 'nothing'}); fix --models or --endpoint")
+        identities = model_identities(cards)
+        return {m: identities[m] for m in models}
 
-    async def complete(self, endpoint: str, model: str, messages: list[dict], params: dict,
-                       key: str | None = None) -> Completion:
+    async def complete(self, endpoint: str, model: str, messages: list[dict] | str, params: dict,
+                       key: str | None = None, use_cache: bool = True) -> Completion:
+        """Chat completion of `messages`, or plain completion of a prompt string; from the cache when there (and
+        `use_cache`)."""
         key = key or request_key(endpoint, model, messages, params)
-        hit = self.cache.get(key)
+        hit = self.cache.get(key) if use_cache else None
         if hit is not None:
             self.cached += 1
             return hit
@@ -181,11 +212,11 @@ class ChatClient:
         finally:
             del self._inflight[key]
         future.set_result(completion)
-        if completion.error is None:
+        if completion.error is None and use_cache:
             self.cache.put(key, endpoint, model, {"messages": messages, "params": params}, completion)
         return completion
 
-    async def _send(self, endpoint: str, model: str, messages: list[dict], params: dict) -> Completion:
+    async def _send(self, endpoint: str, model: str, messages: list[dict] | str, params: dict) -> Completion:
         import openai
 
         client = self._client(endpoint)
@@ -194,9 +225,13 @@ class ChatClient:
             try:
                 async with sem:
                     self.sent += 1
-                    r = await client.chat.completions.create(model=model, messages=messages, **params)
+                    if isinstance(messages, str):
+                        r = await client.completions.create(model=model, prompt=messages, **params)
+                    else:
+                        r = await client.chat.completions.create(model=model, messages=messages, **params)
                 choice = r.choices[0]
-                return Completion(choice.message.content or "", choice.finish_reason)
+                text = choice.text if isinstance(messages, str) else choice.message.content
+                return Completion(text or "", choice.finish_reason)
             except openai.NotFoundError as e:
                 raise UserError(f"{endpoint} does not serve model {model!r} ({_body(e)}); fix --models") from None
             except (openai.AuthenticationError, openai.PermissionDeniedError):
@@ -222,6 +257,7 @@ class ChatClient:
         for c in self._clients.values():
             await c.close()
         self._clients.clear()
+        self._cards.clear()
 
 
 def _retry_delay(e, backoff: float, attempt: int) -> float:

@@ -3,7 +3,10 @@
 For measuring the harness's own overhead (benchmarks/bench_eval_overhead.py) and for unit tests of the client's
 retry logic. Not a model: the reply is a fixed function of the last user message.
 
-    python -m eval_harness.fakeserver --port 8123 [--models a,b] [--fail-first 3 --fail-status 503] [--delay 0.5]
+    python -m eval_harness.fakeserver --port 8123 [--models a,b] [--roots DIR] [--fail-first 3 --fail-status 503]
+        [--delay 0.5]
+
+`GET /v1/models` reports, like vLLM, a `root` per model: DIR/<model> with --roots, else the model name.
 """
 
 from __future__ import annotations
@@ -24,18 +27,21 @@ def reply_text(messages: list[dict], model: str = "") -> str:
 
 
 class FakeServer:
-    def __init__(self, models=("fake",), fail_first: int = 0, fail_status: int = 503, delay: float = 0.0):
+    def __init__(self, models=("fake",), fail_first: int = 0, fail_status: int = 503, delay: float = 0.0,
+                 roots: dict[str, str] | None = None):
         self.models, self.fail_first, self.fail_status, self.delay = list(models), fail_first, fail_status, delay
-        self.requests = 0  # chat completion requests received, failures included
-        self.completions = 0  # chat completion requests answered with 200
+        self.roots = dict(roots or {})
+        self.requests = 0  # (chat) completion requests received, failures included
+        self.completions = 0  # (chat) completion requests answered with 200
 
     def _handle(self, method: str, path: str, body: bytes) -> tuple[int, dict]:
         if method == "GET" and path.endswith("/models"):
-            return 200, {"object": "list", "data": [{"id": m, "object": "model", "owned_by": "fake"}
+            return 200, {"object": "list", "data": [{"id": m, "object": "model", "owned_by": "fake",
+                                                      "root": self.roots.get(m, m), "parent": None}
                                                      for m in self.models]}
         if method == "GET" and path == "/stats":
             return 200, {"requests": self.requests, "completions": self.completions}
-        if method == "POST" and path.endswith("/chat/completions"):
+        if method == "POST" and path.endswith("/completions"):
             self.requests += 1
             if self.requests <= self.fail_first:
                 return self.fail_status, {"error": {"message": "injected failure", "code": self.fail_status}}
@@ -43,12 +49,17 @@ class FakeServer:
             if req.get("model") not in self.models:
                 return 404, {"error": {"message": f"The model `{req.get('model')}` does not exist.", "code": 404}}
             self.completions += 1
-            text = reply_text(req.get("messages", []), req["model"])
-            return 200, {"id": f"chatcmpl-{self.completions}", "object": "chat.completion", "created": 0,
-                         "model": req["model"],
-                         "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                      "finish_reason": "stop"}],
-                         "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+            usage = {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}
+            if path.endswith("/chat/completions"):
+                text = reply_text(req.get("messages", []), req["model"])
+                return 200, {"id": f"chatcmpl-{self.completions}", "object": "chat.completion", "created": 0,
+                             "model": req["model"],
+                             "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                          "finish_reason": "stop"}], "usage": usage}
+            text = reply_text([{"role": "user", "content": str(req.get("prompt", ""))}], req["model"])
+            return 200, {"id": f"cmpl-{self.completions}", "object": "text_completion", "created": 0,
+                         "model": req["model"], "choices": [{"index": 0, "text": " " + text, "finish_reason": "stop"}],
+                         "usage": usage}
         return 404, {"error": {"message": f"no route {method} {path}"}}
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
@@ -59,7 +70,7 @@ class FakeServer:
                 method, path, _ = lines[0].split(" ", 2)
                 headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)}
                 body = await reader.readexactly(int(headers.get("content-length", 0) or 0))
-                if self.delay and path.endswith("/chat/completions"):
+                if self.delay and path.endswith("/completions"):
                     await asyncio.sleep(self.delay)
                 status, payload = self._handle(method, path, body)
                 data = json.dumps(payload).encode()
@@ -84,11 +95,14 @@ def main():
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--models", default="fake")
+    ap.add_argument("--roots", default=None, help="report DIR/<model> as each model's root")
     ap.add_argument("--fail-first", type=int, default=0)
     ap.add_argument("--fail-status", type=int, default=503)
     ap.add_argument("--delay", type=float, default=0.0, help="seconds before each chat completion answer")
     args = ap.parse_args()
-    srv = FakeServer(args.models.split(","), args.fail_first, args.fail_status, args.delay)
+    models = args.models.split(",")
+    roots = {m: f"{args.roots.rstrip('/')}/{m}" for m in models} if args.roots else None
+    srv = FakeServer(models, args.fail_first, args.fail_status, args.delay, roots)
     asyncio.run(srv.serve(args.host, args.port, ready=lambda p: print(f"PORT {p}", flush=True)))
 
 

@@ -1,4 +1,9 @@
-"""Chat messages for each item: optional system prompt, K in-context exemplars, the question.
+"""The prompt for each item: optional system prompt, K in-context exemplars, the question; as chat messages
+(`--api chat`) or as one plain-text prompt (`--api completions`, for base models without a chat template).
+
+The plain-text form is SelfAware's (yinzhangyue/SelfAware, code/run_model.py: its Instruction and ICL input
+forms): the instruction on its own line, then `Q: <question>\nA: <answer>` turns, ending with `Q: <question>\nA:`.
+Every benchmark uses this one builder; the two forms are renderings of the same turns.
 
 The ICL exemplars are the paper's in-context-learning baseline: few-shot turns in which the assistant answers what
 can be answered and says the answer is unknown otherwise. They are written here, not drawn from any benchmark, so
@@ -35,6 +40,10 @@ def format_question(item: Item) -> str:
     return "\n".join(lines)
 
 
+APIS = ("chat", "completions")
+COMPLETION_STOP = ["\nQ:"]  # a base model goes on with the next "Q:" turn; the answer ends before it
+
+
 def build_messages(item: Item, system_prompt: str | None = None, icl: int = 0) -> list[dict]:
     messages = []
     if system_prompt:
@@ -44,3 +53,20 @@ def build_messages(item: Item, system_prompt: str | None = None, icl: int = 0) -
         messages.append({"role": "assistant", "content": answer})
     messages.append({"role": "user", "content": format_question(item)})
     return messages
+
+
+def render_plain(messages: list[dict]) -> str:
+    """Chat turns as SelfAware's plain-text prompt: system text, then `Q: ...` / `A: ...` lines, ending in `A:`."""
+    lines = []
+    for m in messages:
+        if m["role"] == "system":
+            lines.append(m["content"])
+        else:
+            lines.append(("Q: " if m["role"] == "user" else "A: ") + m["content"])
+    return "\n".join(lines) + "\nA:"
+
+
+def build_prompt(item: Item, system_prompt: str | None = None, icl: int = 0, api: str = "chat") -> list[dict] | str:
+    """Chat messages for `api="chat"`, the plain-text prompt for `api="completions"`."""
+    messages = build_messages(item, system_prompt, icl)
+    return messages if api == "chat" else render_plain(messages)

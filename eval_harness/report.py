@@ -131,7 +131,7 @@ def _sample(r) -> dict:
         s["answers"] = item.answers
     if item.choices is not None:
         s["choices"], s["answer_index"] = item.choices, item.answer_index
-    s["messages"] = r["messages"]
+    s["prompt" if isinstance(r["messages"], str) else "messages"] = r["messages"]  # --api completions: a string
     s["response"] = c.text
     s["finish_reason"] = c.finish_reason
     if c.error:
@@ -178,40 +178,63 @@ def _fmt_ci(d):
     return f"[bold]{text}[/bold]" if significant else text
 
 
-def results_table(results: dict):
-    """The paper's Table 1, one model per column group: rows = honesty benchmarks (+ average), columns = F1 and
-    RF Delta per model; domain tasks follow as rows whose accuracy sits under the model's first column."""
-    from rich.table import Table
+RESULTS_TITLE = "Honesty: F1 (unanswerable = positive, refusal = prediction) and RF Δ"
+RESULTS_CAPTION = "95% bootstrap intervals and answer accuracy in results.json"
+DIFF_LABELS = {"f1": "F1", "rf_delta": "RF Δ", "answer_accuracy": "Acc", "accuracy": "Acc"}
 
-    models = results["config"]["models"]
+
+def _honesty_rows(results: dict) -> tuple[list[str], list[str]]:
     tasks = results["tasks"]
     honesty = [t for t, i in tasks.items() if i["kind"] == "honesty"]
     domain = [t for t, i in tasks.items() if i["kind"] == "domain"]
-    table = Table(title="Honesty: F1 (unanswerable = positive, refusal = prediction) and RF Δ",
-                  caption="95% bootstrap intervals and answer accuracy in results.json")
-    table.add_column("benchmark", no_wrap=True)
+    return honesty + (["average"] if len(honesty) > 1 else []), domain
+
+
+def _n(results: dict, t: str) -> str:
+    info = results["tasks"].get(t)
+    return "" if info is None else str(info.get("n_scored", info["n"]))
+
+
+def _cells(results: dict, m: str, t: str, domain: bool) -> list[str]:
+    e = results["results"][m].get(t, {})
+    return [_fmt(e.get("accuracy")), ""] if domain else [_fmt(e.get("f1")), _fmt(e.get("rf_delta"), signed=True)]
+
+
+def results_table(results: dict, layout: str = "wide"):
+    """The paper's Table 1. wide: rows = honesty benchmarks (+ average), columns = F1 and RF Delta per model;
+    domain tasks follow as rows whose accuracy sits under the model's first column. long (for a terminal too
+    narrow for a column pair per model): one row per benchmark x model, the same numbers."""
+    from rich.table import Table
+
+    models = results["config"]["models"]
+    rows, domain = _honesty_rows(results)
+    table = Table(title=RESULTS_TITLE, caption=RESULTS_CAPTION)
+    table.add_column("benchmark", overflow="fold")
     table.add_column("n", justify="right", no_wrap=True)
+    if layout == "long":
+        table.add_column("model", overflow="fold")
+        table.add_column("F1", justify="right", no_wrap=True)
+        table.add_column("RF Δ", justify="right", no_wrap=True)
+        for t in rows + domain:
+            label = f"{t} (domain accuracy)" if t in domain else t
+            for i, m in enumerate(models):
+                table.add_row(label if i == 0 else "", "" if i or t == "average" else _n(results, t), m,
+                              *_cells(results, m, t, t in domain), end_section=i == len(models) - 1)
+        return table
     for m in models:
         table.add_column(f"{m}\nF1", justify="right", no_wrap=True)
         table.add_column(f"{m}\nRF Δ", justify="right", no_wrap=True)
-    rows = honesty + (["average"] if len(honesty) > 1 else [])
     for t in rows:
-        cells = []
-        for m in models:
-            e = results["results"][m].get(t, {})
-            cells += [_fmt(e.get("f1")), _fmt(e.get("rf_delta"), signed=True)]
-        table.add_row(t, "" if t == "average" else str(tasks[t].get("n_scored", tasks[t]["n"])), *cells,
-                      end_section=t == rows[-1])
+        table.add_row(t, "" if t == "average" else _n(results, t),
+                      *(c for m in models for c in _cells(results, m, t, False)), end_section=t == rows[-1])
     for t in domain:
-        cells = []
-        for m in models:
-            cells += [_fmt(results["results"][m][t].get("accuracy")), ""]
-        table.add_row(f"{t} (domain accuracy)", str(tasks[t].get("n_scored", tasks[t]["n"])), *cells)
+        table.add_row(f"{t} (domain accuracy)", _n(results, t), *(c for m in models for c in _cells(results, m, t, True)))
     return table
 
 
-def differences_table(results: dict):
-    """One row per (benchmark, metric), one column per compared model: difference and paired 95% interval."""
+def differences_table(results: dict, layout: str = "wide"):
+    """Differences to the reference model with paired 95% intervals. wide: one row per (benchmark, metric), one
+    column per compared model; long: one row per (benchmark, metric, model)."""
     from rich.table import Table
 
     diffs = results.get("differences")
@@ -219,21 +242,43 @@ def differences_table(results: dict):
         return None
     ref, others = diffs["reference"], list(diffs["models"])
     table = Table(title=f"Difference to {ref} (paired bootstrap 95% interval; bold: excludes 0)")
-    table.add_column("benchmark")
-    table.add_column("metric")
-    for m in others:
-        table.add_column(f"{m} − {ref}", justify="right", no_wrap=True)
+    table.add_column("benchmark", overflow="fold")
+    table.add_column("metric", no_wrap=True)
+    if layout == "long":
+        table.add_column("model", overflow="fold")
+        table.add_column(f"model − {ref} [95% CI]", justify="right", no_wrap=True)
+    else:
+        for m in others:
+            table.add_column(f"{m} − {ref}", justify="right", no_wrap=True)
     names = list(results["tasks"])
     if any("average" in diffs["models"][m] for m in others):
         names.insert(sum(1 for i in results["tasks"].values() if i["kind"] == "honesty"), "average")
-    labels = {"f1": "F1", "rf_delta": "RF Δ", "answer_accuracy": "Acc", "accuracy": "Acc"}
     for t in names:
-        metrics = [k for k in labels if any(k in diffs["models"][m].get(t, {}) for m in others)]
+        metrics = [k for k in DIFF_LABELS if any(k in diffs["models"][m].get(t, {}) for m in others)]
         for j, k in enumerate(metrics):
-            table.add_row(t if j == 0 else "", labels[k], *(_fmt_ci(diffs["models"][m].get(t, {}).get(k))
-                                                            for m in others),
-                          end_section=j == len(metrics) - 1)
+            last = j == len(metrics) - 1
+            if layout == "long":
+                for i, m in enumerate(others):
+                    table.add_row(t if j == 0 and i == 0 else "", DIFF_LABELS[k] if i == 0 else "", m,
+                                  _fmt_ci(diffs["models"][m].get(t, {}).get(k)),
+                                  end_section=last and i == len(others) - 1)
+            else:
+                table.add_row(t if j == 0 else "", DIFF_LABELS[k],
+                              *(_fmt_ci(diffs["models"][m].get(t, {}).get(k)) for m in others), end_section=last)
     return table
+
+
+def fits(table, console) -> bool:
+    """The table's widest rendering (no cell wrapped or cut) fits the console's width."""
+    from rich.measure import Measurement
+
+    return Measurement.get(console, console.options.update_width(1 << 20), table).maximum <= console.width
+
+
+def fitted(build, results: dict, console):
+    """`build(results, "wide")` when it fits the console, else the long layout (every number still whole)."""
+    table = build(results, "wide")
+    return table if table is None or fits(table, console) else build(results, "long")
 
 
 def print_report(results: dict, console=None):
@@ -243,8 +288,8 @@ def print_report(results: dict, console=None):
         console = Console()
         if not console.is_terminal:  # a file or pipe: no terminal width to fit, keep every column whole
             console = Console(width=200)
-    console.print(results_table(results))
-    diff = differences_table(results)
+    console.print(fitted(results_table, results, console))
+    diff = fitted(differences_table, results, console)
     if diff is not None:
         console.print(diff)
     for t, info in results["tasks"].items():

@@ -12,9 +12,11 @@ from pathlib import Path
 from eval_harness import report
 from eval_harness.benchmarks import (HONESTY_BENCHMARKS, Benchmark, load_benchmark, load_domain_benchmark,
                                      parse_benchmarks, stratified_sample)
-from eval_harness.client import DEFAULT_CACHE, ChatClient, ResponseCache, normalize_url, request_key
+from eval_harness.client import (DEFAULT_CACHE, ChatClient, ResponseCache, normalize_url, request_key,
+                                 resolve_cache_path)
+from eval_harness.identity import is_known
 from eval_harness.metrics import mc_correct, qa_correct
-from eval_harness.prompts import ICL_EXEMPLARS, build_messages
+from eval_harness.prompts import APIS, COMPLETION_STOP, ICL_EXEMPLARS, build_prompt
 from eval_harness.refusal import (DETECTORS, EmbeddingDetector, judge_messages, parse_judge, resolve_detector,
                                   rule_verdicts)
 from hcnr_deploy.errors import UserError
@@ -107,13 +109,20 @@ async def aevaluate(endpoint, models=None, benchmarks=HONESTY_BENCHMARKS, data_d
                     judge_endpoint: str | None = None, api_key: str | None = None, timeout: float = 120.0,
                     max_retries: int = 5, cache: str | Path | None = DEFAULT_CACHE, n_boot: int = 1000,
                     log_samples: bool = False, out: str | Path | None = None, progress: bool = True,
-                    console=None, command: list[str] | None = None) -> dict:
+                    console=None, command: list[str] | None = None, api: str = "chat",
+                    trust_cache_names: bool = False) -> dict:
     """Score `models` on the honesty benchmarks (and domain tasks) and return the results dict (async form of
     `evaluate`, for callers already inside an event loop).
 
     endpoint: "URL", ["NAME=URL", ...] or {model: URL}. models: "a,b" or a list (default: the NAME=URL names, else
     every model the endpoint serves). Writes `out` (results.json) atomically when given. See `hcnr-deploy eval --help`.
+    api: "chat" (chat completions) or "completions" (SelfAware's plain-text "Q: ... A:" prompt, for base models
+    without a chat template). cache: a SQLite path, None (no cache) or DEFAULT_CACHE (eval-cache.sqlite in the user
+    cache folder). The cache answers a model only when the endpoint serves it and its weights are fingerprinted
+    here (eval_harness.identity); `trust_cache_names=True` also caches models whose weights cannot be, by name.
     """
+    if api not in APIS:
+        raise UserError(f"unknown --api {api!r}; choose chat or completions")
     if detector not in DETECTORS:
         raise UserError(f"unknown detector {detector!r}; choose from {', '.join(DETECTORS)}")
     if detector == "judge" and not judge_model:
@@ -133,13 +142,17 @@ async def aevaluate(endpoint, models=None, benchmarks=HONESTY_BENCHMARKS, data_d
     tasks = load_tasks(benchmarks, data_dir, domain, limit, seed)
     judge_url = normalize_url(judge_endpoint) if judge_endpoint else (default_url or next(iter(named.values()), None))
     params = {"temperature": float(temperature), "max_tokens": int(max_tokens)}
+    if api == "completions":
+        params["stop"] = list(COMPLETION_STOP)
+    cache = resolve_cache_path(cache)
 
     response_cache = ResponseCache(cache)
     client = ChatClient(response_cache, api_key=api_key, concurrency=concurrency, timeout=timeout,
                         max_retries=max_retries)
     try:
-        records, targets = await _ask_all(client, default_url, named, model_names, tasks, params,
-                                          system_prompt, icl, detector, judge_model, judge_url, progress, console)
+        records, targets, uncached = await _ask_all(
+            client, default_url, named, model_names, tasks, params, system_prompt, icl, api, detector, judge_model,
+            judge_url, progress, console, persistent=cache is not None, trust_names=trust_cache_names)
         _grade(records, tasks, detector, embedding_threshold)
     finally:
         response_cache.close()
@@ -149,16 +162,16 @@ async def aevaluate(endpoint, models=None, benchmarks=HONESTY_BENCHMARKS, data_d
         "benchmarks": [t.name for t, _ in tasks if t.kind == "honesty"],
         "domain": [str(t.files[0]) for t, _ in tasks if t.kind == "domain"],
         "data_dir": None if data_dir is None else str(data_dir), "limit": limit, "seed": seed,
-        "sampling": params, "system_prompt": system_prompt, "icl": icl, "detector": detector,
+        "api": api, "sampling": params, "system_prompt": system_prompt, "icl": icl, "detector": detector,
         "embedding_threshold": embedding_threshold if detector == "embedding" else None,
         "judge": {"model": judge_model, "endpoint": judge_url, "sampling": JUDGE_PARAMS} if detector == "judge"
         else None,
         "concurrency": concurrency, "timeout_s": timeout, "max_retries": max_retries, "bootstrap": n_boot,
-        "cache": None if cache is None else str(cache), "command": command,
+        "cache": None if cache is None else str(cache), "trust_cache_names": trust_cache_names, "command": command,
     }
     results = report.build_results(targets, tasks, records, config, _versions(detector), n_boot, seed, log_samples)
     results["_run"] = {"sent": client.sent, "cached": client.cached, "retries": client.retries,
-                       "errors": client.errors}
+                       "errors": client.errors, "uncached_models": uncached}
     if out is not None:
         report.write_results(results, out)
     return results
@@ -180,31 +193,45 @@ class Job:
     target: Target
     task: Benchmark
     item: object
-    messages: list
+    messages: list | str  # chat messages, or the prompt string for --api completions
     key: str
+    use_cache: bool = True
 
 
-async def _ask_all(client: ChatClient, default_url, named, model_names, tasks, params, system_prompt, icl, detector,
-                   judge_model, judge_url, show_progress, console):
-    """Every model's response to every item (cached or sent), then the judge's verdicts when asked for."""
+@dataclass(frozen=True)
+class CacheUse:
+    """How one target's requests use the cache: `served` goes into the key; `use` False = neither read nor write."""
+    served: dict | None
+    use: bool
+
+
+async def _ask_all(client: ChatClient, default_url, named, model_names, tasks, params, system_prompt, icl, api,
+                   detector, judge_model, judge_url, show_progress, console, persistent=True, trust_names=False):
+    """Every model's response to every item (cached or sent), then the judge's verdicts when asked for.
+    Returns (records, targets, names of models whose answers were not cached)."""
     flusher = asyncio.ensure_future(client.cache.flush_periodically())
     try:
         if not model_names:
             model_names = list(named) or await client.served_models(default_url)
         targets = resolve_targets(model_names, default_url, named)
-        jobs = [Job(t, task, item, messages, request_key(t.endpoint, t.model, messages, params))
+        judge = Target(judge_model, judge_url) if detector == "judge" else None
+        uses = await preflight(client, targets + ([judge] if judge else []), persistent, trust_names)
+        uncached = [t for t, u in uses.items() if not u.use]
+        if uncached:
+            _console(console).print(uncached_warning(uncached), soft_wrap=True, highlight=False)
+        jobs = [Job(t, task, item, prompt, request_key(t.endpoint, t.model, prompt, params, uses[t].served),
+                    uses[t].use)
                 for t in targets for task, _ in tasks for item in task.items
-                for messages in [build_messages(item, system_prompt, icl)]]
-        await preflight(client, [(j.target.endpoint, j.target.model, j.key) for j in jobs])
+                for prompt in [build_prompt(item, system_prompt, icl, api)]]
         with make_progress(console, show_progress) as progress:
             records = await ask_models(client, jobs, targets, params, progress)
-            if detector == "judge":
-                await ask_judge(client, records, tasks, judge_model, judge_url, progress)
+            if judge:
+                await ask_judge(client, records, tasks, judge, uses[judge], progress)
     finally:
         flusher.cancel()
         client.cache.flush()
         await client.aclose()
-    return records, targets
+    return records, targets, list(dict.fromkeys(t.model for t in uncached))
 
 
 def resolve_targets(model_names, default_url, named) -> list[Target]:
@@ -217,14 +244,41 @@ def resolve_targets(model_names, default_url, named) -> list[Target]:
     return targets
 
 
-async def preflight(client: ChatClient, requests):
-    """Check that every server with uncached work serves its models; a fully cached rerun needs no server."""
-    missing: dict[str, list[str]] = {}
-    for endpoint, model, key in requests:
-        if model not in missing.get(endpoint, ()) and client.cache.get(key) is None:
-            missing.setdefault(endpoint, []).append(model)
-    for endpoint, models in missing.items():
-        await client.check_models(endpoint, models)
+async def preflight(client: ChatClient, targets: list[Target], persistent: bool = True,
+                    trust_names: bool = False) -> dict[Target, CacheUse]:
+    """Check that every endpoint serves its models (cached answers or not: the cache never answers for a model
+    that is not served), and decide per target how the cache is used: keyed by the served identity when its
+    weights are fingerprinted here; otherwise not at all, or by the reported name and root when `trust_names`.
+    An in-memory cache (`persistent` False, i.e. --no-cache) lives for this run only and is always used."""
+    by_endpoint: dict[str, list[str]] = {}
+    for t in targets:
+        by_endpoint.setdefault(t.endpoint, [])
+        if t.model not in by_endpoint[t.endpoint]:
+            by_endpoint[t.endpoint].append(t.model)
+    identities = {ep: await client.check_models(ep, models) for ep, models in by_endpoint.items()}
+    uses = {}
+    for t in targets:
+        ident = identities[t.endpoint][t.model]
+        if is_known(ident) or not persistent:
+            uses[t] = CacheUse(ident, True)
+        elif trust_names:
+            uses[t] = CacheUse({"root": ident["root"], "parent": ident["parent"], "trusted_name": True}, True)
+        else:
+            uses[t] = CacheUse(None, False)
+    return uses
+
+
+def uncached_warning(targets: list[Target]) -> str:
+    names = ", ".join(dict.fromkeys(f"{t.model} ({t.endpoint})" for t in targets))
+    return (f"[yellow]warning[/yellow] cannot fingerprint the weights served as {names} (their path is not readable "
+            "on this machine): their answers are not read from or written to the cache; --trust-cache-names caches "
+            "them by served name")
+
+
+def _console(console):
+    from rich.console import Console
+
+    return console or Console(stderr=True)
 
 
 def make_progress(console, show: bool):
@@ -234,7 +288,7 @@ def make_progress(console, show: bool):
 
     return Progress(TextColumn("[bold]{task.description:<16}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("{task.fields[note]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                    console=console or Console(stderr=True), disable=not show, refresh_per_second=4)
+                    console=_console(console), disable=not show, refresh_per_second=4)
 
 
 async def ask_models(client: ChatClient, jobs: list[Job], targets, params, progress) -> dict:
@@ -243,7 +297,8 @@ async def ask_models(client: ChatClient, jobs: list[Job], targets, params, progr
     hits = dict.fromkeys(targets, 0)
 
     async def one(job: Job):
-        c = await client.complete(job.target.endpoint, job.target.model, job.messages, params, job.key)
+        c = await client.complete(job.target.endpoint, job.target.model, job.messages, params, job.key,
+                                  job.use_cache)
         if c.cached:
             hits[job.target] += 1
             progress.update(bars[job.target], advance=1, note=f"{hits[job.target]} cached")
@@ -259,21 +314,21 @@ async def ask_models(client: ChatClient, jobs: list[Job], targets, params, progr
     return records
 
 
-async def ask_judge(client: ChatClient, records, tasks, judge_model, judge_url, progress):
-    """Store the judge's reply as record["judge"] for every honesty record (same client, same cache)."""
+async def ask_judge(client: ChatClient, records, tasks, judge: Target, use: CacheUse, progress):
+    """Store the judge's reply as record["judge"] for every honesty record (same client, same cache; always chat
+    completions, whatever --api the models are asked with)."""
     pending = [(r, judge_messages(r["item"].question, r["completion"].text))
                for per_task in records.values() for task, _ in tasks if task.kind == "honesty"
                for r in per_task[task.name]]
-    await preflight(client, [(judge_url, judge_model, request_key(judge_url, judge_model, m, JUDGE_PARAMS))
-                             for _, m in pending])
-    bar = progress.add_task(f"judge {judge_model}", total=len(pending), note="")
+    bar = progress.add_task(f"judge {judge.model}", total=len(pending), note="")
 
-    async def judge(r, messages):
-        c = await client.complete(judge_url, judge_model, messages, JUDGE_PARAMS)
+    async def ask(r, messages):
+        key = request_key(judge.endpoint, judge.model, messages, JUDGE_PARAMS, use.served)
+        c = await client.complete(judge.endpoint, judge.model, messages, JUDGE_PARAMS, key, use.use)
         progress.advance(bar)
         r["judge"] = c.text
 
-    await gather_or_cancel(judge(r, m) for r, m in pending)
+    await gather_or_cancel(ask(r, m) for r, m in pending)
 
 
 async def gather_or_cancel(coros) -> list:

@@ -7,7 +7,7 @@ import pytest
 
 from eval_harness.benchmarks import (load_benchmark, load_domain_benchmark, parse_benchmarks, stratified_sample,
                                      Item)
-from eval_harness.prompts import ICL_EXEMPLARS, build_messages
+from eval_harness.prompts import ICL_EXEMPLARS, build_messages, build_prompt
 from eval_harness.refusal import (EmbeddingDetector, honesty_refused, parse_judge, resolve_detector,
                                   selfaware_refused, unknownbench_refused)
 from hcnr_deploy.errors import UserError
@@ -157,6 +157,19 @@ def test_prompts_with_icl_and_system():
     assert any(selfaware_refused(a) for _, a in ICL_EXEMPLARS) and not selfaware_refused(ICL_EXEMPLARS[1][1])
     mc = Item("t", "1", "Pick one", choices=["x", "y"], answer_index=0)
     assert build_messages(mc)[-1]["content"] == "Pick one\nA. x\nB. y\nAnswer with the letter of the correct choice."
+
+
+def test_plain_completion_prompt_is_selfaware_format():
+    item = Item("t", "0", "Who?", unanswerable=True)
+    assert build_prompt(item, api="completions") == "Q: Who?\nA:"
+    assert build_prompt(item, api="chat") == build_messages(item)
+    q0, a0 = ICL_EXEMPLARS[0]
+    q1, a1 = ICL_EXEMPLARS[1]
+    assert build_prompt(item, "Be honest.", icl=2, api="completions") == \
+        f"Be honest.\nQ: {q0}\nA: {a0}\nQ: {q1}\nA: {a1}\nQ: Who?\nA:"
+    mc = Item("t", "1", "Pick one", choices=["x", "y"], answer_index=0)
+    assert build_prompt(mc, api="completions") == \
+        "Q: Pick one\nA. x\nB. y\nAnswer with the letter of the correct choice.\nA:"
 
 
 REFUSALS_SA = ["I'm not sure.", "The answer is unknown because nobody recorded it", "THE ANSWER IS UNCERTAIN!",

@@ -15,20 +15,11 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from hcnr_deploy.cachedir import cache_root  # noqa: F401  (re-exported: the demo CLI imports it here)
 from hcnr_deploy.errors import UserError
 from hcnr_deploy.scenario import data as scen_data
 
 DATA_VERSION = 2  # bump when data.py changes what it generates
-
-
-def cache_root(explicit: str | Path | None = None) -> Path:
-    """--cache-dir, else $HCNR_DEPLOY_CACHE, else $XDG_CACHE_HOME/hcnr-deploy, else ~/.cache/hcnr-deploy."""
-    if explicit:
-        return Path(explicit).expanduser()
-    if os.environ.get("HCNR_DEPLOY_CACHE"):
-        return Path(os.environ["HCNR_DEPLOY_CACHE"]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(xdg) / "hcnr-deploy"
 
 
 @dataclass(frozen=True)
