@@ -168,3 +168,25 @@ def percentile_ci(replicates, level: float = 0.95) -> np.ndarray:
     if ok.any():
         out[ok] = np.stack([np.nanpercentile(replicates[ok], q, axis=-1) for q in (lo, hi)], axis=-1)
     return out
+
+
+# ---- repair comparisons ------------------------------------------------------------------------------------------
+
+
+def recovery_ratio(f1, f1_base, f1_ft):
+    """Honesty recovery ratio (F1 - F1_ft) / (F1_base - F1_ft), elementwise; NaN where the fine-tune lost nothing
+    (|F1_base - F1_ft| < 1e-9). 0 = no better than the fine-tune, 1 = back to the base."""
+    f1, f1_base, f1_ft = (np.asarray(x, dtype=np.float64) for x in (f1, f1_base, f1_ft))
+    gap = f1_base - f1_ft
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(np.abs(gap) > 1e-9, (f1 - f1_ft) / np.where(np.abs(gap) > 1e-9, gap, 1.0), np.nan)
+
+
+def pareto_mask(xs, ys) -> np.ndarray:
+    """Which points (x, y) no other point dominates, both axes to be maximised: True on the Pareto frontier.
+    A point is dominated when another is >= on both axes and > on one; equal points are both on the frontier."""
+    xs, ys = np.asarray(xs, dtype=np.float64), np.asarray(ys, dtype=np.float64)
+    ge = (xs[None, :] >= xs[:, None]) & (ys[None, :] >= ys[:, None])
+    gt = (xs[None, :] > xs[:, None]) | (ys[None, :] > ys[:, None])
+    return ~(ge & gt).any(axis=1)
+

