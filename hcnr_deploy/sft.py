@@ -212,7 +212,8 @@ def sft_snapshots(model, finetune: FineTune, enc_hon, enc_task, steps: list[int]
                   progress=None, losses: list | None = None) -> dict[int, Factors]:
     """SFT of the fine-tune on honesty + task calibration examples; LoRA factors after each of `steps`.
 
-    `model`: the base model in memory (modelio.load_model), left as found. `enc_hon`, `enc_task`:
+    `model`: the base model in memory (modelio.load_model), all of it on `device`, left as found (its
+    weights may be in any state: the ones training needs are read from the checkpoints). `enc_hon`, `enc_task`:
     data.encode's (ids, response mask) lists, pooled and drawn in batches of `batch_size` from a
     `seed`ed shuffle. One run of max(steps) AdamW steps (constant `lr`, no weight decay, gradients
     clipped to norm 1); returns {n: {module: (A, B)}} (float32, CPU) for every n in `steps`, in the
@@ -227,6 +228,11 @@ def sft_snapshots(model, finetune: FineTune, enc_hon, enc_task, steps: list[int]
         raise UserError(f"--batch-size must be at least 1, got {batch_size}.")
     if not lr > 0:
         raise UserError(f"--lr must be positive, got {lr}.")
+    want = torch.device(device)
+    devices = {t.device for t in model.parameters()}
+    if any(d.type != want.type or (want.index is not None and d.index != want.index) for d in devices):
+        raise UserError(f"--method sft trains the whole model on one device ({device}) but its weights are on "
+                        f"{', '.join(sorted(map(str, devices)))}; leave out --offload.")
     data = mask_to_labels(list(enc_hon) + list(enc_task))
     if not data:
         raise UserError("the sft method needs calibration examples; the honesty and task data are empty.")

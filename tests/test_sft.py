@@ -208,3 +208,8 @@ def test_bad_values_are_one_line_errors(pair):
         _run(pair, "lora", [1], rank=16)
     with pytest.raises(UserError, match="--lr"):
         _run(pair, "lora", [1], lr=0.0)
+
+
+def test_model_on_another_device_is_refused(pair):
+    with pytest.raises(UserError, match="leave out --offload"):
+        _run(pair, "lora", [1], device="meta")
