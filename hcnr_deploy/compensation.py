@@ -10,6 +10,12 @@ restored columns F get ``E[:,F]`` from one of:
   ``E_F = (-D_T G_h,TF + mu D_F G_t,FF) (G_h,FF + mu G_t,FF + lambda I)^-1``;
 - ``none``: ``E_F = 0`` (plain restoration).
 
+Other methods (``repair --method``), over every column of every eligible matrix:
+
+- ``regmean`` (RegMean, Jin et al. 2023): ``W = (W0 (G_h + lambda I) + mu Ws G_t) (G_h + mu G_t + lambda I)^-1``,
+  i.e. ``E = mu D G_t K^-1`` with ``K = G_h + mu G_t + lambda I``;
+- ``scale``: ``W = W0 + alpha D``.
+
 Every formula is linear in the rows of D, so the same functions take the LoRA factor A in place
 of D (``D = s B A``): the result is then ``A_new[:,F]`` and the edit stays an exact rank-r LoRA.
 Matrices are float64 here; the Hessians come from forward hooks on the selected modules only.
@@ -105,6 +111,38 @@ def task_aware_compensation(rows: torch.Tensor, h_hon: torch.Tensor, n_hon: int,
     return torch.cholesky_solve(rhs.T, chol).T, retries
 
 
+def regmean_compensation(rows: torch.Tensor, h_hon: torch.Tensor, n_hon: int, h_task: torch.Tensor, n_task: int,
+                         mu: float, damp: float, chol: tuple[torch.Tensor, int] | None = None):
+    """RegMean between the base on honesty inputs and the fine-tune on task inputs, every column at once:
+
+    ``W = (W0 (G_h + lambda I) + mu Ws G_t) (G_h + mu G_t + lambda I)^-1``, the minimiser of
+    ``||(W - W0) X_h||^2 / n_h + mu ||(W - Ws) X_t||^2 / n_t + lambda ||W - W0||^2``. As an edit of the base,
+    ``E = W - W0 = mu R G_t K^-1`` with ``K = G_h + mu G_t + lambda I`` and R = D (so W0 K + mu D G_t is the
+    numerator above); it is linear in the rows, so R = A of a LoRA ``D = s B A`` gives the new A of an exact
+    rank-r LoRA. ``G``, ``lambda`` and dead inputs as in ``task_aware_compensation`` (the same computation with
+    T empty: ``--r-iw 1 --r-cw 1 --compensation task-aware``); computed at the scale of ``H_h``.
+    `chol`: the ``(Cholesky factor of K, retries)`` of ``regmean_factor``, shared by matrices with the same
+    inputs. Returns (E [rows, in] float64, retries).
+    """
+    g_t = h_task.double() * (n_hon / n_task)
+    chol, retries = regmean_factor(h_hon, n_hon, h_task, n_task, mu, damp) if chol is None else chol
+    rhs = mu * (rows.double() @ g_t)
+    return torch.cholesky_solve(rhs.T, chol).T, retries
+
+
+def regmean_factor(h_hon: torch.Tensor, n_hon: int, h_task: torch.Tensor, n_task: int, mu: float,
+                   damp: float) -> tuple[torch.Tensor, int]:
+    """``(L, retries)`` with ``L L^T = K = H_h + mu H_t n_h / n_t + lambda I`` (dead inputs: unit diagonal)."""
+    k_full, lam = damped_hessian(h_hon.double() + mu * h_task.double() * (n_hon / n_task), damp)
+    return cholesky_retry(k_full, lam)
+
+
+def interpolate(w0: torch.Tensor, ws: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``--method scale``: ``W = W0 + alpha (Ws - W0)`` in float64 (alpha 0: W0, 1: Ws, both exact)."""
+    w0 = w0.double()
+    return w0 + alpha * (ws.double() - w0)
+
+
 def compensate_columns(method: str, rows: torch.Tensor, t: torch.Tensor, f: torch.Tensor, h_hon: torch.Tensor | None,
                        damp: float, n_hon: int = 1, h_task: torch.Tensor | None = None, n_task: int = 1,
                        mu: float = 0.0, cache: dict | None = None):
@@ -116,6 +154,17 @@ def compensate_columns(method: str, rows: torch.Tensor, t: torch.Tensor, f: torc
         return torch.zeros(rows.shape[0], len(f), dtype=torch.float64), 0
     if method == "task-aware":
         return task_aware_compensation(rows, h_hon, n_hon, h_task, n_task, mu, damp, t, f)
+    if method == "regmean":
+        if len(t):
+            raise ValueError("regmean edits every column (T must be empty)")
+        key = (id(h_hon), id(h_task), method)
+        if cache is not None and key in cache:
+            chol = cache[key][2]
+        else:
+            chol = regmean_factor(h_hon, n_hon, h_task, n_task, mu, damp)
+            if cache is not None:
+                cache[key] = (h_hon, h_task, chol)
+        return regmean_compensation(rows, h_hon, n_hon, h_task, n_task, mu, damp, chol)
     key = (id(h_hon), method)
     if cache is not None and key in cache:
         _, hd, lam, linv = cache[key]

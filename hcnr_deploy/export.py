@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from hcnr_deploy.compensation import interpolate
 from hcnr_deploy.modelio import Checkpoint, FineTune, ShardWriter, copy_side_files, is_decoder_linear_weight
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -23,8 +24,11 @@ PEFT_PREFIX = "base_model.model."
 def patched_weight(source: torch.Tensor, w0: torch.Tensor, patch) -> torch.Tensor:
     """Ws with its restored entries set to ``W0 + E`` (in Ws's dtype); everything else bit-identical to Ws.
 
-    ``patch`` is ``("columns", F, E_F)`` or ``("elements", mask, E)``.
+    ``patch`` is ``("columns", F, E_F)``, ``("elements", mask, E)`` or ``("scale", alpha)`` (every entry
+    ``W0 + alpha (Ws - W0)``, --method scale).
     """
+    if patch[0] == "scale":
+        return interpolate(w0, source, patch[1]).to(source.dtype)
     kind, where, e = patch
     out = source.clone()
     if kind == "columns":
@@ -38,6 +42,8 @@ def final_weight(name: str, source: torch.Tensor, finetune: FineTune, patches: d
     """The output tensor `name` given its source tensor (Ws for a full fine-tune, W0 for a LoRA)."""
     if finetune.is_lora:
         d = finetune.delta(name) if name.endswith(".weight") else None
+        if d is not None and name in patches and patches[name][0] == "scale":  # W0 + alpha s B A, from the factors
+            return (source.double() + patches[name][1] * d.double()).to(source.dtype)
         ws = source if d is None else (source.double() + d.double()).to(source.dtype)
         w0 = source
     else:
@@ -80,8 +86,10 @@ def adapter_config(template: dict, base_ref: str, rank: int | None = None, targe
     return cfg
 
 
-def write_exact_adapter(out_dir: Path, finetune: FineTune, new_a: dict[str, torch.Tensor], base_ref: str):
-    """The fine-tune's adapter with A replaced on selected modules (same rank, same B, same scaling)."""
+def write_exact_adapter(out_dir: Path, finetune: FineTune, new_a: dict[str, torch.Tensor], base_ref: str,
+                        new_b: dict[str, torch.Tensor] | None = None):
+    """The fine-tune's adapter with A replaced on selected modules (same rank, same scaling), and B where
+    `new_b` gives one (--method scale); everything else byte for byte the fine-tune's."""
     from safetensors import safe_open
 
     lora = finetune.lora
@@ -92,6 +100,9 @@ def write_exact_adapter(out_dir: Path, finetune: FineTune, new_a: dict[str, torc
     for mod, a in new_a.items():
         key = lora.keys[mod]["A"]
         tensors[key] = a.to(tensors[key].dtype).contiguous()
+    for mod, b in (new_b or {}).items():
+        key = lora.keys[mod]["B"]
+        tensors[key] = b.to(tensors[key].dtype).contiguous()
     save_file(tensors, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
     cfg = adapter_config(lora.config, base_ref)
     (out_dir / "adapter_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")

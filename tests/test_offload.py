@@ -13,6 +13,7 @@ import torch
 from click.testing import CliRunner
 
 from hcnr_deploy import repair
+from hcnr_deploy.repair import candidates, session, state
 from hcnr_deploy.errors import UserError
 
 from conftest import repair_pair
@@ -32,7 +33,7 @@ def _run(pair, ft, out, **kw):
 
 
 def _files(out):
-    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.name != "report.json"}
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.name not in ("report.json", "README.md")}
 
 
 @pytest.mark.parametrize("ft, kw", [("lora", {}), ("lora", dict(compensation="task-aware")),
@@ -47,7 +48,7 @@ def test_offload_on_cpu_gives_the_same_bytes(pair, tmp_path, ft, kw):
     assert "--offload" in off["settings"]["command"] and "--offload" not in plain["settings"]["command"]
 
 
-class RecordingOffload(repair.BlockOffload):
+class RecordingOffload(state.BlockOffload):
     """The real mover plus bookkeeping: which blocks are resident, and every block Linear that runs while its
     block is not."""
 
@@ -86,7 +87,7 @@ class RecordingOffload(repair.BlockOffload):
                                     ("full", dict(hessian_inputs="sequential"))])
 def test_offload_holds_one_block_on_the_device_at_a_time(pair, tmp_path, monkeypatch, ft, kw):
     RecordingOffload.instances.clear()
-    monkeypatch.setattr(repair, "BlockOffload", RecordingOffload)
+    monkeypatch.setattr(session, "BlockOffload", RecordingOffload)
     rep = _run(pair, ft, tmp_path / "out", offload=True, **kw)
     (rec,) = RecordingOffload.instances
     assert rec.violations == []
@@ -112,20 +113,21 @@ def test_offload_on_the_plain_path_would_be_caught(pair, tmp_path, monkeypatch):
             if on:
                 super().__call__(layer, on)
 
-    monkeypatch.setattr(repair, "BlockOffload", Sticky)
+    monkeypatch.setattr(session, "BlockOffload", Sticky)
     _run(pair, "lora", tmp_path / "out", offload=True, selection="no-task")
     (rec,) = RecordingOffload.instances
     assert rec.most == len(rec.layers) and rec.violations  # all blocks held, and moved in again while held
 
 
 def test_offload_needs_a_block_streamed_architecture(pair, tmp_path, monkeypatch):
-    monkeypatch.setattr(repair, "decoder_blocks", lambda model: None)
+    monkeypatch.setattr(session, "decoder_blocks", lambda model: None)
+    monkeypatch.setattr(candidates, "decoder_blocks", lambda model: None)
     with pytest.raises(UserError, match=r"--offload needs a llama/mistral/qwen2/qwen3-style model") as e:
         _run(pair, "lora", tmp_path / "out", offload=True)
     assert "\n" not in e.value.message and not (tmp_path / "out").exists()
     _run(pair, "lora", tmp_path / "plain", selection="no-task")  # without --offload the fallback path runs
-    monkeypatch.setattr(repair, "PLAIN_HEAD_MODELS", set())  # caught from config.json, before loading
-    monkeypatch.setattr(repair, "load_model", lambda *a: pytest.fail("loaded the model"))
+    monkeypatch.setattr(session, "PLAIN_HEAD_MODELS", set())  # caught from config.json, before loading
+    monkeypatch.setattr(session, "load_model", lambda *a: pytest.fail("loaded the model"))
     with pytest.raises(UserError, match="--offload needs"):
         _run(pair, "lora", tmp_path / "out", offload=True)
 
@@ -153,7 +155,7 @@ def test_placement_moves_everything_but_the_blocks(pair):
 
     model = load_model(pair["base"], torch.float32, "cpu")
     _, layers = decoder_blocks(model)
-    repair._place_outside_blocks(model, layers, torch.float64)
+    state.place_outside_blocks(model, layers, torch.float64)
     inside = {id(t) for layer in layers for t in [*layer.parameters(), *layer.buffers()]}
     tensors = [*model.named_parameters(), *model.named_buffers()]
     assert {n for n, t in tensors if id(t) in inside} == {n for n, _ in tensors if ".layers." in n}
@@ -162,7 +164,7 @@ def test_placement_moves_everything_but_the_blocks(pair):
     assert model.get_output_embeddings().weight.dtype == torch.float64
 
 
-class Float64Device(repair.BlockOffload):
+class Float64Device(state.BlockOffload):
     """A stand-in device: "on" turns the block's tensors into float64 copies, "off" copies them back."""
 
     def _to_device(self, t):
@@ -193,7 +195,7 @@ def test_block_offload_round_trip_keeps_the_host_tensors_and_the_writes(pair):
     assert w[0, 0] == 0.5 and torch.equal(w[1:], before["mlp.down_proj.weight"][1][1:])
     assert {n: p.data_ptr() for n, p in model.named_parameters() if ".layers.1." not in n} == others
     assert not mover._host
-    cpu = repair.BlockOffload("cpu", layers)  # on the CPU: nothing moves, nothing is copied
+    cpu = state.BlockOffload("cpu", layers)  # on the CPU: nothing moves, nothing is copied
     cpu(layer, True)
     assert all(p.data_ptr() == before[n][0] for n, p in layer.named_parameters()) and not cpu._host
     cpu(layer, False)

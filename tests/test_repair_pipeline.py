@@ -343,7 +343,8 @@ def test_cli_prints_summary_and_writes_atomically(models, tmp_path):
                                        "--out", str(out), "--num-samples", "4", "--max-length", "32"])
     assert result.exit_code == 0, result.output
     assert "edited fraction" in result.output and "Fisher" in result.output and "Hessian" in result.output
-    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "report.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors",
+                                                     "report.json"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     command = json.loads((out / "report.json").read_text())["settings"]["command"]
     assert command.startswith("hcnr-deploy repair --base") and "--num-samples 4 --max-length 32" in command

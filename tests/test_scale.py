@@ -186,6 +186,7 @@ def test_block_streamed_stage2_gives_the_bytes_of_whole_model_passes(tiny_pair, 
     """Stage 2 streamed one block at a time (per-block base/fine-tune switching, sequential repairs) writes the
     same bytes as whole-model calibration passes over one-block groups."""
     from hcnr_deploy import repair
+    from hcnr_deploy.repair import candidates
 
     r = tiny_pair["root"]
 
@@ -195,6 +196,6 @@ def test_block_streamed_stage2_gives_the_bytes_of_whole_model_passes(tiny_pair, 
         return {p.name: p.read_bytes() for p in sorted(out.glob("*.safetensors"))}
 
     streamed = run(tmp_path / "streamed")
-    monkeypatch.setattr(repair, "decoder_blocks", lambda model: None)
+    monkeypatch.setattr(candidates, "decoder_blocks", lambda model: None)
     whole = run(tmp_path / "whole", hessian_memory_gb=1e-9)
     assert streamed and streamed == whole

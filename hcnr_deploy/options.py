@@ -1,0 +1,178 @@
+"""Every repair option, declared once: name, type, default, help, check and CLI group.
+
+``RepairOptions`` is the single source. From it come the click options (``click_options(*groups)``:
+``hcnr-deploy repair`` takes every group, ``hcnr-deploy sweep`` "data" and "compute"), the validation
+(in ``__post_init__``: an invalid instance cannot exist; the error is one line naming the flag),
+report.json's ``settings`` (``settings()``) and the equivalent command line (``command_args()``).
+Groups: "data" (what the statistics are computed on), "method" (the candidate edit), "compute"
+(where and how the passes run).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+from hcnr_deploy.errors import UserError
+
+GROUPS = ("data", "method", "compute")
+METHODS = ("hcnr", "regmean", "scale", "sft")
+
+
+def _opt(default, group: str, help: str, *, choices: tuple | None = None, check=None, flag: str | None = None):
+    """One option's declaration. `check(value)` returns an error text (what the value must be) or None."""
+    return field(default=default, metadata=dict(group=group, help=help, choices=choices, check=check, flag=flag))
+
+
+def _in_unit(v):
+    return None if _number(v) and 0 < v <= 1 else "must be in (0, 1]"
+
+
+def _at_least(n):
+    return lambda v: None if isinstance(v, int) and not isinstance(v, bool) and v >= n else f"must be at least {n}"
+
+
+def _non_negative(v):
+    return None if _number(v) and v >= 0 else "must be >= 0"
+
+
+def _positive(v):
+    return None if _number(v) and v > 0 else "must be > 0"
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+@dataclass(frozen=True)
+class RepairOptions:
+    """The options of one repair (``hcnr-deploy repair --help`` shows the same text)."""
+
+    # data: what the statistics are computed on
+    num_samples: int = _opt(128, "data", "Examples used from each JSONL (the first N).", check=_at_least(1))
+    max_length: int = _opt(512, "data", "Tokens per example (prompt cut from the left, response kept).",
+                           check=_at_least(1))
+    # method: the candidate edit
+    method: str = _opt("hcnr", "method", "hcnr: the paper (Fisher selection + compensation); regmean: every matrix "
+                       "and column, RegMean between the base on honesty inputs and the fine-tune on task inputs "
+                       "(--task-weight); scale: W0 + alpha D (--alpha); sft: the fine-tune trained further on the "
+                       "calibration data (--steps, --lr).", choices=METHODS)
+    r_iw: float = _opt(0.5, "method", "R_IW: fraction of each matrix's columns that are restoration candidates "
+                       "(Eq. 5).", check=_in_unit)
+    r_cw: float = _opt(0.4, "method", "R_CW: fraction of eligible matrices kept by displacement (Eqs. 6-7).",
+                       check=_in_unit)
+    granularity: str = _opt("column", "method", "Neuron = input column (exact LoRA possible) or single weight "
+                            "(per-row masks).", choices=("column", "element"))
+    selection: str = _opt("hcnr", "method", "hcnr (Eq. 5), no-task (r = s_hon, the paper's 'w/o Task') or random "
+                          "(seeded).", choices=("hcnr", "no-task", "random"))
+    compensation: str = _opt("obs", "method", "obs (the paper's Eqs. 9-10), exact (block least squares), none "
+                             "(plain restoration), task-aware (also keeps task behaviour, see --task-weight).",
+                             choices=("obs", "exact", "none", "task-aware"))
+    task_weight: float = _opt(1.0, "method", "MU of --compensation task-aware and --method regmean: weight of the "
+                              "task inputs' term; 0 = exact (regmean: the base), large = back to the fine-tune.",
+                              check=_non_negative)
+    alpha: float = _opt(0.5, "method", "A of --method scale: W = W0 + A D (0 = the base, 1 = the fine-tune; a LoRA's "
+                        "B is scaled by A).", check=_non_negative)
+    steps: int = _opt(32, "method", "--method sft: optimizer steps on the honesty + task calibration examples.",
+                      check=_at_least(1))
+    lr: float = _opt(5e-4, "method", "--method sft: learning rate.", check=_positive)
+    fisher_model: str = _opt("paired", "method", "paired: s_hon on the base, s_task on the fine-tune; or both on "
+                             "base / finetuned.", choices=("paired", "base", "finetuned"))
+    hessian_inputs: str = _opt("base", "method", "Model whose module inputs X give H = X X^T: base, finetuned, or "
+                               "sequential (blocks before each one already repaired).",
+                               choices=("base", "finetuned", "sequential"))
+    damp: float = _opt(0.01, "method", "Hessian damping: lambda = damp * mean(diag(X X^T)).", check=_non_negative)
+    format: str = _opt("auto", "method", "auto: exact LoRA adapter for a LoRA fine-tune with column granularity, "
+                       "else a patched checkpoint; adapter for a full fine-tune extracts a LoRA by truncated SVD.",
+                       choices=("auto", "adapter", "checkpoint"))
+    max_rank: int = _opt(64, "method", "Rank of an SVD-extracted adapter.", check=_at_least(1))
+    # compute: where and how the passes run
+    seed: int = _opt(0, "compute", "Seed (random selection, SVD extraction, sft).", check=_at_least(0))
+    device: str = _opt("auto", "compute", "Where the calibration passes and solves run (auto: cuda when available).",
+                       choices=("auto", "cpu", "cuda"))
+    dtype: str = _opt("auto", "compute", "Working dtype of the calibration passes (auto: float32 on CPU, the "
+                      "checkpoint's on GPU); outputs keep the fine-tune's dtype, solves run in float64.",
+                      choices=("auto", "float32", "bfloat16", "float16"))
+    batch_size: int = _opt(8, "compute", "Samples per forward/backward pass (per-sample gradients are kept apart).",
+                           check=_at_least(1))
+    hessian_memory_gb: float = _opt(8.0, "compute", "GiB for Hessians at once, only for architectures not streamed "
+                                    "block by block (llama, mistral, qwen2, qwen3 are streamed); more selected blocks "
+                                    "than fit are done in several passes.", check=_positive, flag="--hessian-memory")
+    offload: bool = _opt(False, "compute", "Keep the decoder blocks in CPU memory and move one at a time to the "
+                         "device while it runs (a model larger than the GPU; llama, mistral, qwen2, qwen3). Same "
+                         "output as without it.")
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            v, meta = getattr(self, f.name), f.metadata
+            if meta["choices"] is not None and v not in meta["choices"]:
+                raise UserError(f"{flag_of(f)} must be one of {', '.join(meta['choices'])}, got {v!r}.")
+            if meta["check"] is not None and (problem := meta["check"](v)) is not None:
+                raise UserError(f"{flag_of(f)} {problem}, got {v}.")
+            if f.type in (bool, "bool") and not isinstance(v, bool):
+                raise UserError(f"{flag_of(f)} is a switch (True or False), got {v!r}.")
+        if self.device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise UserError("--device cuda: no CUDA device is available; use --device cpu.")
+
+    def replace(self, **changes) -> "RepairOptions":
+        """A validated copy with `changes` (option names as keyword arguments)."""
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise UserError(f"unknown repair option {unknown[0]!r}; the options are "
+                            f"{', '.join(f.name for f in dataclasses.fields(self))}.")
+        return dataclasses.replace(self, **changes)
+
+    def settings(self) -> dict:
+        """report.json's ``settings`` (every option, by name)."""
+        return dataclasses.asdict(self)
+
+    def group(self, name: str) -> dict:
+        """The options of one group, by name."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata["group"] == name}
+
+    def command_args(self) -> list[str]:
+        """Every option spelled out as ``hcnr-deploy repair`` flags (switches only when on)."""
+        args = []
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, bool):
+                args += [flag_of(f)] if v else []
+            else:
+                args += [flag_of(f), str(v)]
+        return args
+
+
+def flag_of(f: dataclasses.Field) -> str:
+    return f.metadata["flag"] or "--" + f.name.replace("_", "-")
+
+
+def option_fields(*groups: str) -> list[dataclasses.Field]:
+    bad = sorted(set(groups) - set(GROUPS))
+    if bad:
+        raise ValueError(f"unknown option group {bad[0]!r}")
+    return [f for f in dataclasses.fields(RepairOptions) if f.metadata["group"] in groups]
+
+
+def click_options(*groups: str):
+    """Decorator adding the click options of `groups` (all groups when none given), in declaration order; the
+    command receives them as keyword arguments named like the fields (``RepairOptions(**those)``)."""
+    import click
+
+    fields = option_fields(*(groups or GROUPS))
+
+    def decorate(fn):
+        for f in reversed(fields):
+            meta = f.metadata
+            if isinstance(f.default, bool):
+                fn = click.option(flag_of(f), f.name, is_flag=True, default=f.default, help=meta["help"])(fn)
+                continue
+            kind = click.Choice(meta["choices"], case_sensitive=False) if meta["choices"] else type(f.default)
+            fn = click.option(flag_of(f), f.name, type=kind, default=f.default, show_default=True,
+                              help=meta["help"])(fn)
+        return fn
+
+    return decorate

@@ -1,0 +1,292 @@
+"""``RepairSession``: load once, compute the statistics once, write any number of candidates.
+
+    with RepairSession(base, finetuned, honesty_data, task_data, RepairOptions(...)) as session:
+        session.write(out_a, method="hcnr", r_cw=0.2)
+        session.write(out_b, method="regmean", task_weight=3.0)
+
+``write(out, overwrite=False, **changes)`` takes the session's options with `changes` (validated,
+``RepairOptions.replace``) and returns the report dict, written with the artifact into `out`
+atomically; its bytes equal a fresh ``run_repair`` with the same options. Per write, options of
+the "data" and "compute" groups (except ``seed`` and ``hessian_memory_gb``) must equal the
+session's: they define the statistics, and a different value is a ``UserError``. Every "method"
+option may change: Fisher scores are kept per (data set, model state, granularity), Grams per
+(data set, model state), so ``--fisher-model``, ``--granularity`` and ``--hessian-inputs
+base|finetuned`` compute the missing statistics once on first need; ``--hessian-inputs
+sequential`` (Hessians that depend on the candidate) runs its own streamed stage 2 each time.
+
+Memory: the session keeps the Grams of every eligible matrix (see statistics.py for the bytes
+per block). ``run_repair`` is a session without that cache: its stage 2 streams block by block
+with only the selected matrices' Hessians alive, as bounded as before.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from hcnr_deploy.data import encode, load_jsonl
+from hcnr_deploy.errors import UserError
+from hcnr_deploy.importance import PLAIN_HEAD_MODELS, decoder_blocks
+from hcnr_deploy.modelio import Checkpoint, FineTune, load_model, load_tokenizer, resolve_model_dir
+from hcnr_deploy.options import RepairOptions
+from hcnr_deploy.repair import candidates as cand
+from hcnr_deploy.repair.report import build_report, write_output
+from hcnr_deploy.repair.state import (BlockOffload, ModelState, offload_error, place_outside_blocks,
+                                      resolve_device_dtype, return_freed_memory)
+from hcnr_deploy.repair.statistics import Matrix, Statistics, eligible, stage_name as _stage
+
+# options that define the statistics of a session (a write may not change them)
+SESSION_FIXED = ("num_samples", "max_length", "device", "dtype", "batch_size", "offload")
+NOTES = {
+    "regmean": "--method regmean needs no Fisher pass (no fisher stage in timings_s): every column of every "
+               "eligible matrix is edited from the Grams of the honesty inputs (base) and the task inputs "
+               "(fine-tune).",
+    "scale": "--method scale needs no calibration statistics: W = W0 + alpha D on every eligible matrix.",
+}
+
+
+@dataclass
+class Inputs:
+    """What a session loaded: the paths as given and resolved, the fine-tune, the encoded calibration data."""
+
+    given: dict  # base, finetuned, honesty_data, task_data as the caller gave them
+    base_dir: Path
+    ft_dir: Path
+    finetune: FineTune
+    enc_hon: list
+    enc_task: list
+    notes: list
+    device: str
+    dtype: torch.dtype
+
+
+def _progress(console, enabled: bool):
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
+                               TimeElapsedColumn)
+
+    return Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("samples"), TimeElapsedColumn(), console=console, disable=not enabled,
+                    transient=False)
+
+
+def check_out(out, overwrite: bool, *folders: tuple[str, Path]) -> Path:
+    """The resolved output folder; refuses an existing one (without `overwrite`) and one overlapping an input."""
+    out = Path(out).expanduser().resolve()
+    if out.exists() and not overwrite:
+        raise UserError(f"--out {out} already exists; choose a new folder or pass --overwrite.")
+    for option, folder in folders:
+        if out == folder or out in folder.parents or folder in out.parents:
+            raise UserError(f"--out {out} overlaps {option} {folder}; write the repair to a separate folder.")
+    return out
+
+
+class RepairSession:
+    """Statistics computed once, candidates written from them (module docstring)."""
+
+    def __init__(self, base, finetuned, honesty_data, task_data, opts: RepairOptions | None = None, console=None,
+                 progress: bool = False, *, keep_statistics: bool = True):
+        self.opts = opts if opts is not None else RepairOptions()
+        self.given = dict(base=base, finetuned=finetuned, honesty_data=honesty_data, task_data=task_data)
+        self.progress = progress
+        if console is None:
+            from rich.console import Console
+
+            console = Console(stderr=True, quiet=not progress)
+        self.console = console
+        self.keep = keep_statistics
+        self.inputs: Inputs | None = None
+        self.stats: Statistics | None = None
+
+    @property
+    def timings(self) -> dict[str, float]:
+        """Seconds per statistics stage (``load``, ``fisher_honesty``, ``gram_task``, ...), each computed once."""
+        return {"load": self._load_s, **self.stats.timings} if self.stats else {}
+
+    def __enter__(self):
+        self.open()
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    def open(self):
+        """Resolve and check the inputs, encode the data, load the base model (done once)."""
+        if self.inputs is not None:
+            return
+        t0 = time.perf_counter()
+        o, g = self.opts, self.given
+        torch.manual_seed(o.seed)
+        return_freed_memory()
+        base_dir = resolve_model_dir(g["base"], "--base")
+        ft_dir = resolve_model_dir(g["finetuned"], "--finetuned")
+        base_ck = Checkpoint(base_dir, "--base")
+        finetune = FineTune(ft_dir, base_ck)
+        hon = load_jsonl(g["honesty_data"], o.num_samples)
+        task_examples = load_jsonl(g["task_data"], o.num_samples)
+        tokenizer = load_tokenizer(ft_dir, base_dir)  # the fine-tune's own tokenizer when it ships one
+        notes = []
+        for label, examples, path in (("honesty", hon, g["honesty_data"]), ("task", task_examples, g["task_data"])):
+            if len(examples) < o.num_samples:
+                notes.append(f"{path} has {len(examples)} {label} examples, fewer than --num-samples "
+                             f"{o.num_samples}; all of them were used.")
+                self.console.print(f"[yellow]note[/]: {notes[-1]}")
+        enc_hon = encode(tokenizer, hon, o.max_length)
+        enc_task = encode(tokenizer, task_examples, o.max_length)
+        dev, dt = resolve_device_dtype(o.device, o.dtype, base_ck.config)
+        if o.offload and base_ck.config.get("model_type") not in PLAIN_HEAD_MODELS:
+            raise offload_error(base_dir, base_ck.config.get("model_type"))
+        if dev.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        model = load_model(base_dir, dt, "cpu" if o.offload else dev)
+        for name, p in model.named_parameters():
+            if not torch.isfinite(p).all():
+                raise UserError(f"tensor {name} of --base {base_dir} contains NaN or Inf values; the checkpoint is "
+                                f"corrupt, re-export it before repairing.")
+        move = None
+        if o.offload:
+            blocks = decoder_blocks(model)
+            if blocks is None:
+                raise offload_error(base_dir, base_ck.config.get("model_type"))
+            place_outside_blocks(model, blocks[1], dev)
+            move = BlockOffload(dev, blocks[1])
+        state = ModelState(model, finetune, dt)
+        mats = eligible(model, finetune)
+        if not mats:
+            raise UserError(f"--finetuned {ft_dir} does not differ from --base {base_dir} in any decoder Linear; "
+                            f"there is nothing to repair.")
+        self.inputs = Inputs(g, base_dir, ft_dir, finetune, enc_hon, enc_task, notes, dev, dt)
+        self.model, self.state, self.move, self.mats = model, state, move, mats
+        self.bar = _progress(self.console, self.progress)
+        self.bar.start()
+        self.stats = Statistics(model, state, mats, {"honesty": enc_hon, "task": enc_task}, o.batch_size, dev,
+                                self.bar, move)
+        self._load_s = round(time.perf_counter() - t0, 4)
+
+    def close(self):
+        """Stop the progress display and drop the model and the statistics."""
+        if self.inputs is None:
+            return
+        self.bar.stop()
+        dev = self.inputs.device
+        self.model = self.state = self.move = self.stats = None
+        self.inputs = None
+        if dev.startswith("cuda"):
+            torch.cuda.empty_cache()
+
+    def _options(self, changes: dict) -> RepairOptions:
+        o = self.opts.replace(**changes)
+        for key in SESSION_FIXED:
+            if getattr(o, key) != getattr(self.opts, key):
+                flag = "--" + key.replace("_", "-")
+                raise UserError(f"{flag} cannot change within a RepairSession (its statistics were computed with "
+                                f"{getattr(self.opts, key)!r}); open another session for {getattr(o, key)!r}.")
+        return o
+
+    def write(self, out, overwrite: bool = False, command: str | None = None, **changes) -> dict:
+        """Write one candidate (the session's options with `changes`) to `out`; return its report."""
+        o = self._options(changes)
+        self.open()
+        inp, stats = self.inputs, self.stats
+        out = check_out(out, overwrite, ("--base", inp.base_dir), ("--finetuned", inp.ft_dir))
+        finetune = inp.finetune
+        granularity = o.granularity if o.method == "hcnr" else "column"
+        lora_exact = finetune.is_lora and granularity == "column"
+        fmt = ("adapter" if lora_exact else "checkpoint") if o.format == "auto" else o.format
+        want_lora = lora_exact and fmt == "adapter"
+        mats = [Matrix(m.name, m.shape, m.d_col_sq, m.w0_col_sq) for m in self.mats]
+
+        timings: dict[str, float] = {"load": self._load_s}
+        used_before = dict(stats.counts)
+        clock = [time.perf_counter(), sum(stats.timings.values())]
+
+        def lap(stage):  # time since the last lap, less the statistics passes that ran meanwhile
+            now, spent = time.perf_counter(), sum(stats.timings.values())
+            timings[stage] = round(timings.get(stage, 0.0) + now - clock[0] - (spent - clock[1]), 4)
+            clock[:] = [now, spent]
+
+        patches, new_a, new_b = {}, {}, {}
+        used: list[str] = []
+        if o.method == "hcnr":
+            used = self._hcnr(o, mats, granularity, want_lora, lap, patches, new_a)
+        elif o.method == "regmean":
+            cand.select_all(mats)
+            lap("selection")
+            if self.keep and o.hessian_inputs != "sequential":
+                patches, new_a = cand.cached_stage2(stats, finetune, mats, o, "regmean", inp.device, want_lora, lap)
+                used = [_stage("gram", "honesty", o.hessian_inputs), "gram_task"]
+            else:
+                patches, new_a = self._streamed(o, mats, "regmean", want_lora, lap)
+        elif o.method == "scale":
+            patches, new_b = cand.scale_candidate(mats, finetune, o.alpha, want_lora)
+            lap("selection")
+        else:
+            raise UserError("--method sft is not available yet (hcnr_deploy/sft.py has not landed); use --method "
+                            "hcnr, regmean or scale.")
+        for stage in stats.timings:
+            if stage in used or stats.counts.get(stage, 0) != used_before.get(stage, 0):
+                timings[stage] = stats.timings[stage]
+        notes = list(inp.notes) + ([NOTES[o.method]] if o.method in NOTES else [])
+        report = build_report(inp, out, o, fmt, mats, granularity, overwrite, notes, command)
+
+        def finish():
+            lap("export")
+            timings["total"] = round(sum(v for k, v in timings.items() if k != "total"), 4)
+
+        return write_output(out, overwrite, report, inp, mats, granularity, patches, new_a, new_b, want_lora, o,
+                            timings, finish)
+
+    def _streamed(self, o, chosen, method, want_lora, lap):
+        patches, new_a = cand.streamed_stage2(self.model, self.state, self.inputs.finetune, chosen, self.inputs.enc_hon,
+                                              self.inputs.enc_task, o, method, self.inputs.device, self.bar,
+                                              want_lora, lap, self.move)
+        if self.keep and o.hessian_inputs == "sequential":
+            self.state.reset()  # the next candidate starts from the base again
+        return patches, new_a
+
+    def _hcnr(self, o, mats, granularity, want_lora, lap, patches, new_a) -> list[str]:
+        """Eq. 4 (cached), Eqs. 5-7, stage 2; fills `patches` / `new_a`; returns the statistics stages used."""
+        stats, finetune = self.stats, self.inputs.finetune
+        hon_state, task_state = cand.fisher_states(o.fisher_model)
+        s_hon = s_task = None
+        used = []
+        if o.selection != "random":
+            s_hon = stats.fisher("honesty", hon_state, granularity)
+            used.append(_stage("fisher", "honesty", hon_state, granularity))
+        if o.selection == "hcnr":
+            s_task = stats.fisher("task", task_state, granularity)
+            used.append(_stage("fisher", "task", task_state, granularity))
+        cand.select(mats, s_hon, s_task, finetune, o)
+        chosen = [m for m in mats if m.selected]
+        lap("selection")
+        if self.keep and o.hessian_inputs != "sequential":
+            p, a = cand.cached_stage2(stats, finetune, chosen, o, o.compensation, self.inputs.device, want_lora, lap)
+            if o.compensation != "none":
+                used.append(_stage("gram", "honesty", o.hessian_inputs))
+            if o.compensation == "task-aware":
+                used.append("gram_task")
+        else:
+            p, a = self._streamed(o, chosen, o.compensation, want_lora, lap)
+        patches.update(p)
+        new_a.update(a)
+        return used
+
+
+def run_repair(base, finetuned, honesty_data, task_data, out, *, overwrite=False, progress=False, console=None,
+               command=None, **options) -> dict:
+    """Repair `finetuned` (full folder or PEFT LoRA on `base`) and write the result to `out`; return the report.
+
+    Keyword arguments are ``RepairOptions`` fields (``hcnr-deploy repair``'s options: ``--r-iw`` -> ``r_iw``).
+    A ``RepairSession`` with one write and no Gram cache (stage 2 streamed, bounded memory).
+    Raises ``UserError`` on bad input, leaving nothing at `out`.
+    """
+    opts = RepairOptions().replace(**options)
+    base_dir = resolve_model_dir(base, "--base")
+    ft_dir = resolve_model_dir(finetuned, "--finetuned")
+    check_out(out, overwrite, ("--base", base_dir), ("--finetuned", ft_dir))  # before any loading
+    with RepairSession(base, finetuned, honesty_data, task_data, opts, console, progress,
+                       keep_statistics=False) as session:
+        return session.write(out, overwrite=overwrite, command=command)

@@ -1,0 +1,220 @@
+"""Calibration statistics: Fisher scores (Eq. 4) and Gram / Hessian matrices of module inputs.
+
+The passes themselves live in importance.py (Fisher hooks, block-by-block backward) and
+compensation.py (Hessian hooks, per-block accumulation); this module decides what is computed on
+which model state and keeps it. ``Statistics`` computes each quantity lazily on first need and keeps
+it for every later candidate:
+
+- Fisher scores ``s[name]`` of every eligible matrix, per (data set, model state, granularity);
+- Gram sums ``H = sum over tokens x x^T`` (float64, in x in, on the CPU) of every eligible matrix's
+  input, per (data set, model state), with the token count; matrices fed the same input (q/k/v,
+  gate/up) share one tensor object. Cost: one ``8 * in^2`` bytes per distinct input of a block,
+  e.g. a llama block holds ``8 * (3 h^2 + I^2)`` bytes (q/k/v, o, gate/up, down), per data set:
+  27 MB per block on SmolLM2-135M (0.8 GB for 30 blocks), 2 GB per block on an 8B llama.
+
+``stream_block_grams`` is the block-streamed pass shared by the cached path and the bounded one-shot
+stage 2 of ``run_repair``: the calibration hidden states go through one decoder block at a time and
+each block's Grams are handed to the caller before the next block runs.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from hcnr_deploy.compensation import accumulate_hessians, block_hessians
+from hcnr_deploy.data import batches
+from hcnr_deploy.importance import decoder_blocks, fisher_importance, layer_inputs
+from hcnr_deploy.modelio import FineTune, is_decoder_linear_weight, layer_index
+
+# the model state each data set's statistics come from by default (DESIGN.md section 2)
+DEFAULT_STATE = {"honesty": "base", "task": "finetuned"}
+
+
+@dataclass
+class Matrix:
+    """One eligible Linear: its state through the pipeline."""
+
+    name: str  # weight name, e.g. model.layers.3.mlp.down_proj.weight
+    shape: tuple
+    d_col_sq: torch.Tensor | None = None
+    w0_col_sq: torch.Tensor | None = None
+    restore: torch.Tensor | None = None  # column indices (column) or bool mask (element)
+    displacement: float = 0.0
+    selected: bool = False
+    compensation_norm: float = 0.0
+    retries: int = 0
+
+    @property
+    def module(self) -> str:
+        return self.name[: -len(".weight")]
+
+
+def eligible(model, finetune: FineTune) -> list[Matrix]:
+    """Decoder-block Linear weights with D != 0, with per-column squared norms of D and W0 (Eq. 6 inputs)."""
+    base = finetune.base
+    names = [n for n in base.names() if is_decoder_linear_weight(n, base.shape(n))]
+    if finetune.is_lora:
+        names = [n for n in names if n[: -len(".weight")] in finetune.lora.keys]
+    out = []
+    for name in names:
+        mod = name[: -len(".weight")]
+        try:
+            linear = model.get_submodule(mod)
+        except AttributeError:
+            continue
+        if not isinstance(linear, torch.nn.Linear):
+            continue
+        w0 = base.get(name)
+        d = finetune.delta(name, w0)
+        if d is None:
+            continue
+        out.append(Matrix(name, tuple(w0.shape), d.double().square().sum(0), w0.double().square().sum(0)))
+    return out
+
+
+def stage_name(kind: str, dataset: str, state: str, granularity: str = "column") -> str:
+    """Timing key of one statistics pass: ``fisher_honesty``, ``gram_task``, ``fisher_task_base_element``..."""
+    name = f"{kind}_{dataset}"
+    if state != DEFAULT_STATE[dataset]:
+        name += f"_{state}"
+    return name + ("_element" if granularity == "element" else "")
+
+
+def fisher_pass(model, mats, encoded, granularity, batch_size, device, progress, label, move=None):
+    """Eq. 4 for every matrix in `mats` on the model's current state."""
+    modules = {m.name: model.get_submodule(m.module) for m in mats}
+    task = progress.add_task(f"Fisher ({label})", total=len(encoded))
+    return fisher_importance(model, modules, batches(encoded, batch_size), len(encoded), granularity,
+                             device, advance=lambda n: progress.advance(task, n),
+                             lowest_block=min(layer_index(m.name) for m in mats), move=move)
+
+
+def whole_model_grams(model, mats, encoded, batch_size, device, progress, label, stop_after=None):
+    """Grams of `mats`' inputs from whole-model forward passes (architectures not driven block by block)."""
+    modules = {m.name: model.get_submodule(m.module) for m in mats}
+    task = progress.add_task(f"Hessian ({label})", total=len(encoded))
+    hooks, tokens = accumulate_hessians(model, modules, batches(encoded, batch_size), device,
+                                        stop_after=stop_after, advance=lambda n: progress.advance(task, n))
+    return {m.name: hooks.hessian(m.name) for m in mats}, tokens
+
+
+def deepest_block(model, mats: list[Matrix]):
+    """The decoder block module holding the deepest of `mats` (a forward pass may stop after it)."""
+    last = max(mats, key=lambda m: layer_index(m.name))
+    prefix = last.name[: last.name.index(f"layers.{layer_index(last.name)}.")]
+    return model.get_submodule(f"{prefix}layers.{layer_index(last.name)}")
+
+
+def stream_block_grams(model, blocks, state, mats: list[Matrix], streams: list[tuple[str, str, list]],
+                       batch_size: int, device: str, bar, lap, move=None, sequential: bool = False,
+                       label_of=None):
+    """Generator over decoder blocks 0..deepest of `mats`: yields ``(i, group, sums, counts)`` with `group`
+    the matrices of block i, ``sums[label][name]`` their Gram sums and ``counts[label]`` the token count per
+    stream. `streams` are ``(label, model state, encoded samples)``; each block runs once per stream.
+    `sequential`: after the caller has written block i's repaired weights (between two ``next``), the
+    block re-runs so the next block's inputs come from it repaired. `move(layer, on)` (--offload) holds
+    the block on the device from its first pass to its last."""
+    decoder, layers = blocks
+    by_layer: dict[int, list[Matrix]] = {}
+    for m in mats:
+        by_layer.setdefault(layer_index(m.name), []).append(m)
+    last = max(by_layer)
+    data, tasks = {}, {}
+    for label, st, enc in streams:
+        state.set(st, state.names_in(None))
+        items = []
+        for b in batches(enc, batch_size):
+            ids, att = b.input_ids.to(device), b.attention_mask.to(device)
+            h, kwargs = layer_inputs(decoder, layers, ids, att)
+            items.append({"h": h, "kwargs": kwargs, "mask": att})
+        data[label] = items
+        text = label_of(label, st) if label_of else f"{label}, {st}"
+        tasks[label] = bar.add_task(f"Hessian ({text}, {last + 1} blocks)", total=len(enc) * (last + 1))
+    lap("hessian")
+    for i in range(last + 1):
+        group = by_layer.get(i, [])
+        modules = {m.name: model.get_submodule(m.module) for m in group}
+        sums, counts = {}, {}
+        if move:
+            move(layers[i], True)
+        for label, st, _ in streams:
+            state.set(st, state.names_in(i))
+            hooks, counts[label] = block_hessians(layers[i], modules, data[label], i, keep_outputs=not (
+                sequential and group), advance=lambda n, t=tasks[label]: bar.advance(t, n))
+            sums[label] = {m.name: hooks.hessian(m.name) for m in group}
+            del hooks
+        lap("hessian")
+        yield i, group, sums, counts
+        if sequential and group:  # the next block's inputs come from this block repaired
+            for label, _, _ in streams:
+                block_hessians(layers[i], {}, data[label], i)
+            lap("hessian")
+        if move:
+            move(layers[i], False)
+
+
+class Statistics:
+    """Fisher scores and Grams of every eligible matrix, each computed at most once (see the module doc).
+
+    ``timings`` gets one entry per pass (``stage_name``); ``counts`` how often each ran (1 at most)."""
+
+    def __init__(self, model, state, mats: list[Matrix], encoded: dict[str, list], batch_size: int, device: str,
+                 bar, move=None):
+        self.model, self.state, self.mats = model, state, mats
+        self.encoded = encoded  # {"honesty": [...], "task": [...]}
+        self.batch_size, self.device, self.bar, self.move = batch_size, device, bar, move
+        self._fisher: dict[tuple, dict] = {}
+        self._grams: dict[tuple, tuple[dict, int]] = {}
+        self.timings: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+
+    def _timed(self, stage: str, compute):
+        t0 = time.perf_counter()
+        out = compute()
+        self.timings[stage] = round(time.perf_counter() - t0, 4)
+        self.counts[stage] = self.counts.get(stage, 0) + 1
+        return out
+
+    def fisher(self, dataset: str, state: str, granularity: str = "column") -> dict[str, torch.Tensor]:
+        """Eq. 4 scores on `dataset` with the model in `state` (computed on first call)."""
+        key = (dataset, state, granularity)
+        if key not in self._fisher:
+            def compute():
+                self.state.set(state)
+                return fisher_pass(self.model, self.mats, self.encoded[dataset], granularity, self.batch_size,
+                                   self.device, self.bar, f"{dataset}, {state}", self.move)
+            self._fisher[key] = self._timed(stage_name("fisher", dataset, state, granularity), compute)
+        return self._fisher[key]
+
+    def grams(self, dataset: str, state: str) -> tuple[dict[str, torch.Tensor], int]:
+        """(Gram sums by weight name, token count) of `dataset`'s inputs with the model in `state`."""
+        key = (dataset, state)
+        if key not in self._grams:
+            self._grams[key] = self._timed(stage_name("gram", dataset, state), lambda: self._compute_grams(
+                dataset, state))
+        return self._grams[key]
+
+    def _compute_grams(self, dataset, state):
+        enc = self.encoded[dataset]
+        blocks = decoder_blocks(self.model)
+        if blocks is None:
+            self.state.set(state)
+            sums, tokens = whole_model_grams(self.model, self.mats, enc, self.batch_size, self.device, self.bar,
+                                             f"{dataset}, {state}", deepest_block(self.model, self.mats))
+            return _to_cpu(sums), tokens
+        out, tokens = {}, 0
+        for _, group, sums, counts in stream_block_grams(self.model, blocks, self.state, self.mats,
+                                                         [(dataset, state, enc)], self.batch_size, self.device,
+                                                         self.bar, lambda stage: None, self.move):
+            out.update(_to_cpu(sums[dataset]))
+            tokens = counts[dataset]
+        return out, tokens
+
+
+def _to_cpu(sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CPU copies that keep the sharing of one tensor by several names (q/k/v, gate/up)."""
+    moved: dict[int, torch.Tensor] = {}
+    return {n: moved.setdefault(id(t), t.cpu()) for n, t in sums.items()}
