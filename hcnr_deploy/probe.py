@@ -177,6 +177,16 @@ def load_probed(pm: ProbedModel, device: str, dtype: str):
     return model, load_tokenizer(pm.folder, pm.base), str(dt).removeprefix("torch.")
 
 
+def _free_device_memory():
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def _shape_of(pm: ProbedModel) -> tuple:
     """(decoder blocks, hidden width) from the config (a LoRA adapter's: its base's)."""
     cfg = json.loads(((pm.base or pm.folder) / "config.json").read_text())
@@ -391,6 +401,65 @@ def _progress(console, enabled: bool):
                     console=console, disable=not enabled)
 
 
+def extract_all(models, sets, feat_dir: Path, device: str, dtype: str, batch_size: int, bar) -> tuple[dict, dict]:
+    """Features of every (model role, benchmark), one model loaded at a time: ({(role, name): memmap}, dtypes)."""
+    feats, dtypes = {}, {}
+    for pm in models:
+        net, tok, dtypes[pm.role] = load_probed(pm, device, dtype)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        prompts = {ps.name: render_prompts(tok, ps.items) for ps in sets}
+        task = bar.add_task(f"features of {pm.role}", total=sum(len(p) for p in prompts.values()))
+        for ps in sets:
+            feats[pm.role, ps.name] = extract_features(net, prompts[ps.name], feat_dir / f"{pm.role}-{ps.name}.npy",
+                                                       batch_size, pad, bar, task)
+        del net
+        _free_device_memory()
+    return feats, dtypes
+
+
+def fit_all(feats: dict, sets, roles: list[str], conditions: list[str], seed: int, bar) -> tuple[dict, int]:
+    """{condition: {benchmark: [AUROC per layer]}} and the number of probes that did not converge."""
+    aurocs = {c: {ps.name: [] for ps in sets} for c in conditions}
+    not_converged = 0
+    n_layers = feats[roles[0], sets[0].name].shape[0]
+    task = bar.add_task("fitting probes", total=len(sets) * n_layers)
+    for ps in sets:
+        by_role = {r: feats[r, ps.name] for r in roles}
+        shapes = {r: f.shape[::2] for r, f in by_role.items()}
+        if len(set(shapes.values())) > 1:  # the configs agreed (checked before loading), the states do not
+            raise UserError(f"hidden states (count, width): {shapes}; a transferred probe needs the same "
+                            f"architecture for --model and --reference")
+        for layer in range(n_layers):
+            values, nc = layer_aurocs(by_role, ps, layer, conditions, seed)
+            not_converged += nc
+            for c, v in values.items():
+                aurocs[c][ps.name].append(v)
+            bar.advance(task)
+    return aurocs, not_converged
+
+
+def _check_options(test_size, batch_size, device, dtype, out: Path, overwrite: bool):
+    if not (isinstance(test_size, (int, float)) and 0 < test_size < 1):
+        raise UserError(f"--test-size must be a fraction strictly between 0 and 1 (e.g. 0.33), got {test_size}")
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    if device not in DEVICES or dtype not in DTYPES:
+        raise UserError(f"--device must be one of {', '.join(DEVICES)} and --dtype one of {', '.join(DTYPES)}")
+    if out.exists() and not overwrite:
+        raise UserError(f"--out {out} already exists; choose a new folder or pass --overwrite")
+
+
+def _check_models(models: list[ProbedModel], out: Path):
+    for pm in models:
+        for folder in filter(None, (pm.folder, pm.base)):
+            if out == folder or out in folder.parents or folder in out.parents:
+                raise UserError(f"--out {out} overlaps {pm.option} {folder}; write the probe to a separate folder")
+    if len(models) == 2 and _shape_of(models[0]) != _shape_of(models[1]):
+        (lm, wm), (lr, wr) = _shape_of(models[0]), _shape_of(models[1])
+        raise UserError(f"--reference has {lr} decoder blocks of width {wr} but --model {lm} of width {wm}; a "
+                        f"transferred probe needs the same architecture")
+
+
 def run_probe(model, out, *, reference=None, base=None, data_dir=None, benchmarks=",".join(HONESTY_BENCHMARKS),
               limit=None, seed=0, test_size=0.33, device="auto", dtype="auto", batch_size=8, overwrite=False,
               progress=False, console=None) -> dict:
@@ -400,15 +469,8 @@ def run_probe(model, out, *, reference=None, base=None, data_dir=None, benchmark
     """
     from hcnr_deploy.modelio import AtomicDir, write_json
 
-    if not (isinstance(test_size, (int, float)) and 0 < test_size < 1):
-        raise UserError(f"--test-size must be a fraction strictly between 0 and 1 (e.g. 0.33), got {test_size}")
-    if batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
-    if device not in DEVICES or dtype not in DTYPES:
-        raise UserError(f"--device must be one of {', '.join(DEVICES)} and --dtype one of {', '.join(DTYPES)}")
     out = Path(out).expanduser().resolve()
-    if out.exists() and not overwrite:
-        raise UserError(f"--out {out} already exists; choose a new folder or pass --overwrite")
+    _check_options(test_size, batch_size, device, dtype, out, overwrite)
     if console is None:
         from rich.console import Console
 
@@ -417,53 +479,18 @@ def run_probe(model, out, *, reference=None, base=None, data_dir=None, benchmark
     models = [resolve_probed(model, "model", "--model", base)]
     if reference is not None:
         models.append(resolve_probed(reference, "reference", "--reference", base))
-    for pm in models:
-        for folder in filter(None, (pm.folder, pm.base)):
-            if out == folder or out in folder.parents or folder in out.parents:
-                raise UserError(f"--out {out} overlaps {pm.option} {folder}; write the probe to a separate folder")
-    if reference is not None and _shape_of(models[0]) != _shape_of(models[1]):
-        (lm, wm), (lr, wr) = _shape_of(models[0]), _shape_of(models[1])
-        raise UserError(f"--reference has {lr} decoder blocks of width {wr} but --model {lm} of width {wm}; a "
-                        f"transferred probe needs the same architecture")
+    _check_models(models, out)
     conditions = list(CONDITIONS) if reference is not None else ["model"]
     t0 = time.perf_counter()
     with AtomicDir(out, overwrite=overwrite) as tmp:
-        feat_dir = tmp / "features"
-        feat_dir.mkdir()
-        feats, dtypes = {}, {}
+        (tmp / "features").mkdir()
         with _progress(console, progress) as bar:
-            for pm in models:
-                net, tok, dtypes[pm.role] = load_probed(pm, device, dtype)
-                pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-                prompts = {ps.name: render_prompts(tok, ps.items) for ps in sets}
-                task = bar.add_task(f"features of {pm.option[2:]}", total=sum(len(p) for p in prompts.values()))
-                for ps in sets:
-                    feats[pm.role, ps.name] = extract_features(net, prompts[ps.name], feat_dir / f"{pm.role}-"
-                                                               f"{ps.name}.npy", batch_size, pad, bar, task)
-                del net
-        shapes = {(r, b): f.shape for (r, b), f in feats.items()}
-        if reference is not None:
-            for ps in sets:
-                if shapes["model", ps.name][::2] != shapes["reference", ps.name][::2]:  # configs agreed, states not
-                    m, r = shapes["model", ps.name], shapes["reference", ps.name]
-                    raise UserError(f"--reference has {r[0]} hidden states of width {r[2]} but --model {m[0]} of "
-                                    f"width {m[2]}; a transferred probe needs the same architecture")
+            feats, dtypes = extract_all(models, sets, tmp / "features", device, dtype, batch_size, bar)
         t_feat = time.perf_counter() - t0
-        aurocs = {c: {ps.name: [] for ps in sets} for c in conditions}
-        not_converged = 0
-        n_layers = shapes["model", sets[0].name][0]
         with _progress(console, progress) as bar:
-            task = bar.add_task("fitting probes", total=len(sets) * n_layers)
-            for ps in sets:
-                role_feats = {pm.role: feats[pm.role, ps.name] for pm in models}
-                for layer in range(n_layers):
-                    values, nc = layer_aurocs(role_feats, ps, layer, conditions, seed)
-                    not_converged += nc
-                    for c, v in values.items():
-                        aurocs[c][ps.name].append(v)
-                    bar.advance(task)
+            aurocs, not_converged = fit_all(feats, sets, [pm.role for pm in models], conditions, seed, bar)
         feats.clear()
-        shutil.rmtree(feat_dir)
+        shutil.rmtree(tmp / "features")
         settings = {"benchmarks": [ps.name for ps in sets], "data_dir": str(data_dir), "limit": limit, "seed": seed,
                     "test_size": test_size, "min_per_class": MIN_PER_CLASS, "device_option": device,
                     "dtype_option": dtype, "dtype": dtypes, "batch_size": batch_size, "probe": PROBE,
