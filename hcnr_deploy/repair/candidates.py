@@ -234,3 +234,19 @@ def scale_candidate(mats: list[Matrix], finetune: FineTune, alpha: float, want_l
         else:
             patches[m.name] = ("scale", alpha)
     return patches, new_b
+
+
+def sft_candidate(mats: list[Matrix], finetune: FineTune, factors: dict, want_lora: bool):
+    """``--method sft``: the trained LoRA `factors` (sft.sft_snapshots) as an exact adapter (a LoRA fine-tune's
+    A and B replaced) or as checkpoint patches (``W0 + E`` on every column of every trained matrix)."""
+    from hcnr_deploy.sft import checkpoint_patches, merged_weight
+
+    select_all(mats)
+    for m in mats:
+        if m.module in factors:
+            a, b = factors[m.module]
+            m.compensation_norm = float((merged_weight(finetune, m.module, a, b)
+                                         - finetune.base.get(m.name).double()).norm())  # ||W - W0||
+    if want_lora:
+        return {}, {mod: a for mod, (a, _) in factors.items()}, {mod: b for mod, (_, b) in factors.items()}
+    return checkpoint_patches(finetune, factors), {}, {}

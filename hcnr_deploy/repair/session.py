@@ -99,11 +99,18 @@ class RepairSession:
         self.keep = keep_statistics
         self.inputs: Inputs | None = None
         self.stats: Statistics | None = None
+        self._sft: dict[tuple, dict[int, tuple]] = {}  # (lr, seed) -> {steps: (factors, losses)}
+        self._sft_s: dict[tuple, float] = {}
 
     @property
     def timings(self) -> dict[str, float]:
-        """Seconds per statistics stage (``load``, ``fisher_honesty``, ``gram_task``, ...), each computed once."""
-        return {"load": self._load_s, **self.stats.timings} if self.stats else {}
+        """Seconds per statistics stage (``load``, ``fisher_honesty``, ``gram_task``, ..., ``sft``), each computed
+        once."""
+        if not self.stats:
+            return {}
+        sft = {"sft" if k == (self.opts.lr, self.opts.seed) else f"sft_lr{k[0]:g}_seed{k[1]}": v
+               for k, v in self._sft_s.items()}
+        return {"load": self._load_s, **self.stats.timings, **sft}
 
     def __enter__(self):
         self.open()
@@ -173,6 +180,7 @@ class RepairSession:
         self.bar.stop()
         dev = self.inputs.device
         self.model = self.state = self.move = self.stats = None
+        self._sft.clear()
         self.inputs = None
         if dev.startswith("cuda"):
             torch.cuda.empty_cache()
@@ -224,13 +232,18 @@ class RepairSession:
             patches, new_b = cand.scale_candidate(mats, finetune, o.alpha, want_lora)
             lap("selection")
         else:
-            raise UserError("--method sft is not available yet (hcnr_deploy/sft.py has not landed); use --method "
-                            "hcnr, regmean or scale.")
+            factors, losses = self.sft(o.steps, o.lr, o.seed)
+            clock[0] = time.perf_counter()  # the training is timed as "sft" (once per session and lr, seed)
+            timings["sft"] = self._sft_s[(o.lr, o.seed)]
+            patches, new_a, new_b = cand.sft_candidate(mats, finetune, factors, want_lora)
+            lap("selection")
         for stage in stats.timings:
             if stage in used or stats.counts.get(stage, 0) != used_before.get(stage, 0):
                 timings[stage] = stats.timings[stage]
         notes = list(inp.notes) + ([NOTES[o.method]] if o.method in NOTES else [])
         report = build_report(inp, out, o, fmt, mats, granularity, overwrite, notes, command)
+        if o.method == "sft":
+            report["sft"] = {"steps": o.steps, "lr": o.lr, "losses": losses}
 
         def finish():
             lap("export")
@@ -238,6 +251,29 @@ class RepairSession:
 
         return write_output(out, overwrite, report, inp, mats, granularity, patches, new_a, new_b, want_lora, o,
                             timings, finish)
+
+    def sft(self, steps: int | list[int], lr: float | None = None, seed: int | None = None):
+        """``--method sft``'s trained LoRA after `steps` (sft.sft_snapshots): ``(factors, losses)``; a list of
+        step counts trains once and keeps every snapshot (a constant learning rate: the 16-step snapshot of a
+        64-step run is the 16-step run), so later writes with those steps train nothing."""
+        from hcnr_deploy.sft import sft_snapshots
+
+        lr = self.opts.lr if lr is None else lr
+        seed = self.opts.seed if seed is None else seed
+        self.open()
+        wanted = sorted({steps} if isinstance(steps, int) else set(steps))
+        runs = self._sft.setdefault((lr, seed), {})
+        missing = [n for n in wanted if n not in runs]
+        if missing:
+            t0 = time.perf_counter()
+            losses: list[float] = []
+            inp = self.inputs
+            snaps = sft_snapshots(self.model, inp.finetune, inp.enc_hon, inp.enc_task, missing, lr=lr, seed=seed,
+                                  device=inp.device, progress=self.bar if self.progress else None, losses=losses)
+            for n, factors in snaps.items():
+                runs[n] = (factors, losses[:n])
+            self._sft_s[(lr, seed)] = round(self._sft_s.get((lr, seed), 0.0) + time.perf_counter() - t0, 4)
+        return runs[wanted[-1]] if isinstance(steps, int) else {n: runs[n] for n in wanted}
 
     def _streamed(self, o, chosen, method, want_lora, lap):
         patches, new_a = cand.streamed_stage2(self.model, self.state, self.inputs.finetune, chosen, self.inputs.enc_hon,
