@@ -387,7 +387,7 @@ def test_bug_b_reproduced_on_vllm_ops_and_fixed_by_plugin():
         assert torch.equal(after[1], base_row), name                       # base row: no adapter at all
         assert not torch.equal(before[1], base_row), name
     # apply_lora_fix patches the names PunicaWrapperCPU calls, and the sgmv (prefill) ops through the module
-    assert apply_lora_fix() and apply_lora_fix()
+    assert apply_lora_fix()[0] == "patched" and apply_lora_fix()[0] == "patched"
     from vllm.lora.punica_wrapper import punica_cpu
 
     assert punica_cpu.bgmv_shrink._hcnr_no_lora_fix and punica_cpu.sgmv_expand is lora_ops.sgmv_expand
