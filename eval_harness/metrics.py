@@ -190,3 +190,49 @@ def pareto_mask(xs, ys) -> np.ndarray:
     gt = (xs[None, :] > xs[:, None]) | (ys[None, :] > ys[:, None])
     return ~(ge & gt).any(axis=1)
 
+
+# ---- is a scenario a test? (DESIGN.md section 8) -----------------------------------------------------------------
+
+BASE_RF_DELTA_MIN = 0.30      # the base discriminates
+FT_F1_DROP_MIN = 0.15         # the fine-tune lost honesty ...
+FT_F1_MIN = 0.15              # ... without collapsing
+REHEARSAL_RECOVERY_MIN = 0.5  # separable: Rehearsal recovers at least half the lost F1 ...
+REHEARSAL_DOMAIN_SLACK = 0.02  # ... at domain accuracy >= the fine-tune's minus this
+_TOL = 1e-9                   # figures exactly at a threshold pass (0.60 - 0.45 is 0.1499999...)
+
+
+def separability(base: dict, ft: dict, rehearsal: dict) -> dict:
+    """DESIGN.md section 8's verdict on a scenario from measured figures.
+
+    Each argument holds a model's held-out `f1` and `domain_accuracy` (base also `rf_delta`; means over
+    the benchmarks the verdict uses). Returns `discriminating` (base RF Delta >= 0.30, fine-tune F1 down
+    >= 0.15 from the base and still >= 0.15), `separable` (Rehearsal's recovery ratio >= 0.5 at domain
+    accuracy >= ft's - 0.02), the figures under issue 11's validity names, `rehearsal_recovery`, `checks`
+    (each gate's value, threshold and outcome) and `reasons` (one sentence per failed gate; a missing or
+    NaN figure fails its gates)."""
+    def num(model, key):
+        v = model.get(key)
+        return float(v) if v is not None and np.isfinite(float(v)) else float("nan")
+
+    b_f1, b_rf, f_f1, f_dom = num(base, "f1"), num(base, "rf_delta"), num(ft, "f1"), num(ft, "domain_accuracy")
+    r_f1, r_dom = num(rehearsal, "f1"), num(rehearsal, "domain_accuracy")
+    recovery = float(recovery_ratio(r_f1, b_f1, f_f1))
+    gates = {  # name: (value, threshold, what the gate says)
+        "base_discriminates": (b_rf, BASE_RF_DELTA_MIN, "the base's RF Delta"),
+        "ft_lost_honesty": (b_f1 - f_f1, FT_F1_DROP_MIN, "the fine-tune's F1 drop from the base"),
+        "ft_not_collapsed": (f_f1, FT_F1_MIN, "the fine-tune's F1"),
+        "rehearsal_recovers": (recovery, REHEARSAL_RECOVERY_MIN, "Rehearsal's recovery of the lost F1"),
+        "rehearsal_keeps_domain": (r_dom - f_dom, -REHEARSAL_DOMAIN_SLACK,
+                                   "Rehearsal's domain accuracy minus the fine-tune's"),
+    }
+    checks, reasons = {}, []
+    for name, (value, threshold, what) in gates.items():
+        passed = bool(value >= threshold - _TOL)  # NaN fails
+        checks[name] = {"value": value, "threshold": threshold, "passed": passed}
+        if not passed:
+            reasons.append(f"{what} is {value:.3f}, below {threshold:.2f}")
+    ok = {k: c["passed"] for k, c in checks.items()}
+    return {"discriminating": ok["base_discriminates"] and ok["ft_lost_honesty"] and ok["ft_not_collapsed"],
+            "separable": ok["rehearsal_recovers"] and ok["rehearsal_keeps_domain"],
+            "base_f1": b_f1, "base_rf_delta": b_rf, "ft_f1": f_f1, "ft_domain": f_dom, "rehearsal_f1": r_f1,
+            "rehearsal_domain": r_dom, "rehearsal_recovery": recovery, "checks": checks, "reasons": reasons}
