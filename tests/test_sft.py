@@ -9,16 +9,13 @@ patched checkpoint computes what training computed.
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from hcnr_deploy import sft
 from hcnr_deploy.data import encode, load_jsonl
 from hcnr_deploy.errors import UserError
-from hcnr_deploy.export import write_checkpoint
+from hcnr_deploy.export import write_checkpoint, write_exact_adapter
 from hcnr_deploy.modelio import Checkpoint, FineTune, load_model, load_tokenizer
 
 from conftest import repair_pair
@@ -140,18 +137,6 @@ def test_fresh_lora_starts_at_the_fine_tune(pair):
     assert {a.shape[0] for a, _ in sft.initial_factors(model, ft, rank=8).values()} == {8}
 
 
-def _write_adapter(out, ft, factors):
-    """The fine-tune's adapter folder with A and B replaced (what the repair's exact-adapter writer does for A)."""
-    out.mkdir()
-    tensors = {}
-    for mod, (a, b) in factors.items():
-        tensors[ft.lora.keys[mod]["A"]] = a.contiguous()
-        tensors[ft.lora.keys[mod]["B"]] = b.contiguous()
-    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
-    (out / "adapter_config.json").write_text(json.dumps(ft.lora.config))
-    return out
-
-
 def test_lora_result_is_a_peft_adapter_of_the_same_rank_whose_merge_is_dense(pair, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -162,7 +147,10 @@ def test_lora_result_is_a_peft_adapter_of_the_same_rank_whose_merge_is_dense(pai
     for mod, (a, b) in factors.items():
         a0, b0 = ft.lora.factors(mod)
         assert a.shape == a0.shape and b.shape == b0.shape and a.dtype == torch.float32
-    folder = _write_adapter(tmp_path / "adapter", ft, factors)
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    write_exact_adapter(folder, ft, {m: a for m, (a, _) in factors.items()}, str(pair["base"]),
+                        new_b={m: b for m, (_, b) in factors.items()})
     base = AutoModelForCausalLM.from_pretrained(pair["base"], dtype=torch.float32)
     peft_model = PeftModel.from_pretrained(base, folder)
     ids = torch.tensor([pair["enc_task"][0][0]])
