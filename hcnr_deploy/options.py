@@ -30,7 +30,11 @@ def _in_unit(v):
 
 
 def _at_least(n):
-    return lambda v: None if isinstance(v, int) and not isinstance(v, bool) and v >= n else f"must be at least {n}"
+    def check(v):
+        if not isinstance(v, int) or isinstance(v, bool):
+            return f"must be an integer, at least {n}"
+        return None if v >= n else f"must be at least {n}"
+    return check
 
 
 def _non_negative(v):

@@ -1,0 +1,240 @@
+"""`repair --method regmean|scale|sft` and RepairSession: closed forms, limits, exact LoRAs, statistics reuse."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hcnr_deploy.compensation import interpolate, regmean_compensation, task_aware_compensation
+from hcnr_deploy.errors import UserError
+from hcnr_deploy.options import RepairOptions
+from hcnr_deploy.repair import RepairSession, run_repair
+
+from conftest import repair_pair
+
+WORDS = "the capital city river country born wrote unknown answer question sure Paris 1492 future".split()
+DAMP = 0.01
+SMALL = dict(num_samples=8, max_length=40, batch_size=4, device="cpu")
+
+
+def _grams(seed=0, n_in=10, n_out=6, n_h=40, n_t=30):
+    gen = torch.Generator().manual_seed(seed)
+    x_h = torch.randn(n_in, n_h, generator=gen, dtype=torch.float64)
+    x_t = torch.randn(n_in, n_t, generator=gen, dtype=torch.float64) + 0.5
+    w0 = torch.randn(n_out, n_in, generator=gen, dtype=torch.float64)
+    d = 0.3 * torch.randn(n_out, n_in, generator=gen, dtype=torch.float64)
+    return x_h, x_t, w0, d
+
+
+def _regmean_closed_form(w0, ws, x_h, x_t, mu):
+    """W = (W0 (G_h + lambda I) + mu Ws G_t) (G_h + mu G_t + lambda I)^-1, literally, with an explicit inverse."""
+    g_h, g_t = x_h @ x_h.T / x_h.shape[1], x_t @ x_t.T / x_t.shape[1]
+    lam = DAMP * torch.diagonal(g_h + mu * g_t).mean()
+    eye = torch.eye(g_h.shape[0], dtype=torch.float64)
+    return (w0 @ (g_h + lam * eye) + mu * ws @ g_t) @ torch.linalg.inv(g_h + mu * g_t + lam * eye)
+
+
+@pytest.mark.parametrize("mu", [0.3, 1.0, 10.0])
+def test_regmean_equals_its_float64_closed_form_and_task_aware_with_every_column(mu):
+    x_h, x_t, w0, d = _grams()
+    h_h, h_t = x_h @ x_h.T, x_t @ x_t.T
+    e, retries = regmean_compensation(d, h_h, x_h.shape[1], h_t, x_t.shape[1], mu, DAMP)
+    torch.testing.assert_close(w0 + e, _regmean_closed_form(w0, w0 + d, x_h, x_t, mu), rtol=1e-9, atol=1e-10)
+    assert retries == 0
+    every = torch.arange(d.shape[1])
+    e_ta, _ = task_aware_compensation(d, h_h, x_h.shape[1], h_t, x_t.shape[1], mu, DAMP, every[:0], every)
+    assert float((e - e_ta).abs().max()) < 1e-6
+
+
+def test_regmean_limits_base_on_honesty_inputs_and_finetune_on_task_inputs():
+    x_h, x_t, w0, d = _grams(1)
+    h_h, h_t = x_h @ x_h.T, x_t @ x_t.T
+    small, _ = regmean_compensation(d, h_h, x_h.shape[1], h_t, x_t.shape[1], 1e-4, DAMP)
+    large, _ = regmean_compensation(d, h_h, x_h.shape[1], h_t, x_t.shape[1], 1e4, DAMP)
+    undamped, _ = regmean_compensation(d, h_h, x_h.shape[1], h_t, x_t.shape[1], 1e4, 1e-9)
+    # small MU: W acts like W0 on honesty inputs; large MU: W acts like Ws on task inputs, up to the ridge
+    # lambda ||W - W0||^2, whose lambda grows with MU (damp * mean diag(G_h + MU G_t)): an error of order damp
+    assert float((small @ x_h).norm() / (d @ x_h).norm()) < 1e-3
+    assert float(((large - d) @ x_t).norm() / (d @ x_t).norm()) < 2 * DAMP
+    assert float(((undamped - d) @ x_t).norm() / (d @ x_t).norm()) < 1e-3  # order 1 / MU
+    mid, _ = regmean_compensation(d, h_h, x_h.shape[1], h_t, x_t.shape[1], 1.0, DAMP)
+    assert 0.05 < float((mid @ x_h).norm() / (d @ x_h).norm()) < 0.95  # in between: a dial, not a switch
+
+
+def test_regmean_rows_of_a_lora_give_the_dense_edit():
+    x_h, x_t, _, _ = _grams(2)
+    gen = torch.Generator().manual_seed(5)
+    a = torch.randn(3, 10, generator=gen, dtype=torch.float64)
+    b = torch.randn(6, 3, generator=gen, dtype=torch.float64)
+    h_h, h_t = x_h @ x_h.T, x_t @ x_t.T
+    e_a, _ = regmean_compensation(a, h_h, 40, h_t, 30, 2.0, DAMP)
+    e_d, _ = regmean_compensation(0.5 * b @ a, h_h, 40, h_t, 30, 2.0, DAMP)
+    torch.testing.assert_close(0.5 * b @ e_a, e_d, rtol=1e-9, atol=1e-12)
+
+
+def test_interpolate_is_exact_at_the_ends():
+    gen = torch.Generator().manual_seed(0)
+    w0, ws = torch.randn(5, 4, generator=gen), torch.randn(5, 4, generator=gen)
+    assert torch.equal(interpolate(w0, ws, 0.0).float(), w0) and torch.equal(interpolate(w0, ws, 1.0).float(), ws)
+    torch.testing.assert_close(interpolate(w0, ws, 0.25), w0.double() + 0.25 * (ws.double() - w0.double()))
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    return repair_pair(tmp_path_factory.mktemp("methods"), "llama", 8, WORDS)
+
+
+def _run(pair, ft, out, **kw):
+    r = pair["root"]
+    return run_repair(pair["base"], pair[ft], r / "hon.jsonl", r / "task.jsonl", out, **{**SMALL, **kw})
+
+
+def _tensors(folder):
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def _merged(pair, adapter):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(pair["base"], dtype=torch.float32)
+    return PeftModel.from_pretrained(base, adapter).merge_and_unload().state_dict()
+
+
+def _rel(a: dict, b: dict, names) -> float:
+    num = sum(float((a[k].double() - b[k].double()).square().sum()) for k in names)
+    return math.sqrt(num / sum(float(b[k].double().square().sum()) for k in names))
+
+
+def test_regmean_pipeline_equals_task_aware_at_r_iw_r_cw_one(pair, tmp_path):
+    rep = _run(pair, "full", tmp_path / "regmean", method="regmean", task_weight=3.0)
+    ta = _run(pair, "full", tmp_path / "ta", r_iw=1.0, r_cw=1.0, compensation="task-aware", task_weight=3.0)
+    a, b = _tensors(tmp_path / "regmean"), _tensors(tmp_path / "ta")
+    assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
+    assert rep["edited_fraction"] == 1.0 and rep["selected_matrices"] == rep["eligible_matrices"]
+    assert rep["settings"]["method"] == "regmean" and rep["settings"]["task_weight"] == 3.0
+    assert not [k for k in rep["timings_s"] if k.startswith("fisher")]
+    assert any("no Fisher pass" in n for n in rep["notes"])
+    assert (tmp_path / "regmean" / "README.md").is_file()
+
+
+def test_regmean_on_a_lora_is_an_exact_adapter(pair, tmp_path):
+    rep = _run(pair, "lora", tmp_path / "adapter", method="regmean", task_weight=2.0)
+    _run(pair, "lora", tmp_path / "ckpt", method="regmean", task_weight=2.0, format="checkpoint")
+    assert rep["format"] == "adapter"
+    old, new = load_file(pair["lora"] / "adapter_model.safetensors"), load_file(tmp_path / "adapter" /
+                                                                                 "adapter_model.safetensors")
+    assert old.keys() == new.keys()
+    assert all(torch.equal(old[k], new[k]) for k in old if ".lora_B." in k)  # same B: new A = A MU G_t K^-1
+    assert all(not torch.equal(old[k], new[k]) for k in old if ".lora_A." in k)
+    dense = _tensors(tmp_path / "ckpt")
+    names = [m["name"] + ".weight" for m in rep["matrices"]]
+    assert _rel(_merged(pair, tmp_path / "adapter"), dense, names) < 1e-5
+
+
+@pytest.mark.parametrize("ft", ["full", "lora"])
+def test_scale_zero_is_the_base_and_one_the_finetune(pair, tmp_path, ft):
+    base = _tensors(pair["base"])
+    fmt = dict(format="checkpoint")
+    at0, at1 = _tensors_of_run(pair, ft, tmp_path / "a0", alpha=0.0, **fmt), _tensors_of_run(pair, ft, tmp_path / "a1",
+                                                                                            alpha=1.0, **fmt)
+    assert all(torch.equal(at0[k], base[k]) for k in base if ".layers." in k and k.endswith("proj.weight"))
+    if ft == "full":
+        ft_dense = _tensors(pair["full"])
+        assert all(torch.equal(at1[k], ft_dense[k]) for k in ft_dense)
+    else:  # the LoRA merged in float64, as every checkpoint of a LoRA fine-tune is written
+        from hcnr_deploy.modelio import Checkpoint, FineTune
+
+        finetune = FineTune(pair["lora"], Checkpoint(pair["base"]))
+        for k in base:
+            want = finetune.weight(k) if ".layers." in k and k.endswith("proj.weight") else base[k]
+            assert float((at1[k] - want).abs().max()) < 1e-6, k
+    half = _run(pair, ft, tmp_path / "half", method="scale", alpha=0.5)
+    assert half["settings"]["alpha"] == 0.5 and half["edited_fraction"] == 1.0
+    if ft == "lora":  # an exact adapter: B scaled by alpha, A kept
+        old, new = load_file(pair["lora"] / "adapter_model.safetensors"), load_file(tmp_path / "half" /
+                                                                                     "adapter_model.safetensors")
+        assert all(torch.equal(new[k], old[k] * 0.5 if ".lora_B." in k else old[k]) for k in old)
+
+
+def _tensors_of_run(pair, ft, out, **kw):
+    kw.setdefault("method", "scale")
+    _run(pair, ft, out, **kw)
+    return _tensors(out)
+
+
+def test_scale_alpha_must_be_non_negative(pair, tmp_path):
+    with pytest.raises(UserError, match=r"^--alpha must be >= 0, got -0.5\.$"):
+        _run(pair, "lora", tmp_path / "out", method="scale", alpha=-0.5)
+    assert not (tmp_path / "out").exists()
+
+
+CANDIDATES = [dict(method="hcnr"), dict(method="hcnr", r_cw=0.2, compensation="task-aware", task_weight=2.0),
+              dict(method="regmean", task_weight=3.0), dict(method="hcnr", compensation="exact", selection="no-task"),
+              dict(method="scale", alpha=0.6), dict(method="regmean", task_weight=0.3), dict(method="hcnr", r_cw=0.8)]
+
+
+@pytest.mark.parametrize("ft", ["lora", "full"])
+def test_session_computes_statistics_once_and_writes_the_bytes_of_run_repair(pair, tmp_path, ft):
+    r = pair["root"]
+    with RepairSession(pair["base"], pair[ft], r / "hon.jsonl", r / "task.jsonl", RepairOptions(**SMALL)) as s:
+        reports = [s.write(tmp_path / f"s{i}", **kw) for i, kw in enumerate(CANDIDATES)]
+        counts = dict(s.stats.counts)
+        assert set(s.timings) == {"load", "fisher_honesty", "fisher_task", "gram_honesty", "gram_task"}
+    assert counts == {"fisher_honesty": 1, "fisher_task": 1, "gram_honesty": 1, "gram_task": 1}
+    for i, kw in enumerate(CANDIDATES):
+        one = _run(pair, ft, tmp_path / f"r{i}", **kw)
+        files = sorted(p.name for p in (tmp_path / f"r{i}").iterdir())
+        assert files == sorted(p.name for p in (tmp_path / f"s{i}").iterdir())
+        for name in files:
+            if name not in ("report.json", "README.md"):
+                assert (tmp_path / f"s{i}" / name).read_bytes() == (tmp_path / f"r{i}" / name).read_bytes(), (kw, name)
+        assert reports[i]["matrices"] == one["matrices"] and reports[i]["settings"]["command"] == \
+            one["settings"]["command"].replace(f"/r{i}", f"/s{i}")
+
+
+def test_session_refuses_a_change_of_its_statistics_and_writes_nothing(pair, tmp_path):
+    r = pair["root"]
+    with RepairSession(pair["base"], pair["lora"], r / "hon.jsonl", r / "task.jsonl", RepairOptions(**SMALL)) as s:
+        with pytest.raises(UserError, match=r"--num-samples cannot change within a RepairSession"):
+            s.write(tmp_path / "a", num_samples=4)
+        with pytest.raises(UserError, match="--r-cw must be in"):
+            s.write(tmp_path / "b", r_cw=2.0)
+        with pytest.raises(UserError, match="unknown repair option 'rcw'"):
+            s.write(tmp_path / "c", rcw=0.2)
+        s.write(tmp_path / "d", seed=3, selection="random")  # selection-only options may change
+        with pytest.raises(UserError, match="already exists"):
+            s.write(tmp_path / "d")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
+
+
+@pytest.mark.parametrize("ft", ["lora", "full"])
+def test_sft_session_snapshots_equal_fresh_runs_and_keep_the_adapter_rank(pair, tmp_path, ft):
+    r = pair["root"]
+    with RepairSession(pair["base"], pair[ft], r / "hon.jsonl", r / "task.jsonl", RepairOptions(**SMALL)) as s:
+        s.sft([1, 3])
+        rep = s.write(tmp_path / "s1", method="sft", steps=1)
+        s.write(tmp_path / "s3", method="sft", steps=3)
+        assert s.timings["sft"] > 0
+        s.write(tmp_path / "hcnr")  # the model is left as it was found: hcnr after sft is a plain hcnr
+    _run(pair, ft, tmp_path / "r1", method="sft", steps=1)
+    _run(pair, ft, tmp_path / "hcnr_fresh")
+    assert rep["settings"]["method"] == "sft" and len(rep["sft"]["losses"]) == 1
+    for a, b in (("s1", "r1"), ("hcnr", "hcnr_fresh")):
+        ta, tb = _tensors(tmp_path / a), _tensors(tmp_path / b)
+        assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+    assert not all(torch.equal(x, y) for x, y in zip(_tensors(tmp_path / "s1").values(),
+                                                     _tensors(tmp_path / "s3").values()))
+    if ft == "lora":
+        import json
+
+        cfg = json.loads((tmp_path / "s1" / "adapter_config.json").read_text())
+        assert rep["format"] == "adapter" and cfg["r"] == 8
+    else:
+        assert rep["format"] == "checkpoint"
