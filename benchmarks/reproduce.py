@@ -5,10 +5,10 @@
     python benchmarks/reproduce.py --model smollm2 --data-dir ../shared/data --limit 150 --seed-mode calibration \
         --sweep-seeds 0                                                    # what fits 2 CPU cores in ~2 hours
 
-Per seed: the scenario's base / ft (hcnr_deploy.scenario), then every repair variant through the real
-`run_repair` (HCNR, the ablations Random / w/o Task / w/o Compensation, our exact compensation, an R_CW
-sweep for HCNR and Random, a task-aware weight sweep) and the delta-scaling baseline `W0 + a D` (the
-fine-tune's adapter with B scaled by a), plus the RAIT baseline (the fine-tune's LoRA trained further
+Per seed: the scenario's base / ft (hcnr_deploy.scenario), then every repair variant from one repair
+session (`hcnr_deploy.sweep.build_candidates`: Fisher and Gram/Hessian statistics computed once; HCNR, the
+ablations Random / w/o Task / w/o Compensation, our exact compensation, an R_CW sweep for HCNR and Random, a
+task-aware weight sweep, and the delta-scaling baseline `W0 + a D`, `repair --method scale`), plus the RAIT baseline (the fine-tune's LoRA trained further
 on refusal data) and ICL (the fine-tune prompted with the eval harness's honesty exemplars). All of
 them are served as adapters of one vLLM server and scored by the eval harness on the honesty
 benchmarks (--data-dir: SelfAware, FalseQA, NEC, RefuNQ, KUQ when present; without it, the
@@ -21,7 +21,6 @@ versions, date and the size that ran), reproduction.json, tradeoff.png, and each
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
 import os
@@ -36,7 +35,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from hcnr_deploy import frontier as F  # noqa: E402
 from hcnr_deploy.scenario import pipeline as P  # noqa: E402
+from hcnr_deploy.sweep import build_candidates  # noqa: E402
 
 HONESTY = ("selfaware", "kuq", "falseqa", "nec", "refunq")
 SEED_MODES = {"train": "each seed: its own scenario data, base, fine-tune and repair",
@@ -49,91 +50,54 @@ def parse_floats(s: str) -> list[float]:
     return [float(x) for x in s.split(",") if x.strip()]
 
 
-def variants(args, recipe) -> dict[str, dict]:
-    """name -> repair options (or {"scale": a} for delta scaling); the Table 1/3 rows and the sweeps."""
-    v = {
-        "hcnr": {},
-        "random": {"selection": "random"},
-        "no-task": {"selection": "no-task"},
-        "no-comp": {"compensation": "none"},
-        "exact": {"compensation": "exact"},
-    }
+def variants(args) -> dict[str, F.Candidate]:
+    """name -> candidate (hcnr_deploy.frontier.Candidate: repair method and options); Table 1/3 rows and sweeps."""
+    def hcnr(name, family="hcnr", **params):
+        return name, F.Candidate(name, family, F.METHODS[family][0], params)
+
+    v = dict([hcnr("hcnr"), hcnr("random", "random"), hcnr("no-task", selection="no-task"),
+              hcnr("no-comp", compensation="none"), hcnr("exact", compensation="exact")])
     for r in parse_floats(args.rcw_sweep):
-        v[f"hcnr-rcw{r:g}"] = {"r_cw": r}
-        v[f"random-rcw{r:g}"] = {"r_cw": r, "selection": "random"}
+        v.update([hcnr(f"hcnr-rcw{r:g}", r_cw=r), hcnr(f"random-rcw{r:g}", "random", r_cw=r)])
     for mu in parse_floats(args.mu_sweep):
-        v[f"taskaware-mu{mu:g}"] = {"compensation": "task-aware", "task_weight": mu}
+        v.update([hcnr(f"taskaware-mu{mu:g}", compensation="task-aware", task_weight=mu)])
     for a in parse_floats(args.scale_sweep):
-        v[f"scale-a{a:g}"] = {"scale": a}
+        v[f"scale-a{a:g}"] = F.Candidate(f"scale-a{a:g}", "scale", "scale", {"alpha": a})
     return v
 
 
-class ReusedFisher:
-    """Within one seed, every repair variant of the same (base, ft, calibration data) computes the same Fisher
-    scores (Eq. 4 is deterministic: same weights, same batches, same options). This wraps
-    ``hcnr_deploy.repair._fisher`` so each distinct computation runs once; the key hashes the model's current
-    weights, the encoded samples and the options the scores depend on, so a variant never gets another's
-    scores. HCNR is the first variant, so it computes its own: Table 2's wall time is a whole repair."""
-
-    def __init__(self):
-        self.scores: dict[str, dict] = {}
-        self.hits = 0
-
-    @staticmethod
-    def key(model, encoded, o, label) -> str:
-        import hashlib
-
-        import torch
-
-        h = hashlib.sha256(json.dumps([label, o["granularity"], o["batch_size"], o["max_length"], encoded]).encode())
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                h.update(name.encode())
-                h.update(p.detach().float().cpu().numpy().tobytes())
-        return h.hexdigest()
-
-    def __enter__(self):
-        import inspect
-
-        from hcnr_deploy import repair
-
-        self._orig = repair._fisher
-        sig = inspect.signature(self._orig)
-
-        def cached(*a, **kw):
-            b = sig.bind(*a, **kw)
-            k = self.key(b.arguments["model"], b.arguments["encoded"], b.arguments["o"], b.arguments["label"])
-            if k not in self.scores:
-                self.scores[k] = self._orig(*a, **kw)
-            else:
-                self.hits += 1
-            return {n: t.clone() for n, t in self.scores[k].items()}
-
-        repair._fisher = cached
-        return self
-
-    def __exit__(self, *exc):
-        from hcnr_deploy import repair
-
-        repair._fisher = self._orig
-        return False
-
-
 def build_models(args, recipe, steps, console, sweeps=True):
+    """The scenario's base and fine-tune, then every repair variant from one repair session (hcnr_deploy.sweep:
+    statistics computed once per seed; finished variants are reused from the cache)."""
     scen = P.build_data(steps, recipe)
     base = P.build_base(steps, recipe, scen, console)
     ft = P.build_ft(steps, recipe, base, scen, console)
-    adapters, meta = {"ft": ft}, {}
-    chosen = variants(args, recipe)
+    chosen = variants(args)
     if not sweeps:
         keep = TABLE_VARIANTS if args.other_seed_variants is None else args.other_seed_variants.split(",")
         chosen = {n: v for n, v in chosen.items() if n in keep}
-    with ReusedFisher() if args.reuse_fisher else contextlib.nullcontext() as reuse:
-        for name, opts in chosen.items():
-            hits = reuse.hits if reuse else 0
-            build_variant(steps, recipe, base, ft, scen, console, name, opts, adapters, meta)
-            if reuse and reuse.hits > hits:
-                meta[name]["fisher_reused"] = True  # its `seconds` exclude the Fisher passes
+    opts = P.repair_options(recipe)
+    opts = {"num_samples": opts["num_samples"], "seed": opts["seed"]}
+    hon, task = scen / "honesty_calib.jsonl", scen / "task_calib.jsonl"
+    folder = steps.root / ("variants-" + P._key({"base": base.name, "ft": ft.name, "repair": opts,
+                                                 "data": P.files_key(scen, hon.name, task.name)}))
+    t0 = time.perf_counter()
+    built = build_candidates(list(chosen.values()), folder, base, ft, hon, task, opts, console=console,
+                             progress=True)
+    stats_file = folder / "statistics.json"
+    if built["statistics"] and not stats_file.exists():  # the statistics' wall time, for Table 2's whole repair
+        stats_file.write_text(json.dumps(built["statistics"]))
+    stats = json.loads(stats_file.read_text()) if stats_file.exists() else {}
+    adapters, meta = {"ft": ft, **built["artifacts"]}, {}
+    for name in chosen:
+        rep = built["reports"][name]
+        meta[name] = {"edited_fraction": rep.get("edited_fraction"), "seconds": (rep.get("timings_s") or {}).get(
+            "total"), "timings_s": rep.get("timings_s"), "options": chosen[name].repair_kwargs,
+            "built_this_run": name in built["built"]}
+    if "hcnr" in meta and meta["hcnr"]["seconds"] is not None:  # a whole repair: its statistics + its own stages
+        meta["hcnr"]["seconds"] = round(meta["hcnr"]["seconds"] + sum(stats.values()), 3)
+        meta["hcnr"]["statistics_s"] = stats
+    meta["_variants_wall_s_this_run"] = round(time.perf_counter() - t0, 2)
     if not args.no_rait:
         adapters["rait"] = P.build_rait(steps, recipe, base, ft, scen, console)
         info = json.loads((adapters["rait"] / "step.json").read_text())
@@ -142,29 +106,14 @@ def build_models(args, recipe, steps, console, sweeps=True):
     return scen, base, ft, adapters, meta
 
 
-def build_variant(steps, recipe, base, ft, scen, console, name, opts, adapters, meta):
-    t0 = time.perf_counter()
-    if "scale" in opts:
-        adapters[name] = P.build_ft(steps, recipe, base, scen, ft_dir=ft, scale_b=opts["scale"])
-    else:
-        adapters[name] = P.build_repaired(steps, recipe, base, ft, scen, console, **opts)
-        info = json.loads((adapters[name] / "step.json").read_text())
-        meta[name] = {"edited_fraction": info.get("edited_fraction"), "seconds": info["seconds"],
-                      "timings_s": info.get("timings_s"), "options": P.repair_options(recipe, **opts)}
-    meta.setdefault(name, {})["wall_s_this_run"] = round(time.perf_counter() - t0, 2)
-
-
 def evaluate_seed(args, recipe, scen, base, adapters, out_dir: Path, console):
-    """One server, every adapter; the harness scores all of them (and ft with ICL)."""
+    """One server, every adapter; the harness scores all of them (and ft with ICL, merged as model "icl").
+
+    The harness's response cache is keyed by the served weights' identity, so a rerun (or another seed with the
+    same models) on any port asks only what it has not seen."""
     from eval_harness import evaluate
     from hcnr_deploy.serve import port_in_use, serve_models
 
-    # Each model is served under its cache folder's name (a hash of what built it), on a fixed port: the
-    # harness's response cache (keyed by endpoint, model name and prompt) then answers again only what it
-    # has seen from the same weights, across seeds and reruns. Identical folders are served once.
-    base_name = Path(base).name
-    served = {Path(p).name: p for p in adapters.values()}
-    name_of = {"base": base_name, **{n: Path(p).name for n, p in adapters.items()}}
     if args.data_dir:
         from eval_harness.benchmarks import benchmark_files
         from hcnr_deploy.errors import UserError
@@ -186,76 +135,38 @@ def evaluate_seed(args, recipe, scen, base, adapters, out_dir: Path, console):
     log_dir.mkdir(parents=True, exist_ok=True)
     if port_in_use("127.0.0.1", args.port):
         raise SystemExit(f"port {args.port} is in use; pass --port with a free one")
-    with serve_models(base, served, served_name=base_name, port=args.port, max_model_len=768, dtype="float32",
-                      log_dir=log_dir, timeout=1200) as servers:
+    with serve_models(base, adapters, port=args.port, max_model_len=768, dtype="float32", log_dir=log_dir,
+                      timeout=1200) as servers:
         url = servers[0].base_url
-        res = evaluate(url, models=[base_name, *served], **kwargs)
-        icl = evaluate(url, models=[name_of["ft"]], icl=4, **kwargs)
+        res = evaluate(url, models=["base", *adapters], **kwargs)
+        icl = evaluate(url, models=["ft"], icl=4, **kwargs)
     (out_dir / "results_icl.json").write_text(json.dumps({k: v for k, v in icl.items() if k != "samples"},
                                                          indent=2, default=str))
-    results = {n: res["results"][h] for n, h in name_of.items()}
-    samples = {n: res["samples"][h] for n, h in name_of.items()}
-    results["icl"], samples["icl"] = icl["results"][name_of["ft"]], icl["samples"][name_of["ft"]]  # one more "model"
-    res["results"], res["samples"], res["served_names"] = results, samples, name_of
+    res["results"]["icl"], res["samples"]["icl"] = icl["results"]["ft"], icl["samples"]["ft"]  # one more "model"
     return res, benchmarks
 
 
 # ---------------------------------------------------------------------------------------------- statistics
 
 
-def f1_of(refused: np.ndarray, unans: np.ndarray) -> np.ndarray:
-    tp = (refused & unans).sum(-1)
-    fp = (refused & ~unans).sum(-1)
-    return 2 * tp / np.maximum(tp + fp + unans.sum(-1), 1)
+def seed_figures(res, benchmarks, seed) -> dict:
+    """hcnr_deploy.frontier.candidate_figures for every model of the seed (F1, RF Delta, domain accuracy, recovery
+    ratio and domain change against ft, with paired bootstrap intervals; metrics from eval_harness.metrics)."""
+    names = list(res["results"])
+    return F.candidate_figures(res, names, benchmarks, "domain", n_boot=1000, seed=seed)
 
 
-def sample_arrays(res, model, task):
-    s = res["samples"][model][task]
-    refused = np.array([x["verdict"]["refused"] if "verdict" in x else False for x in s], dtype=bool)
-    unans = np.array([bool(x.get("unanswerable")) for x in s], dtype=bool)
-    correct = np.array([bool(x["correct"]) if x.get("correct") is not None else False for x in s], dtype=bool)
-    return refused, unans, correct
+def recovery_of(figures, model="hcnr") -> dict:
+    f = figures[model]
+    return {k: f[k] for k in ("recovery_ratio", "recovery_ratio_ci95", "domain_change", "domain_change_ci95")}
 
 
-def recovery_bootstrap(res, benchmarks, model="hcnr", n_boot=1000, seed=0) -> dict:
-    """(F1 model - F1 ft) / (F1 base - F1 ft) on the mean F1 over benchmarks, and the domain accuracy change,
-    with 95% percentile intervals from a bootstrap over questions (stratified by class, paired across models)."""
-    rng = np.random.default_rng(seed)
-    ratios, dchanges = [], []
-    per_b = {b: {m: sample_arrays(res, m, b) for m in ("base", "ft", model)} for b in benchmarks}
-    dom = {m: sample_arrays(res, m, "domain")[2] for m in ("ft", model)}
-
-    def point(idx_b, idx_d):
-        f = {m: np.mean([f1_of(per_b[b][m][0][idx_b[b]], per_b[b][m][1][idx_b[b]]) for b in benchmarks])
-             for m in ("base", "ft", model)}
-        gap = f["base"] - f["ft"]
-        ratio = (f[model] - f["ft"]) / gap if abs(gap) > 1e-9 else np.nan
-        return ratio, dom[model][idx_d].mean() - dom["ft"][idx_d].mean()
-
-    ident = {b: np.arange(len(per_b[b]["ft"][1])) for b in benchmarks}
-    r0, d0 = point(ident, np.arange(len(dom["ft"])))
-    for _ in range(n_boot):
-        idx = {}
-        for b in benchmarks:
-            u = per_b[b]["ft"][1]
-            pos, neg = np.flatnonzero(u), np.flatnonzero(~u)
-            idx[b] = np.concatenate([rng.choice(pos, len(pos)), rng.choice(neg, len(neg))])
-        r, d = point(idx, rng.integers(0, len(dom["ft"]), len(dom["ft"])))
-        ratios.append(r)
-        dchanges.append(d)
-    ci = lambda x: [float(np.nanpercentile(x, 2.5)), float(np.nanpercentile(x, 97.5))]  # noqa: E731
-    return {"recovery_ratio": float(r0), "recovery_ratio_ci95": ci(ratios), "domain_change": float(d0),
-            "domain_change_ci95": ci(dchanges)}
-
-
-def model_rows(res, benchmarks) -> dict:
+def model_rows(figures, benchmarks) -> dict:
     rows = {}
-    for m, per in res["results"].items():
-        row = {b: {k: per[b][k] for k in ("f1", "rf_delta", "refusal_unanswerable", "refusal_answerable")}
-               for b in benchmarks if b in per}
-        row["mean_f1"] = float(np.mean([row[b]["f1"] for b in benchmarks]))
-        row["mean_rf_delta"] = float(np.mean([row[b]["rf_delta"] for b in benchmarks]))
-        row["domain_accuracy"] = per["domain"]["accuracy"]
+    for m, f in figures.items():
+        row = {b: {k: f["per_benchmark"][b][k] for k in ("f1", "rf_delta", "refusal_unanswerable",
+                                                         "refusal_answerable")} for b in benchmarks}
+        row["mean_f1"], row["mean_rf_delta"], row["domain_accuracy"] = f["f1"], f["rf_delta"], f["domain_accuracy"]
         rows[m] = row
     return rows
 
@@ -276,17 +187,6 @@ def average_rows(per_seed: list[dict]) -> dict:
         for b in have[0]:
             if isinstance(have[0][b], dict) and "f1" in have[0][b]:
                 out[m][b] = {k: agg(lambda r, b=b, k=k: r[b][k]) for k in ("f1", "rf_delta")}
-    return out
-
-
-def curve_gap(points: list[tuple[float, float]], curve: list[tuple[float, float]]) -> list[float | None]:
-    """For each (f1, acc) point: acc minus the curve's accuracy at the same F1 (linear interpolation;
-    None outside the curve's F1 range). Positive: the point lies above the curve."""
-    c = sorted(curve)
-    xs, ys = [p[0] for p in c], [p[1] for p in c]
-    out = []
-    for f1, acc in points:
-        out.append(None if not xs[0] <= f1 <= xs[-1] else float(acc - np.interp(f1, xs, ys)))
     return out
 
 
@@ -457,8 +357,8 @@ def finalize(args, out, seeds_done, per_seed_rows, recov, meta, seeds_out, bench
     for n in names:
         if n.startswith(("hcnr", "taskaware", "exact", "no-comp", "no-task", "rait", "random")):
             pt = [(plane[n]["mean_f1"]["mean"], plane[n]["domain_accuracy"]["mean"])]
-            gaps[n] = {"vs_scaling": curve_gap(pt, scaling)[0] if scaling else None,
-                       "vs_random": curve_gap(pt, random_c)[0] if len(random_c) > 1 else None}
+            gaps[n] = {"vs_scaling": F.curve_gap(pt, scaling)[0] if scaling else None,
+                       "vs_random": F.curve_gap(pt, random_c)[0] if len(random_c) > 1 else None}
     plane_label = ",".join(map(str, plane_seeds))
     plot(plane, names, out / "tradeoff.png",
          f"{args.model}: domain accuracy vs honesty F1, seeds {plane_label} (benchmarks: {', '.join(benchmarks)})")
@@ -501,9 +401,6 @@ def main(argv=None):
     ap.add_argument("--other-seed-variants", default=None,
                     help=f"comma-separated repair variants that the seeds outside --sweep-seeds run (default: "
                          f"{','.join(TABLE_VARIANTS)}); hcnr is needed for the recovery ratio")
-    ap.add_argument("--no-reuse-fisher", dest="reuse_fisher", action="store_false",
-                    help="recompute the Fisher scores in every repair variant (default: computed once per seed "
-                         "and model state, see ReusedFisher)")
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--port", type=int, default=8765,
                     help="the vLLM server's port (fixed, so the response cache carries over between runs)")
@@ -532,9 +429,10 @@ def main(argv=None):
         shutil.rmtree(seed_dir, ignore_errors=True)
         seed_dir.mkdir(parents=True)
         res, benchmarks = evaluate_seed(args, recipe, scen, base, adapters, seed_dir, console)
-        rows = model_rows(res, benchmarks)
+        figures = seed_figures(res, benchmarks, seed)
+        rows = model_rows(figures, benchmarks)
         per_seed_rows.append(rows)
-        recov[seed] = recovery_bootstrap(res, benchmarks, "hcnr", seed=seed)
+        recov[seed] = recovery_of(figures, "hcnr")
         seeds_out["n_per_class"] = {b: [res["tasks"][b]["n_unanswerable"], res["tasks"][b]["n_answerable"]]
                                     for b in benchmarks}
         seeds_out["n_domain"] = res["tasks"]["domain"]["n"]

@@ -206,6 +206,14 @@ def choose(cands: list[dict], max_domain_drop: float) -> tuple[str, str]:
                           f"{max_domain_drop:g} = {floor:.3f}")
 
 
+def curve_gap(points: list[tuple[float, float]], curve: list[tuple[float, float]]) -> list[float | None]:
+    """For each (f1, acc) point: acc minus the curve's accuracy at the same F1 (linear interpolation; None outside
+    the curve's F1 range). Positive: the point lies above the curve (e.g. HCNR against delta scaling)."""
+    c = sorted(curve)
+    xs, ys = [p[0] for p in c], [p[1] for p in c]
+    return [None if not xs[0] <= f1 <= xs[-1] else float(acc - np.interp(f1, xs, ys)) for f1, acc in points]
+
+
 # ---------------------------------------------------------------------------------------------- table, figure
 
 

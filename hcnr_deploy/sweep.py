@@ -313,32 +313,15 @@ def run_sweep(base, finetuned, honesty_data, task_data, eval_honesty, eval_domai
 
     # 1. statistics + candidates
     t0 = time.perf_counter()
-    artifacts = {"base": base_dir, "ft": ft_dir}
-    reports: dict[str, dict] = {}
-    built, reused = [], []
-    todo = [c for c in cands if c.family in F.METHODS]
-    session = None
-    with contextlib.ExitStack() as stack:
-        bar = stack.enter_context(_progress(console, progress))
-        task = bar.add_task("candidates", total=len(todo))
-        for c in todo:
-            path = out / "candidates" / c.name
-            if not (path / "report.json").is_file():
-                if session is None:
-                    bar.update(task, description="statistics (once)")
-                    session = stack.enter_context(open_session(base_dir, ft_dir, honesty_data, task_data, ro,
-                                                               console=console, progress=False))
-                bar.update(task, description=f"candidate {c.name}")
-                _write_candidate(session, c, path)
-                built.append(c.name)
-            else:
-                reused.append(c.name)
-            reports[c.name] = json.loads((path / "report.json").read_text())
-            artifacts[c.name] = path
-            bar.advance(task)
-        bar.update(task, description="candidates")
-        stats_timings = dict(session.timings) if session is not None else {}
+    built = build_candidates([c for c in cands if c.family in F.METHODS], out / "candidates", base_dir, ft_dir,
+                             honesty_data, task_data, ro, console=console, progress=progress,
+                             skip_unavailable=grid is None)
+    artifacts = {"base": base_dir, "ft": ft_dir, **built["artifacts"]}
+    reports, reused, stats_timings = built["reports"], built["reused"], built["statistics"]
+    notes += built["notes"]
+    built = built["built"]
     timings["candidates"] = round(time.perf_counter() - t0, 3)
+    cands = [c for c in cands if c.name in artifacts]
     if reused:
         console.print(f"[dim]reused {len(reused)} finished candidate(s): {', '.join(reused)}[/dim]")
 
@@ -353,6 +336,7 @@ def run_sweep(base, finetuned, honesty_data, task_data, eval_honesty, eval_domai
         serve_dtype=serve_dtype, max_model_len=max_model_len, startup_timeout=startup_timeout, log_dir=out / "logs",
         console=console)
     timings["serve"], timings["eval"] = serve_s, eval_s
+    _write_json(out / "eval-results.json", {k: v for k, v in results.items() if k != "samples"})
 
     # 4. frontier
     t0 = time.perf_counter()
@@ -399,6 +383,54 @@ def run_sweep(base, finetuned, honesty_data, task_data, eval_honesty, eval_domai
     frontier["timings_s"] = timings
     _write_json(out / "frontier.json", frontier)  # last: its presence marks DIR finished
     return frontier
+
+
+def build_candidates(cands: list[F.Candidate], folder: Path, base, finetuned, honesty_data, task_data,
+                     repair_options: dict, *, console=None, progress: bool = False,
+                     skip_unavailable: bool = False) -> dict:
+    """Write every candidate's artifact to folder/NAME from one repair session (statistics computed once, and
+    only when some candidate is missing); a finished folder (it exists: writes are atomic) is reused as it is.
+
+    Returns {"artifacts": {name: path}, "reports": {name: report.json}, "built", "reused", "notes",
+    "statistics": the session's seconds per statistics stage}. With `skip_unavailable`, a candidate whose method
+    this build lacks is left out with a note instead of failing."""
+    from rich.console import Console
+
+    console = console or Console(stderr=True, quiet=True)
+    folder = Path(folder)
+    for stale in folder.glob(".*.tmp-*"):  # left by a killed run: never finished
+        shutil.rmtree(stale, ignore_errors=True)
+    out = {"artifacts": {}, "reports": {}, "built": [], "reused": [], "notes": [], "statistics": {}}
+    session = None
+    with contextlib.ExitStack() as stack:
+        bar = stack.enter_context(_progress(console, progress))
+        task = bar.add_task("candidates", total=len(cands))
+        for c in cands:
+            path = folder / c.name
+            if not (path / "report.json").is_file():
+                if session is None:
+                    bar.update(task, description="statistics (once)")
+                    session = stack.enter_context(open_session(base, finetuned, honesty_data, task_data,
+                                                               repair_options, console=console, progress=False))
+                bar.update(task, description=f"candidate {c.name}")
+                try:
+                    _write_candidate(session, c, path)
+                except UserError as e:
+                    if not skip_unavailable or "not available" not in e.format_message():
+                        raise
+                    out["notes"].append(f"{c.name} left out of the default grid: {e.format_message()}")
+                    console.print(f"[yellow]note[/]: {out['notes'][-1]}")
+                    bar.advance(task)
+                    continue
+                out["built"].append(c.name)
+            else:
+                out["reused"].append(c.name)
+            out["reports"][c.name] = json.loads((path / "report.json").read_text())
+            out["artifacts"][c.name] = path
+            bar.advance(task)
+        bar.update(task, description="candidates")
+        out["statistics"] = dict(session.timings) if session is not None else {}
+    return out
 
 
 def _progress(console, enabled: bool):

@@ -1,14 +1,18 @@
-"""benchmarks/reproduce.py's own logic: Fisher reuse across repair variants, averaging, curve gaps, F1."""
+"""benchmarks/reproduce.py's own logic on top of the sweep module: variants from one repair session (same bytes as
+separate repairs), figures from eval_harness.metrics, averaging over seeds, curve gaps."""
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 
 import numpy as np
 import pytest
 
-from hcnr_deploy import repair as repair_module
+from eval_harness import metrics as M
+from hcnr_deploy import frontier as F
 from hcnr_deploy.repair import run_repair
+from hcnr_deploy.sweep import build_candidates
 from hcnr_deploy.tiny import build_tiny_model, random_lora
 from test_repair_pipeline import tensors_of, write_calibration
 
@@ -32,48 +36,56 @@ def pair(tmp_path_factory):
     return base, lora, hon, task
 
 
-def test_reused_fisher_gives_the_bytes_of_a_full_repair(reproduce, pair, tmp_path):
+def test_variants_are_the_paper_rows_and_sweeps(reproduce):
+    args = argparse.Namespace(rcw_sweep="0.1,0.4", mu_sweep="1", scale_sweep="0.5")
+    v = reproduce.variants(args)
+    assert list(v)[:5] == list(reproduce.TABLE_VARIANTS)
+    assert v["no-task"].repair_kwargs == {"selection": "no-task"} and v["no-comp"].repair_kwargs == {
+        "compensation": "none"}
+    assert v["random-rcw0.1"].repair_kwargs == {"selection": "random", "r_cw": 0.1}
+    assert v["taskaware-mu1"].repair_kwargs == {"compensation": "task-aware", "task_weight": 1.0}
+    assert v["scale-a0.5"].method == "scale" and v["scale-a0.5"].repair_kwargs == {"alpha": 0.5}
+
+
+def test_variants_from_one_session_give_the_bytes_of_separate_repairs(reproduce, pair, tmp_path):
     base, lora, hon, task = pair
-    variants = [{}, {"r_cw": 0.2}, {"compensation": "exact"}, {"selection": "no-task"}]
-    kw = dict(num_samples=8, max_length=48)
-    for i, v in enumerate(variants):
-        run_repair(base, lora, hon, task, tmp_path / f"plain{i}", **kw, **v)
-    calls = []
-    original = repair_module._fisher
-    with reproduce.ReusedFisher() as reuse:
-        assert repair_module._fisher is not original
-        spy = repair_module._fisher
-
-        def counting(*a, **k):
-            calls.append(a[-1] if a else k.get("label"))
-            return spy(*a, **k)
-
-        repair_module._fisher = counting
-        try:
-            for i, v in enumerate(variants):
-                run_repair(base, lora, hon, task, tmp_path / f"reused{i}", **kw, **v)
-        finally:
-            repair_module._fisher = spy
-    assert repair_module._fisher is original
-    # 4 variants ask for 7 Fisher passes; 2 distinct ones (honesty on base, task on the fine-tune) run
-    assert len(calls) == 7 and len(reuse.scores) == 2 and reuse.hits == 5
-    for i in range(len(variants)):
-        a, b = tensors_of(tmp_path / f"plain{i}"), tensors_of(tmp_path / f"reused{i}")
-        assert a.keys() == b.keys()
-        assert all(a[k].equal(b[k]) for k in a)
+    args = argparse.Namespace(rcw_sweep="0.2", mu_sweep="", scale_sweep="")
+    v = reproduce.variants(args)
+    chosen = [v[n] for n in ("hcnr", "hcnr-rcw0.2", "exact", "no-task", "random")]
+    opts = dict(num_samples=8, max_length=48)
+    built = build_candidates(chosen, tmp_path / "session", base, lora, hon, task, opts)
+    assert built["built"] == [c.name for c in chosen] and built["statistics"]
+    for c in chosen:
+        run_repair(base, lora, hon, task, tmp_path / f"plain-{c.name}", **opts, **c.repair_kwargs)
+        a, b = tensors_of(tmp_path / f"plain-{c.name}"), tensors_of(built["artifacts"][c.name])
+        assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a), c.name
+    again = build_candidates(chosen, tmp_path / "session", base, lora, hon, task, opts)
+    assert again["built"] == [] and again["reused"] == [c.name for c in chosen] and again["statistics"] == {}
 
 
-def test_reused_fisher_keys_on_the_weights(reproduce, pair):
-    import torch
+def _samples(refused, unans):
+    return [{"verdict": {"refused": bool(r)}, "unanswerable": bool(u)} for r, u in zip(refused, unans)]
 
-    lin = torch.nn.Linear(3, 2)
-    o = {"granularity": "column", "batch_size": 8, "max_length": 48}
-    k1 = reproduce.ReusedFisher.key(lin, [([1, 2], [0, 1])], o, "honesty, base")
-    with torch.no_grad():
-        lin.weight[0, 0] += 1e-6
-    assert reproduce.ReusedFisher.key(lin, [([1, 2], [0, 1])], o, "honesty, base") != k1
-    assert reproduce.ReusedFisher.key(lin, [([1, 2], [0, 1])], o, "task, finetuned") != \
-        reproduce.ReusedFisher.key(lin, [([1, 2], [0, 1])], o, "honesty, base")
+
+def test_seed_figures_and_rows_come_from_the_metrics_module(reproduce):
+    rng = np.random.default_rng(1)
+    unans = rng.random(50) < 0.5
+    names = ["base", "ft", "hcnr", "icl"]
+    refused = {n: rng.random(50) < p for n, p in zip(names, (0.9, 0.1, 0.3, 0.4))}
+    correct = {n: rng.random(20) < p for n, p in zip(names, (0.1, 0.6, 0.5, 0.6))}
+    res = {"results": {n: {} for n in names},
+           "samples": {n: {"kuq": _samples(refused[n], unans), "domain": [{"correct": bool(c)} for c in correct[n]]}
+                       for n in names}}
+    figures = reproduce.seed_figures(res, ["kuq"], seed=0)
+    rows = reproduce.model_rows(figures, ["kuq"])
+    for n in names:
+        assert rows[n]["mean_f1"] == pytest.approx(M.f1_score(refused[n], unans), abs=1e-6)
+        assert rows[n]["kuq"]["rf_delta"] == pytest.approx(M.rf_delta(refused[n], unans), abs=1e-6)
+        assert rows[n]["domain_accuracy"] == pytest.approx(correct[n].mean(), abs=1e-6)
+    rec = reproduce.recovery_of(figures)
+    f = {n: M.f1_score(refused[n], unans) for n in names}
+    assert rec["recovery_ratio"] == pytest.approx((f["hcnr"] - f["ft"]) / (f["base"] - f["ft"]), abs=1e-5)
+    assert rec["recovery_ratio_ci95"][0] <= rec["recovery_ratio"] <= rec["recovery_ratio_ci95"][1]
 
 
 def test_average_rows_over_the_seeds_that_scored_each_model(reproduce):
@@ -88,11 +100,7 @@ def test_average_rows_over_the_seeds_that_scored_each_model(reproduce):
     assert avg["ft"]["kuq"]["rf_delta"]["mean"] == pytest.approx(0.15)
 
 
-def test_curve_gap_and_f1(reproduce):
+def test_curve_gap():
     curve = [(0.0, 1.0), (1.0, 0.0)]
-    assert reproduce.curve_gap([(0.5, 0.7), (0.25, 0.5), (1.5, 0.0)], curve) == [pytest.approx(0.2),
-                                                                                 pytest.approx(-0.25), None]
-    refused = np.array([1, 1, 0, 1, 0], bool)
-    unans = np.array([1, 1, 1, 0, 0], bool)
-    # tp 2, fp 1, 3 unanswerable: precision 2/3, recall 2/3, F1 2/3
-    assert reproduce.f1_of(refused, unans) == pytest.approx(2 / 3)
+    assert F.curve_gap([(0.5, 0.7), (0.25, 0.5), (1.5, 0.0)], curve) == [pytest.approx(0.2), pytest.approx(-0.25),
+                                                                         None]
