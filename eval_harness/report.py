@@ -228,7 +228,8 @@ def results_table(results: dict, layout: str = "wide"):
         table.add_row(t, "" if t == "average" else _n(results, t),
                       *(c for m in models for c in _cells(results, m, t, False)), end_section=t == rows[-1])
     for t in domain:
-        table.add_row(f"{t} (domain accuracy)", _n(results, t), *(c for m in models for c in _cells(results, m, t, True)))
+        table.add_row(f"{t} (domain accuracy)", _n(results, t),
+                      *(c for m in models for c in _cells(results, m, t, True)))
     return table
 
 

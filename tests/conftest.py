@@ -77,5 +77,8 @@ def vllm_server(tiny_base, tiny_lora, tmp_path_factory):
 
     plans = plan_servers(tiny_base, {"ft": tiny_lora}, port=free_port(), dtype="float32", max_model_len=512,
                          extra_args=["--seed", "0", "--enforce-eager"])
+    # tests may load and unload adapters at runtime (POST /v1/load_lora_adapter, /v1/unload_lora_adapter), e.g. to
+    # change the weights behind a served name; each unloads what it loaded, so every other test sees base + ft
+    plans[0].env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
     with serving(plans, tmp_path_factory.mktemp("vllm"), timeout=600) as (server,):
         yield server

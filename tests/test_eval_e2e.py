@@ -232,3 +232,90 @@ def test_bad_input_gives_one_line_errors(vllm_server, eval_data, tmp_path):
                             "--data-dir", str(data), *common]), "repaired not served by", "it serves: base, ft")
     one_line_error(run_cli(["--endpoint", url, "--benchmarks", "falseqa", "--data-dir", str(data), "--out",
                             str(tmp_path / "no" / "r.json"), *common]), "does not exist")
+
+
+def lora_admin(server, action: str, name: str, path=None):
+    """POST /v1/load_lora_adapter or /v1/unload_lora_adapter (the fixture allows runtime LoRA updating)."""
+    body = {"lora_name": name, **({"lora_path": str(path)} if path else {})}
+    req = urllib.request.Request(f"http://127.0.0.1:{server.port}/v1/{action}_lora_adapter",
+                                 data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        assert r.status == 200, r.read()
+
+
+def model_cards(server) -> dict:
+    with urllib.request.urlopen(f"{server.base_url}/models", timeout=10) as r:
+        return {m["id"]: m for m in json.load(r)["data"]}
+
+
+def test_cache_answers_only_for_the_weights_served(vllm_server, tiny_base, eval_data, tmp_path):
+    """Issue 12 item 1: serve an adapter as `repaired`, eval with a cache, put other weights behind the same name
+    (same path), eval again: every answer is asked again. Then the name is no longer served: an error, although
+    every answer is cached."""
+    import shutil
+
+    from hcnr_deploy.tiny import random_lora
+
+    data, _ = eval_data
+    adapter = tmp_path / "repaired"
+    random_lora(tiny_base, adapter, rank=8, seed=11, scale=0.2)
+    args = ["--endpoint", vllm_server.base_url, "--models", "repaired", "--benchmarks", "falseqa,nec",
+            "--data-dir", str(data), "--cache", str(tmp_path / "c.sqlite"), *FAST]
+    n = 4
+    lora_admin(vllm_server, "load", "repaired", adapter)
+    loaded = True
+    try:
+        card = model_cards(vllm_server)["repaired"]
+        assert (card["root"], card["parent"]) == (str(adapter), "base")  # what the identity is built from
+        for expect_sent in (n, 0):  # first run, then the identical rerun from the cache
+            before = settled_count(vllm_server)
+            r = run_cli(args)
+            assert r.exit_code == 0, r.output
+            assert settled_count(vllm_server) - before == expect_sent
+            assert f"{expect_sent} sent, {n - expect_sent} from cache" in r.output
+
+        # other weights written to the same path, served under the same name
+        lora_admin(vllm_server, "unload", "repaired")
+        loaded = False
+        shutil.rmtree(adapter)
+        random_lora(tiny_base, adapter, rank=8, seed=12, scale=0.2)
+        lora_admin(vllm_server, "load", "repaired", adapter)
+        loaded = True
+        before = settled_count(vllm_server)
+        r = run_cli(args)
+        assert r.exit_code == 0, r.output
+        assert settled_count(vllm_server) - before == n and f"{n} sent, 0 from cache" in r.output
+
+        # no longer served: a one-line error, although all its answers are cached
+        lora_admin(vllm_server, "unload", "repaired")
+        loaded = False
+        before = settled_count(vllm_server)
+        one_line_error(run_cli(args), "repaired not served by", "it serves: base, ft")
+        assert settled_count(vllm_server) - before == 0
+    finally:
+        if loaded:
+            lora_admin(vllm_server, "unload", "repaired")
+    assert set(model_cards(vllm_server)) == {"base", "ft"}
+
+
+def test_completions_api_on_the_real_server(vllm_server, eval_data, tmp_path):
+    data, domain = eval_data
+    out = tmp_path / "r.json"
+    args = ["--endpoint", vllm_server.base_url, "--models", "base,ft", "--benchmarks", "falseqa", "--data-dir",
+            str(data), "--domain", str(domain), "--cache", str(tmp_path / "c.sqlite"), "--log-samples", *FAST]
+    n = 2 * (2 + 4)
+    before = settled_count(vllm_server)
+    r = run_cli([*args, "--api", "completions", "--icl", "1", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert settled_count(vllm_server) - before == n and f"{n} sent, 0 from cache" in r.output
+    res = json.loads(out.read_text())
+    assert res["config"]["api"] == "completions"
+    s = res["samples"]["base"]["falseqa"][0]
+    assert s["prompt"].startswith("Q: ") and s["prompt"].endswith(f"\nQ: {s['question']}\nA:")
+    assert "\nQ:" not in s["response"] and isinstance(s["response"], str)
+    assert all("verdict" in x for x in res["samples"]["ft"]["falseqa"])
+    # the same questions through chat completions are other requests (the API is part of the cache key)
+    before = settled_count(vllm_server)
+    r = run_cli([*args, "--icl", "1"])
+    assert r.exit_code == 0, r.output
+    assert settled_count(vllm_server) - before == n
