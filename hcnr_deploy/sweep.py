@@ -266,8 +266,12 @@ def run_sweep(base, finetuned, honesty_data, task_data, eval_honesty, eval_domai
               endpoint: str | None = None, port: int = 8000, vllm_args=(), serve_dtype: str = "auto",
               max_model_len: int | None = None, startup_timeout: float = 900, max_tokens: int = 64,
               concurrency: int = 16, n_boot: int = 1000, overwrite: bool = False, repair_options: dict | None = None,
-              console=None, progress: bool = True, command: str | None = None) -> dict:
-    """The whole sweep; returns the frontier dict written to `out`/frontier.json. See the module docstring."""
+              console=None, progress: bool = True, command: str | None = None,
+              skip_unavailable: bool | None = None, trust_cache_names: bool = False) -> dict:
+    """The whole sweep; returns the frontier dict written to `out`/frontier.json. See the module docstring.
+
+    `skip_unavailable` (default: only for the default grid): leave out, with a note, candidates whose method this
+    build lacks instead of failing."""
     from rich.console import Console
 
     from hcnr_deploy.modelio import FineTune, Checkpoint, resolve_model_dir
@@ -284,11 +288,12 @@ def run_sweep(base, finetuned, honesty_data, task_data, eval_honesty, eval_domai
     methods = available_methods()
     notes = []
     missing = sorted({c.method for c in cands if c.family in F.METHODS and c.method not in methods})
-    if missing and grid is not None:
+    skip_unavailable = grid is None if skip_unavailable is None else skip_unavailable
+    if missing and not skip_unavailable:
         raise UserError(f"--grid: method(s) {', '.join(missing)} are not available in this build (it has "
                         f"{', '.join(methods)})")
     if missing:
-        notes.append(f"default grid without {', '.join(missing)}: not available in this build")
+        notes.append(f"grid without {', '.join(missing)}: not available in this build")
         cands = [c for c in cands if c.family not in F.METHODS or c.method in methods]
     out = Path(out).expanduser().resolve()
     base_dir = resolve_model_dir(base, "--base")
@@ -315,7 +320,7 @@ def run_sweep(base, finetuned, honesty_data, task_data, eval_honesty, eval_domai
     t0 = time.perf_counter()
     built = build_candidates([c for c in cands if c.family in F.METHODS], out / "candidates", base_dir, ft_dir,
                              honesty_data, task_data, ro, console=console, progress=progress,
-                             skip_unavailable=grid is None)
+                             skip_unavailable=skip_unavailable)
     artifacts = {"base": base_dir, "ft": ft_dir, **built["artifacts"]}
     reports, reused, stats_timings = built["reports"], built["reused"], built["statistics"]
     notes += built["notes"]
@@ -330,7 +335,8 @@ def run_sweep(base, finetuned, honesty_data, task_data, eval_honesty, eval_domai
     cache = out / "eval-cache.sqlite"
     eval_kwargs = dict(benchmarks=names, data_dir=data_dir, domain=[Path(eval_domain)], limit=limit, seed=seed,
                        max_tokens=max_tokens, concurrency=concurrency, n_boot=n_boot, cache=cache, console=console,
-                       progress=progress, log_samples=True)
+                       progress=progress, log_samples=True,
+                       **({"trust_cache_names": True} if trust_cache_names else {}))
     results, serve_s, eval_s, runs = _serve_and_score(
         served, artifacts, is_lora, eval_kwargs, endpoint=endpoint, port=port, vllm_args=list(vllm_args),
         serve_dtype=serve_dtype, max_model_len=max_model_len, startup_timeout=startup_timeout, log_dir=out / "logs",
@@ -585,8 +591,10 @@ def _fallback_repair_options(f):
               help="Score candidates already served there (under their candidate names, base and ft) instead of "
                    "starting vLLM here.")
 @click.option("--port", type=int, default=8000, show_default=True,
-              help="Port of the vLLM server(s) started here (keep it for a resumed sweep: the response cache is "
-                   "keyed by endpoint).")
+              help="Port of the vLLM server(s) started here (checkpoints: this one and the next).")
+@click.option("--trust-cache-names", is_flag=True,
+              help="With --endpoint on another machine (weights not readable here): let the response cache trust "
+                   "served names, so a rerun resends nothing (see `hcnr-deploy eval --help`).")
 @click.option("--max-tokens", type=click.IntRange(min=1), default=EVAL_DEFAULTS["max_tokens"], show_default=True,
               help="Tokens per evaluation answer (greedy).")
 @click.option("--concurrency", type=click.IntRange(min=1), default=EVAL_DEFAULTS["concurrency"], show_default=True,
@@ -600,8 +608,8 @@ def _fallback_repair_options(f):
 @click.argument("vllm_args", nargs=-1, type=click.UNPROCESSED, metavar="[-- VLLM_ARGS...]")
 @_repair_options()
 def sweep(base, finetuned, honesty_data, task_data, eval_honesty, eval_domain, out, grid, max_domain_drop,
-                   benchmarks, limit, endpoint, port, max_tokens, concurrency, n_boot, startup_timeout, overwrite,
-                   quiet, vllm_args, **repair_options):
+          benchmarks, limit, endpoint, port, trust_cache_names, max_tokens, concurrency, n_boot, startup_timeout,
+          overwrite, quiet, vllm_args, **repair_options):
     """Measure the honesty/domain frontier of repair methods on your model and ship the chosen point.
 
     \b
@@ -630,6 +638,7 @@ def sweep(base, finetuned, honesty_data, task_data, eval_honesty, eval_domain, o
                          max_domain_drop=max_domain_drop, benchmarks=benchmarks, limit=limit, endpoint=endpoint,
                          port=port, vllm_args=vllm_args, max_tokens=max_tokens, concurrency=concurrency,
                          n_boot=n_boot, startup_timeout=startup_timeout, overwrite=overwrite,
+                         trust_cache_names=trust_cache_names,
                          repair_options=repair_options, console=console, progress=not quiet,
                          command=shlex.join(["hcnr-deploy", "sweep", *sys.argv[2:]]))
     print_frontier(frontier, Console())
