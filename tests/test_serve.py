@@ -492,14 +492,14 @@ def test_gpu_plan_printed_and_overridable(tiny_base, tmp_path, monkeypatch):
     (2, ["0"], ["-tp", "2"], [(None, None)] * 2),          # fewer GPUs than one server needs: vLLM says so
 ])
 def test_plan_gpu_placement(n, devices, extra, expected):
-    from hcnr_deploy.serve import plan_gpu_placement
+    from hcnr_deploy.gpu_plan import plan_gpu_placement
 
     got = plan_gpu_placement([f"s{i}" for i in range(n)], devices, extra)
     assert [(p.devices, p.memory_utilization) for p in got] == expected
 
 
 def test_plan_gpu_placement_notes_and_errors():
-    from hcnr_deploy.serve import plan_gpu_placement
+    from hcnr_deploy.gpu_plan import plan_gpu_placement
 
     ok, _ = plan_gpu_placement(["a", "b"], ["0"], ["--gpu-memory-utilization=0.4"])
     assert ok.note == "a: GPU 0, --gpu-memory-utilization 0.4 (yours)"
@@ -509,7 +509,7 @@ def test_plan_gpu_placement_notes_and_errors():
 
 @pytest.mark.parametrize("env,expected", [("2,3", ["2", "3"]), ("-1", []), ("", []), (" 1 ", ["1"])])
 def test_visible_gpus_from_environment(monkeypatch, env, expected):
-    from hcnr_deploy.serve import visible_gpus
+    from hcnr_deploy.gpu_plan import visible_gpus
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", env)
     assert visible_gpus() == expected
