@@ -403,3 +403,43 @@ def test_resume_after_a_kill_rebuilds_nothing_finished_and_sends_only_missing_re
     # a finished sweep is not rerun without --overwrite
     again = CliRunner().invoke(main, args)
     assert again.exit_code == 2 and "finished sweep" in again.output
+
+
+def test_full_fine_tune_candidates_are_served_one_after_another(monkeypatch, tmp_path):
+    """The serving plan (our logic; the real serving is covered above): a LoRA sweep is one engine with every
+    candidate as an adapter, a full fine-tune one server per checkpoint, in order, results merged."""
+    import contextlib
+
+    import eval_harness
+    import hcnr_deploy.serve as serve_mod
+    from hcnr_deploy import sweep as S
+
+    calls = []
+
+    @contextlib.contextmanager
+    def fake_serve(base, adapters, checkpoints, **kw):
+        calls.append(("serve", base, dict(adapters), dict(checkpoints), kw["port"], kw["extra_args"]))
+        yield [type("R", (), {"base_url": f"http://127.0.0.1:{kw['port']}/v1"})]
+        calls.append(("stop",))
+
+    def fake_eval(url, models, **kw):
+        calls.append(("eval", url, list(models)))
+        return {"results": {m: {"m": m} for m in models}, "samples": {m: {} for m in models}, "_run": {"sent": 1}}
+
+    monkeypatch.setattr(serve_mod, "serve_models", fake_serve)
+    monkeypatch.setattr(eval_harness, "evaluate", fake_eval)
+    names = ["base", "ft", "hcnr-rcw0.4"]
+    arts = {n: tmp_path / n for n in names}
+    kw = dict(endpoint=None, port=8123, vllm_args=["--seed", "0"], serve_dtype="auto", max_model_len=None,
+              startup_timeout=10, log_dir=tmp_path, console=__import__("rich.console").console.Console(quiet=True))
+    res, *_ = S._serve_and_score(names, arts, False, {}, **kw)
+    assert [c for c in calls if c[0] == "serve"] == [("serve", None, {}, {n: arts[n]}, 8123, ["--seed", "0"])
+                                                     for n in names]
+    assert [c[2] for c in calls if c[0] == "eval"] == [["base"], ["ft"], ["hcnr-rcw0.4"]]
+    assert [c[0] for c in calls] == ["serve", "eval", "stop"] * 3
+    assert set(res["results"]) == set(names)
+    calls.clear()
+    res, *_ = S._serve_and_score(names, arts, True, {}, **kw)
+    assert [c for c in calls if c[0] == "serve"] == [("serve", arts["base"], {"ft": arts["ft"], "hcnr-rcw0.4":
+                                                      arts["hcnr-rcw0.4"]}, {}, 8123, ["--seed", "0"])]
+    assert [c[2] for c in calls if c[0] == "eval"] == [names]
