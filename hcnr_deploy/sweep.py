@@ -308,9 +308,13 @@ def run_sweep(base, finetuned, honesty_data, task_data, eval_honesty, eval_domai
     key = {"base": str(base_dir), "base_files": _folder_key(base_dir), "finetuned": str(ft_dir),
            "finetuned_files": _folder_key(ft_dir), "honesty_data": _sha(Path(honesty_data)),
            "task_data": _sha(Path(task_data)), "repair_options": ro}
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:  # bad evaluation input fails before --out is touched
+        tasks, _, _ = eval_tasks(eval_honesty, eval_domain, benchmarks, limit, seed, Path(tmp))
+        check_overlap(tasks, {"honesty": Path(honesty_data), "task": Path(task_data)}, num_samples)
     resumed = prepare_dir(out, key, overwrite)
     tasks, data_dir, names = eval_tasks(eval_honesty, eval_domain, benchmarks, limit, seed, out)
-    check_overlap(tasks, {"honesty": Path(honesty_data), "task": Path(task_data)}, num_samples)
     domain_task = next(t.name for t, _ in tasks if t.kind == "domain")
     console.print(f"[bold]hcnr-deploy sweep[/]: {len(cands)} candidates ({'LoRA: one vLLM engine' if is_lora else 'full fine-tune: one server per checkpoint'}), "
                   f"honesty {', '.join(names)}, domain {domain_task}; {'resuming ' if resumed else ''}{out}")

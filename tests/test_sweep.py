@@ -191,7 +191,7 @@ def test_overlap_with_the_calibration_data_is_an_error(tiny_base, tiny_lora, tmp
                   repair_options={"num_samples": 10, "max_length": 48}, progress=False)
     msg = e.value.format_message()
     assert msg.startswith("3 evaluation question(s) also appear in the calibration data (3 in kuq")
-    assert not (tmp_path / "out" / "candidates").exists()
+    assert not (tmp_path / "out").exists()
 
 
 def test_unfinished_dir_with_other_settings_is_refused(tiny_base, tiny_lora, tmp_path):
