@@ -18,18 +18,12 @@ Other methods (``repair --method``), over every column of every eligible matrix:
 
 Every formula is linear in the rows of D, so the same functions take the LoRA factor A in place
 of D (``D = s B A``): the result is then ``A_new[:,F]`` and the edit stays an exact rank-r LoRA.
-Matrices are float64 here; the Hessians come from forward hooks on the selected modules only.
+Matrices are float64 here; the Hessians come from forward hooks (repair/hooks.py, repair/streaming.py).
 """
 
 from __future__ import annotations
 
-import weakref
-
 import torch
-
-
-class StopForward(Exception):
-    """Raised by a hook to end a forward pass early once the last needed module has run."""
 
 
 def damped_hessian(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
@@ -219,101 +213,3 @@ def compensate_elements(method: str, d: torch.Tensor, restore: torch.Tensor, h_h
         sol = torch.cholesky_solve(rhs, chol).squeeze(2)
         e[start:start + rows_per_chunk].scatter_(1, idx, sol)
     return e, retries
-
-
-class HessianHooks:
-    """Forward hooks accumulating ``X X^T`` (float64, in x in) of the named modules' inputs, padding masked.
-
-    Modules fed the very same input tensor (q/k/v, gate/up) share one accumulator. Context manager:
-    hooks are removed on exit. ``stop_after`` ends each forward pass after that module has run.
-    """
-
-    def __init__(self, modules: dict[str, torch.nn.Module], stop_after: torch.nn.Module | None = None):
-        self.modules = modules
-        self.stop_after = stop_after
-        self.sums: dict[str, torch.Tensor] = {}
-        self.alias: dict[str, str] = {}
-        self.tokens = 0
-        self.token_mask: torch.Tensor | None = None
-        self._seen: dict[int, tuple[str, weakref.ref]] = {}
-        self._handles = []
-
-    def _hook(self, name):
-        def hook(module, inputs, output):
-            x = inputs[0]
-            key = id(x)
-            prev = self._seen.get(key)
-            if prev is not None and prev[1]() is x:
-                self.alias.setdefault(name, prev[0])
-            elif name not in self.alias:
-                self._seen[key] = (name, weakref.ref(x))  # weak: inputs are freed as the forward goes on
-                xf = x.detach().reshape(-1, x.shape[-1])
-                if self.token_mask is not None:
-                    xf = xf[self.token_mask.reshape(-1).bool()]
-                xf = xf.float()
-                h = (xf.T @ xf).double()
-                self.sums[name] = h if name not in self.sums else self.sums[name] + h
-            if module is self.stop_after:
-                raise StopForward
-        return hook
-
-    def hessian(self, name: str) -> torch.Tensor:
-        return self.sums[self.alias.get(name, name)]
-
-    def __enter__(self):
-        for name, mod in self.modules.items():
-            self._handles.append(mod.register_forward_hook(self._hook(name)))
-        return self
-
-    def __exit__(self, *exc):
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-        self._seen.clear()
-        return False
-
-
-@torch.no_grad()
-def accumulate_hessians(model, modules: dict[str, torch.nn.Module], batches, device: str = "cpu",
-                        stop_after: torch.nn.Module | None = None, advance=None) -> tuple[HessianHooks, int]:
-    """One calibration pass: ``H = sum over tokens x x^T`` for every module in `modules`. Returns (hooks, tokens)."""
-    tokens = 0
-    with HessianHooks(modules, stop_after) as hooks:
-        for batch in batches:
-            ids = batch.input_ids.to(device)
-            att = batch.attention_mask.to(device)
-            hooks.token_mask = att
-            hooks._seen.clear()
-            try:
-                model(input_ids=ids, attention_mask=att, use_cache=False)
-            except StopForward:
-                pass
-            tokens += int(att.sum())
-            if advance is not None:
-                advance(ids.shape[0])
-    hooks._seen.clear()
-    hooks.tokens = tokens
-    return hooks, tokens
-
-
-@torch.no_grad()
-def block_hessians(layer, modules: dict[str, torch.nn.Module], stream: list[dict], index: int,
-                   keep_outputs: bool = True, advance=None) -> tuple[HessianHooks, int]:
-    """One decoder block over every batch of a calibration stream: ``H = sum over tokens x x^T`` for the
-    block's `modules` (none: a plain forward). ``stream`` items hold the batch's block input ``h``, the
-    blocks' call ``kwargs`` and the attention ``mask``; with `keep_outputs` each ``h`` becomes the block's
-    output (the next block's input). Returns (hooks, tokens)."""
-    tokens = 0
-    with HessianHooks(modules) as hooks:
-        for item in stream:
-            hooks.token_mask = item["mask"]
-            hooks._seen.clear()
-            out = layer(item["h"], **item["kwargs"][index])
-            if keep_outputs:
-                item["h"] = out[0] if isinstance(out, tuple) else out
-            tokens += int(item["mask"].sum())
-            if advance is not None:
-                advance(item["mask"].shape[0])
-    hooks._seen.clear()
-    hooks.tokens = tokens
-    return hooks, tokens

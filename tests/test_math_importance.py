@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from hcnr_deploy.data import Batch, batches
-from hcnr_deploy.importance import (FisherHooks, fisher_importance, per_sample_column_sq, per_sample_element_sq,
-                                    per_sample_response_loss)
+from hcnr_deploy.importance import per_sample_column_sq, per_sample_element_sq, per_sample_response_loss
+from hcnr_deploy.repair.hooks import FisherHooks
+from hcnr_deploy.repair.streaming import fisher_importance
 
 from conftest import float64_tiny_model, token_samples
 

@@ -150,7 +150,7 @@ def test_cli_offload_flag(pair, tmp_path):
 def test_placement_moves_everything_but_the_blocks(pair):
     """`_place_outside_blocks` with a dtype standing in for the device: embeddings, rotary tables, final norm and
     LM head change, every decoder block's tensor stays as it was."""
-    from hcnr_deploy.importance import decoder_blocks
+    from hcnr_deploy.repair.streaming import decoder_blocks
     from hcnr_deploy.modelio import load_model
 
     model = load_model(pair["base"], torch.float32, "cpu")
@@ -172,7 +172,7 @@ class Float64Device(state.BlockOffload):
 
 
 def test_block_offload_round_trip_keeps_the_host_tensors_and_the_writes(pair):
-    from hcnr_deploy.importance import decoder_blocks
+    from hcnr_deploy.repair.streaming import decoder_blocks
     from hcnr_deploy.modelio import load_model
 
     model = load_model(pair["base"], torch.float32, "cpu")

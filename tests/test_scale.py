@@ -10,11 +10,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from hcnr_deploy import importance
-from hcnr_deploy.compensation import accumulate_hessians, block_hessians
 from hcnr_deploy.data import batches
-from hcnr_deploy.importance import (blockwise_backward, decoder_blocks, fisher_importance, layer_inputs,
-                                    per_sample_response_loss)
+from hcnr_deploy.importance import per_sample_response_loss
+from hcnr_deploy.repair import streaming
+from hcnr_deploy.repair.hooks import FisherHooks
+from hcnr_deploy.repair.streaming import (accumulate_hessians, block_hessians, blockwise_backward, decoder_blocks,
+                                          fisher_importance, layer_inputs)
 from hcnr_deploy.modelio import Checkpoint, ShardWriter
 from hcnr_deploy.tiny import reshard
 
@@ -121,7 +122,7 @@ def test_blockwise_fisher_equals_whole_graph_fisher(tiny_model, monkeypatch):
     modules = _linears(tiny_model)
     samples = _samples()
     block = fisher_importance(tiny_model, modules, batches(samples, 3), len(samples))
-    monkeypatch.setattr(importance, "decoder_blocks", lambda model: None)
+    monkeypatch.setattr(streaming, "decoder_blocks", lambda model: None)
     whole = fisher_importance(tiny_model, modules, batches(samples, 3), len(samples))
     for n in modules:
         torch.testing.assert_close(block[n], whole[n], rtol=1e-9, atol=0)
@@ -132,7 +133,7 @@ def test_blockwise_backward_stops_at_lowest_block_and_pages_blocks(tiny_model):
     b = next(batches(_samples(), 6))
     calls = []
     modules = {n: m for n, m in _linears(tiny_model).items()}
-    with importance.FisherHooks(tiny_model, modules, embeddings=False) as hooks:
+    with FisherHooks(tiny_model, modules, embeddings=False) as hooks:
         blockwise_backward(tiny_model, blocks, b.input_ids, b.attention_mask, b.loss_mask, lowest=2,
                            move=lambda layer, on: calls.append((blocks[1].index(layer), on)))
     assert {n for n in hooks.sums} == {n for n in modules if ".layers.2." in n}

@@ -17,9 +17,9 @@ import torch
 
 from hcnr_deploy import selection as sel
 from hcnr_deploy.compensation import compensate_columns, compensate_elements
-from hcnr_deploy.importance import decoder_blocks
 from hcnr_deploy.modelio import FineTune, layer_index
 from hcnr_deploy.options import RepairOptions
+from hcnr_deploy.repair.streaming import decoder_blocks
 from hcnr_deploy.repair.statistics import DEFAULT_STATE, Matrix, deepest_block, stream_block_grams, whole_model_grams
 
 

@@ -29,7 +29,6 @@ import torch
 
 from hcnr_deploy.data import encode, load_jsonl
 from hcnr_deploy.errors import UserError
-from hcnr_deploy.importance import PLAIN_HEAD_MODELS, decoder_blocks
 from hcnr_deploy.modelio import Checkpoint, FineTune, load_model, load_tokenizer, resolve_model_dir
 from hcnr_deploy.options import RepairOptions
 from hcnr_deploy.repair import candidates as cand
@@ -37,6 +36,7 @@ from hcnr_deploy.repair.report import build_report, write_output
 from hcnr_deploy.repair.state import (BlockOffload, ModelState, offload_error, place_outside_blocks,
                                       resolve_device_dtype, return_freed_memory)
 from hcnr_deploy.repair.statistics import Matrix, Statistics, eligible, stage_name as _stage
+from hcnr_deploy.repair.streaming import PLAIN_HEAD_MODELS, decoder_blocks
 
 # options that define the statistics of a session (a write may not change them)
 SESSION_FIXED = ("num_samples", "max_length", "device", "dtype", "batch_size", "offload")

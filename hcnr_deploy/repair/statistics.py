@@ -1,7 +1,7 @@
 """Calibration statistics: Fisher scores (Eq. 4) and Gram / Hessian matrices of module inputs.
 
-The passes themselves live in importance.py (Fisher hooks, block-by-block backward) and
-compensation.py (Hessian hooks, per-block accumulation); this module decides what is computed on
+The passes themselves live in streaming.py (block-by-block Fisher backward, per-block Hessian
+accumulation, with the hooks of hooks.py); this module decides what is computed on
 which model state and keeps it. ``Statistics`` computes each quantity lazily on first need and keeps
 it for every later candidate:
 
@@ -24,10 +24,10 @@ from dataclasses import dataclass
 
 import torch
 
-from hcnr_deploy.compensation import accumulate_hessians, block_hessians
 from hcnr_deploy.data import batches
-from hcnr_deploy.importance import decoder_blocks, fisher_importance, layer_inputs
 from hcnr_deploy.modelio import FineTune, is_decoder_linear_weight, layer_index
+from hcnr_deploy.repair.streaming import (accumulate_hessians, block_hessians, decoder_blocks, fisher_importance,
+                                          layer_inputs)
 
 # the model state each data set's statistics come from by default (DESIGN.md section 2)
 DEFAULT_STATE = {"honesty": "base", "task": "finetuned"}
