@@ -1,9 +1,11 @@
-"""`hcnr-deploy serve` end to end: one real CLI run serves base + `ft` + `repaired` (LoRA, one engine) and a
-repaired full checkpoint (its own server, next port), behind an API key.
+"""`hcnr-deploy serve` end to end: one real CLI run serves base + `ft` + `repaired` + `zero` (LoRA, one engine) and
+a repaired full checkpoint (its own server, next port), behind an API key.
 
-The repaired variants are the real output of `hcnr-deploy repair` on the tiny fine-tune. Every variant's greedy
-completion and prompt logprobs must match transformers (+PEFT) on the same weights in float32; base outputs must
-not move when batched with adapter traffic (vLLM CPU bug B, corrected by our plugin); SIGTERM stops every process.
+The repaired variants are the real output of `hcnr-deploy repair` on the tiny fine-tune, model card included; `zero`
+is `repair --r-iw 1 --r-cw 1 --compensation none` (every column restored: the base's weights as an adapter), which
+the smoke check must serve with a warning. Every variant's greedy completion and prompt logprobs must match
+transformers (+PEFT) on the same weights in float32; base outputs must not move when batched with adapter traffic
+(vLLM CPU bug B, corrected by our plugin); SIGTERM stops every process.
 """
 
 from __future__ import annotations
@@ -50,10 +52,12 @@ def variants(tiny_base, tiny_lora, tmp_path_factory):
     root = tmp_path_factory.mktemp("serve_e2e")
     hon, task = write_calibration(root, n=8)
     out = {}
-    for fmt, name in (("adapter", "repaired"), ("checkpoint", "repaired-full")):
+    zero = ["--r-iw", "1", "--r-cw", "1", "--compensation", "none"]
+    for fmt, name, extra in (("adapter", "repaired", []), ("checkpoint", "repaired-full", []),
+                             ("adapter", "zero", zero)):
         r = CliRunner().invoke(main, ["repair", "--base", str(tiny_base), "--finetuned", str(tiny_lora),
                                       "--honesty-data", str(hon), "--task-data", str(task), "--out", str(root / name),
-                                      "--format", fmt, "--quiet"])
+                                      "--format", fmt, "--quiet", *extra])
         assert r.exit_code == 0, r.output[-3000:]
         out[name] = root / name
     assert (out["repaired"] / "adapter_config.json").is_file()
@@ -84,6 +88,7 @@ def served(variants):
     out_path = root / "serve.out"
     cmd = [sys.executable, "-m", "hcnr_deploy.cli", "serve", "--base", str(variants["base"]),
            "--adapter", f"ft={variants['ft']}", "--adapter", f"repaired={variants['repaired']}",
+           "--adapter", f"zero={variants['zero']}",
            "--checkpoint", f"repaired-full={variants['repaired-full']}", "--port", str(port), "--api-key", KEY,
            "--dtype", "float32", "--max-model-len", "512", "--log-dir", str(root / "logs"),
            "--", "--enforce-eager", "--seed", "0"]
@@ -147,7 +152,7 @@ def test_models_listed_and_api_key(served):
     for name in ("base", "ft", "repaired", "repaired-full", served.url, served.ckpt_url):
         assert name in out
     listed = [m["id"] for m in request_json(f"{served.url}/models", api_key=KEY)["data"]]
-    assert listed == ["base", "ft", "repaired"]
+    assert listed == ["base", "ft", "repaired", "zero"]
     assert [m["id"] for m in request_json(f"{served.ckpt_url}/models", api_key=KEY)["data"]] == ["repaired-full"]
     for url in (served.url, served.ckpt_url):
         with pytest.raises(urllib.error.HTTPError) as e:
@@ -159,6 +164,41 @@ def test_models_listed_and_api_key(served):
         req = urllib.request.Request(f"{url}/models", headers={"Authorization": f"Bearer {KEY}"})
         with urllib.request.urlopen(req, timeout=30) as r:
             assert r.status == 200
+
+
+def test_adapter_that_changes_nothing_is_served_with_a_warning(served, variants, prompt_ids):
+    """Issue 12 item 2: `zero` replies exactly like base; serve warns that its weights change nothing and goes on,
+    and still passes the adapters that do change the model."""
+    from hcnr_deploy.serve import adapter_weight_change
+
+    assert adapter_weight_change(variants["zero"], variants["base"]) == 0.0
+    out = " ".join(served.output().split())
+    assert "warning: adapter 'zero' changes no weight (s B A = 0 in every matrix)" in out
+    assert "smoke check passed: ft, repaired reply differently from the base." in out
+    assert "vLLM is not applying it" not in out
+    assert completion(served.url, "zero", prompt_ids[1]) == completion(served.url, "base", prompt_ids[1])
+
+
+def test_outputs_carry_a_model_card_peft_loads(variants):
+    """Issue 12 item 6: every repair output has its README.md card (HF metadata: base_model as given, peft for
+    the adapter); PEFT loads the adapter folders with the card in them (vLLM serves them in the tests above)."""
+    import torch
+    from huggingface_hub import ModelCard
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    for name, library in (("repaired", "peft"), ("zero", "peft"), ("repaired-full", "transformers")):
+        card = ModelCard.load(variants[name] / "README.md")
+        assert card.data.base_model == str(variants["base"]) and card.data.library_name == library, name
+        assert "hcnr-deploy" in card.data.tags
+    ids = torch.tensor([[1, 4, 9, 16, 25]])
+    base = AutoModelForCausalLM.from_pretrained(variants["base"], dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = base(ids).logits
+        for name, changes in (("repaired", True), ("zero", False)):
+            model = PeftModel.from_pretrained(base, variants[name]).eval()
+            assert (not torch.allclose(model(ids).logits, ref, atol=1e-5)) == changes, name
+            base = model.unload()
 
 
 def test_plugin_patched_every_engine_process(served):
