@@ -238,3 +238,18 @@ def test_sft_session_snapshots_equal_fresh_runs_and_keep_the_adapter_rank(pair, 
         assert rep["format"] == "adapter" and cfg["r"] == 8
     else:
         assert rep["format"] == "checkpoint"
+
+
+def test_adapters_record_the_base_as_given(pair, tmp_path, monkeypatch):
+    """Issue 12 item 6: `base_model_name_or_path` is what the user passed as --base (here a relative path), for the
+    exact adapter and the SVD one alike; the report keeps the resolved folder beside it."""
+    import json
+
+    monkeypatch.chdir(pair["root"])
+    r = pair["root"]
+    for ft, kw in (("lora", {}), ("full", dict(format="adapter", max_rank=8))):
+        out = tmp_path / ft
+        rep = run_repair("base", pair[ft], r / "hon.jsonl", r / "task.jsonl", out, **SMALL, **kw)
+        assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == "base"
+        assert rep["settings"]["base"] == "base" and rep["base"] == str(pair["base"].resolve())
+        assert (out / "README.md").is_file()
