@@ -18,6 +18,7 @@ to --model's test features: the paper's transfer) and `reference` (trained and t
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import platform
@@ -32,6 +33,7 @@ import numpy as np
 
 from hcnr_deploy import __version__
 from hcnr_deploy.errors import UserError
+from hcnr_deploy.options import RepairOptions
 from eval_harness.benchmarks import HONESTY_BENCHMARKS, load_benchmark, parse_benchmarks, stratified_sample
 from eval_harness.prompts import build_messages
 
@@ -45,8 +47,9 @@ PROBE = {"estimator": "StandardScaler + LogisticRegression (scikit-learn)", "C":
          "max_iter": 2000, "positive_class": "unanswerable"}
 LAYER_NOTE = ("layer 0 = embedding output; layer l = output of decoder block l (the last one after the final norm, "
               "as transformers' output_hidden_states returns it); features at the last prompt token")
-DEVICES = ("auto", "cpu", "cuda")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+_REPAIR_FIELDS = {f.name: f for f in dataclasses.fields(RepairOptions)}
+DEVICES = _REPAIR_FIELDS["device"].metadata["choices"]  # the repair's choices: one declaration
+DTYPES = _REPAIR_FIELDS["dtype"].metadata["choices"]
 
 
 # ---- 1. items and split ------------------------------------------------------------------------------------------
@@ -159,6 +162,7 @@ def load_probed(pm: ProbedModel, device: str, dtype: str):
     import torch
 
     from hcnr_deploy.modelio import load_model, load_tokenizer
+    from hcnr_deploy.repair.state import resolve_device_dtype  # the repair's rule, one definition
 
     src = pm.base or pm.folder
     dev, dt = resolve_device_dtype(device, dtype, json.loads((src / "config.json").read_text()))
@@ -192,15 +196,6 @@ def _shape_of(pm: ProbedModel) -> tuple:
     cfg = json.loads(((pm.base or pm.folder) / "config.json").read_text())
     cfg = cfg.get("text_config", cfg)
     return cfg.get("num_hidden_layers"), cfg.get("hidden_size")
-
-
-def resolve_device_dtype(device: str, dtype: str, config: dict):
-    """The repair's rule (auto: cuda when available; float32 on CPU, the checkpoint's dtype on GPU)."""
-    try:
-        from hcnr_deploy.repair.state import resolve_device_dtype as rule
-    except ImportError:
-        from hcnr_deploy.repair import _resolve_device_dtype as rule
-    return rule(device, dtype, config)
 
 
 def last_token_states(model, prompts: list[list[int]], pad_id: int):
