@@ -1,5 +1,6 @@
-"""`hcnr-deploy demo` end to end in its reduced size: tiny model trained here, the real repair, a real vLLM
-server (base + ft + repaired adapters) and the real eval harness; then the cached rerun and bad input."""
+"""`hcnr-deploy demo` end to end in its reduced size: tiny model trained here, a real sweep (the ci scenario's
+small grid: HCNR at two R_CW, RegMean, delta scaling, calibration SFT from one repair session), one real vLLM
+server with every candidate as an adapter, the real eval harness; then the cached rerun and bad input."""
 
 from __future__ import annotations
 
@@ -29,32 +30,45 @@ def demo_run(tmp_path_factory):
     return root, proc, time.time() - t0
 
 
-def test_demo_prints_table_and_writes_results(demo_run):
+def test_demo_runs_a_sweep_and_prints_the_four_rows_and_the_frontier(demo_run):
     root, proc, _ = demo_run
-    for word in ("base", "ft", "repaired", "honesty F1", "domain accuracy", "recovery ratio"):
+    for word in ("base", "ft", "HCNR (paper settings)", "chosen: ", "honesty F1", "domain acc.", "recovery",
+                 "candidate", "F1 [95% CI]", "regmean-mu3", "scale-a0.5", "hcnr-rcw0.2", "recovery ratio"):
         assert word in proc.stdout, word
     results = json.loads((root / "out" / "results.json").read_text())
     report = json.loads((root / "out" / "demo.json").read_text())
-    per_model = results["results"]
-    assert set(per_model) == {"base", "ft", "repaired"}
-    for m in per_model:
-        h, d = per_model[m]["kuq"], per_model[m]["domain"]
-        assert 0.0 <= h["f1"] <= 1.0 and 0.0 <= d["accuracy"] <= 1.0
-        assert h["n"] == results["tasks"]["kuq"]["n"] > 50
-    base, ft = per_model["base"], per_model["ft"]
+    fr = json.loads((root / "out" / "frontier.json").read_text())
+    assert (root / "out" / "frontier.png").read_bytes()[:4] == b"\x89PNG"
+    names = [c["name"] for c in fr["candidates"]]
+    assert names[:5] == ["base", "ft", "hcnr-rcw0.2", "hcnr-rcw0.4", "regmean-mu3"] and "scale-a0.5" in names
+    assert set(results["results"]) == set(names)
+    by = {c["name"]: c for c in fr["candidates"]}
+    for c in fr["candidates"]:
+        assert 0.0 <= c["f1"] <= 1.0 and 0.0 <= c["domain_accuracy"] <= 1.0
+        assert c["f1"] == pytest.approx(results["results"][c["name"]]["kuq"]["f1"], abs=1e-6)
+    assert results["tasks"]["kuq"]["n"] > 50
+    base, ft = by["base"], by["ft"]
     # the scenario's premise: base is honest, the fine-tune gains domain accuracy and loses honesty
-    assert base["kuq"]["f1"] >= 0.6
-    assert ft["domain"]["accuracy"] > base["domain"]["accuracy"]
-    assert base["kuq"]["f1"] - ft["kuq"]["f1"] >= 0.15
+    assert base["f1"] >= 0.6
+    assert ft["domain_accuracy"] > base["domain_accuracy"]
+    assert base["f1"] - ft["f1"] >= 0.15
+    # the choice: the most honest candidate within max_domain_drop of ft's domain accuracy
+    floor = ft["domain_accuracy"] - fr["max_domain_drop"]
+    ok = [c for c in fr["candidates"] if c["domain_accuracy"] >= floor - 1e-12]
+    assert by[fr["chosen"]]["f1"] == max(c["f1"] for c in ok)
     s = report["summary"]
-    assert s["recovery_ratio"] == pytest.approx(
-        (s["models"]["repaired"]["f1"] - s["models"]["ft"]["f1"]) / (s["models"]["base"]["f1"] - s["models"]["ft"]["f1"]))
-    for k in ("data", "base", "ft", "repaired", "eval"):
+    paper = s["models"]["HCNR (paper settings)"]
+    assert paper["name"] == "hcnr-rcw0.4"
+    assert paper["recovery_ratio"] == pytest.approx((paper["f1"] - ft["f1"]) / (base["f1"] - ft["f1"]), abs=1e-5)
+    assert s["chosen"] == fr["chosen"]
+    for k in ("data", "base", "ft", "sweep", "chosen"):
         assert os.path.isdir(report["paths"][k]), k
-    # the repaired model is a PEFT adapter of the repair engine, with its report beside it
-    rep = report["paths"]["repaired"]
-    assert os.path.exists(os.path.join(rep, "adapter_config.json"))
-    assert os.path.exists(os.path.join(rep, "adapter_model.safetensors"))
+    # every candidate is a PEFT adapter of the repair engine, with its report beside it; chosen/ is one of them
+    for n in names[2:]:
+        art = by[n]["artifact"]
+        assert os.path.exists(os.path.join(art, "adapter_model.safetensors"))
+        assert os.path.exists(os.path.join(art, "report.json"))
+    assert os.path.exists(os.path.join(report["paths"]["chosen"], "adapter_config.json"))
 
 
 def test_second_run_is_cached(demo_run):

@@ -11,26 +11,25 @@ import click
 from hcnr_deploy.errors import UserError
 
 
-def _fmt(v, pct=False):
+def _fmt(v, signed=False):
     if v is None:
         return "-"
-    return f"{v:+.3f}" if pct else f"{v:.3f}"
+    return f"{v:+.3f}" if signed else f"{v:.3f}"
 
 
 def print_summary(summary: dict, console, honesty_label: str):
+    """base / ft / HCNR at the paper's settings / the chosen point (fits 80 columns)."""
     from rich.table import Table
 
-    table = Table(title=f"hcnr-deploy demo: base / fine-tuned / repaired ({honesty_label})")
-    for col in ("model", "honesty F1", "RF Delta", "refuses unanswerable", "refuses answerable", "domain accuracy"):
-        table.add_column(col, justify="left" if col == "model" else "right")
-    for m, r in summary["models"].items():
-        table.add_row(m, _fmt(r["f1"]), _fmt(r["rf_delta"], True), _fmt(r["refusal_unanswerable"]),
-                      _fmt(r["refusal_answerable"]), _fmt(r["domain_accuracy"]))
+    table = Table(title=f"hcnr-deploy demo ({honesty_label})")
+    for col in ("model", "honesty F1", "RF Delta", "domain acc.", "recovery", "domain change"):
+        table.add_column(col, justify="left" if col == "model" else "right", overflow="fold")
+    for label, r in summary["models"].items():
+        table.add_row(label, _fmt(r["f1"]), _fmt(r["rf_delta"], True), _fmt(r["domain_accuracy"]),
+                      _fmt(r["recovery_ratio"]), _fmt(r["domain_change"], True))
     console.print(table)
-    if summary.get("recovery_ratio") is not None:
-        console.print(f"honesty recovery ratio (F1 repaired - F1 ft) / (F1 base - F1 ft): "
-                      f"[bold]{summary['recovery_ratio']:.2f}[/bold]; domain accuracy change (repaired - ft): "
-                      f"[bold]{summary['domain_change']:+.3f}[/bold]")
+    console.print("recovery ratio = (F1 - F1 ft) / (F1 base - F1 ft); domain change = domain accuracy - ft's",
+                  highlight=False)
 
 
 @click.command("demo", context_settings={"help_option_names": ["-h", "--help"]})
@@ -51,18 +50,24 @@ def print_summary(summary: dict, console, honesty_label: str):
                    "the scenario's own held-out questions.")
 @click.option("--limit", type=int, default=None, help="With --data-dir: at most this many questions per benchmark.")
 @click.option("--port", type=int, default=None, help="Port of the vLLM server [default: a free one].")
-def demo(model, seed, cache_dir, fresh, out, overwrite, data_dir, limit, port):
-    """Run the embedded scenario end to end and print the base / fine-tuned / repaired table.
+@click.option("--grid", default=None, metavar="SPEC",
+              help="The sweep's candidates besides base and ft, as `hcnr-deploy sweep --grid` [default: the sweep's "
+                   "default grid; the ci scenario a small one].")
+@click.option("--max-domain-drop", type=float, default=0.01, show_default=True,
+              help="The chosen point: the highest honesty F1 with domain accuracy >= ft's minus this.")
+def demo(model, seed, cache_dir, fresh, out, overwrite, data_dir, limit, port, grid, max_domain_drop):
+    """Run the embedded scenario end to end: base, fine-tune, then a sweep of repairs, served and scored.
 
     \b
-    1. data      generated: facts about fictional people (the domain), refusal data, 128+128 repair examples
-    2. base      a model that says "The answer is unknown." to what it cannot know
-    3. ft        a LoRA fine-tune of base on the domain (answers only): it fabricates
-    4. repaired  `hcnr-deploy repair` on ft (exact LoRA adapter)
-    5. serve     one vLLM server: base + ft + repaired adapters
-    6. eval      honesty F1 / RF Delta on held-out unanswerable + answerable questions, domain accuracy on
-                 held-out phrasings
-    Every step is cached; a second run reuses them (--fresh rebuilds).
+    1. data    generated: facts about fictional people (the domain), refusal data, 128+128 repair examples
+    2. base    a model that says "The answer is unknown." to what it cannot know
+    3. ft      a LoRA fine-tune of base on the domain (answers only): it fabricates
+    4. sweep   `hcnr-deploy sweep` on ft: HCNR over R_CW (the paper's settings among them), a random-selection
+               control, RegMean, delta scaling, calibration SFT; every candidate an adapter on one vLLM
+               server, scored on held-out honesty questions and held-out domain phrasings; the chosen
+               point is the most honest within --max-domain-drop of ft's domain accuracy
+    Prints base / ft / HCNR (paper settings) / chosen, then the frontier table. Every step is cached; a
+    second run reuses them (--fresh rebuilds), a killed one resumes.
     """
     from rich.console import Console
 
@@ -79,18 +84,20 @@ def demo(model, seed, cache_dir, fresh, out, overwrite, data_dir, limit, port):
     recipe = RECIPES[model].with_seed(seed)
     root = cache_root(cache_dir)
     console.print(f"[bold]hcnr-deploy demo[/bold] ({model} scenario, seed {seed}), cache {root}")
-    done = run_demo(recipe, root, fresh=fresh, out=out, data_dir=data_dir, limit=limit, port=port, console=console)
-    from eval_harness import print_report
+    done = run_demo(recipe, root, fresh=fresh, out=out, data_dir=data_dir, limit=limit, port=port, console=console,
+                    grid=grid, max_domain_drop=max_domain_drop)
+    from hcnr_deploy.sweep import print_frontier
 
     out_console = Console()
-    print_report(done["results"], out_console)
     print_summary(done["report"]["summary"], out_console,
                   "real benchmarks, averaged" if data_dir else "scenario's held-out honesty questions")
     if data_dir is None:
-        out_console.print("(the 'kuq' rows are the scenario's own held-out honesty questions, written in KUQ's "
-                          "format; --data-dir scores the real benchmarks)")
+        out_console.print("(honesty: the scenario's own held-out questions, written in KUQ's format; --data-dir "
+                          "scores the real benchmarks)", highlight=False)
+    print_frontier(done["frontier"], out_console)
     timings = ", ".join(f"{k} {v['seconds']:.0f} s{' (cached)' if v['cached'] else ''}"
                         for k, v in done["report"]["timings_s"].items())
-    out_console.print(f"steps: {timings}")
+    out_console.print(f"steps: {timings}", highlight=False)
     if out is not None:
-        out_console.print(f"wrote {out / 'results.json'} and {out / 'demo.json'}")
+        out_console.print(f"wrote {out / 'results.json'}, {out / 'demo.json'} and {out / 'frontier.json'}",
+                          highlight=False)

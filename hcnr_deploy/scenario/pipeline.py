@@ -53,6 +53,8 @@ class Recipe:
     task_weight: float = 1.0
     # eval
     max_tokens: int = 24
+    # sweep (demo): candidates besides base and ft, hcnr_deploy.frontier's --grid format; None = the default grid
+    grid: str | None = None
 
     def with_seed(self, seed: int) -> "Recipe":
         return replace(self, seed=seed)
@@ -61,7 +63,8 @@ class Recipe:
 RECIPES = {
     "tiny": Recipe(),
     "ci": Recipe(size=scen_data.CI_SIZE, hidden=64, layers=2, vocab=512, base_steps=150, base_batch=32,
-                 ft_steps=60, ft_lr=3e-3, ft_batch=16, num_samples=32),
+                 ft_steps=60, ft_lr=3e-3, ft_batch=16, num_samples=32,
+                 grid="hcnr:r_cw=0.2,0.4; regmean:mu=3; scale:alpha=0.5; sft:steps=16"),
     "smollm2": Recipe(model="smollm2", size=scen_data.SMOLLM2_SIZE, base_steps=110, base_lr=5e-4, base_batch=16,
                       base_rank=16, ft_steps=100, ft_lr=5e-4, ft_batch=16, ft_rank=8, max_tokens=32),
 }
@@ -201,7 +204,7 @@ def build_base(steps: Steps, recipe: Recipe, data_dir: Path, console=None) -> Pa
         _threads()
         tok = AutoTokenizer.from_pretrained(original)
         model = AutoModelForCausalLM.from_pretrained(original, dtype=torch.float32)
-        peft_model = train.add_lora(model, recipe.base_rank)
+        peft_model = train.add_lora(model, recipe.base_rank, seed=recipe.seed)
         with _progress(console) as p:
             losses = train.sft(peft_model, tok, rows, steps=recipe.base_steps, batch_size=recipe.base_batch,
                                lr=recipe.base_lr, seed=recipe.seed, progress=p,
@@ -212,7 +215,7 @@ def build_base(steps: Steps, recipe: Recipe, data_dir: Path, console=None) -> Pa
         return {"final_loss": losses[-1]}
 
     return steps.run("base-smollm2", {**fields, "data": files_key(data_dir, "base_train.jsonl"), "rank": recipe.base_rank,
-                                      "original": original.name}, build)
+                                      "original": original.name, "init": "seeded"}, build)
 
 
 def build_smollm2(steps: Steps) -> Path:
@@ -254,7 +257,7 @@ def build_ft(steps: Steps, recipe: Recipe, base_dir: Path, data_dir: Path, conso
         _threads()
         tok = AutoTokenizer.from_pretrained(base_dir)
         model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-        peft_model = train.add_lora(model, recipe.ft_rank)
+        peft_model = train.add_lora(model, recipe.ft_rank, seed=recipe.seed)  # init independent of what ran before
         with _progress(console) as p:
             losses = train.sft(peft_model, tok, _rows(data_dir / "task_train.jsonl"), steps=recipe.ft_steps,
                                batch_size=recipe.ft_batch, lr=recipe.ft_lr, seed=recipe.seed, progress=p,
@@ -263,7 +266,8 @@ def build_ft(steps: Steps, recipe: Recipe, base_dir: Path, data_dir: Path, conso
         return {"final_loss": losses[-1]}
 
     fields = {k: getattr(recipe, k) for k in ("seed", "ft_steps", "ft_lr", "ft_batch", "ft_rank")}
-    return steps.run("ft", {**fields, "base": base_dir.name, "data": files_key(data_dir, "task_train.jsonl")}, build)
+    return steps.run("ft", {**fields, "base": base_dir.name, "data": files_key(data_dir, "task_train.jsonl"),
+                            "init": "seeded"}, build)
 
 
 def build_rait(steps: Steps, recipe: Recipe, base_dir: Path, ft_dir: Path, data_dir: Path, console=None,
@@ -419,41 +423,77 @@ def summary(results: dict, honesty_task: str, domain_task: str = "domain") -> di
     return out
 
 
+PAPER_CANDIDATE = "hcnr-rcw0.4"  # HCNR at the paper's settings (R_IW 0.5, R_CW 0.4, obs compensation)
+
+
+def build_sweep(steps: Steps, recipe: Recipe, base: Path, ft: Path, scen: Path, *, data_dir: Path | None = None,
+                limit: int | None = None, port: int | None = None, console=None, grid: str | None = None,
+                max_domain_drop: float = 0.01) -> dict:
+    """`hcnr-deploy sweep` on the scenario (its 128 + 128 calibration examples, its held-out questions or the real
+    benchmarks in `data_dir`) in cache/sweep-KEY; a finished one is reused, an unfinished one resumed."""
+    from hcnr_deploy.serve import free_port
+    from hcnr_deploy.sweep import run_sweep
+
+    grid = grid if grid is not None else recipe.grid
+    opts = {"num_samples": recipe.num_samples, "seed": recipe.seed + recipe.calib_draw}
+    key = {"base": base.name, "ft": ft.name, "data_dir": str(data_dir), "limit": limit, "grid": grid,
+           "max_domain_drop": max_domain_drop, "max_tokens": recipe.max_tokens, "repair": opts, "v": 1,
+           "data": files_key(scen, "honesty_calib.jsonl", "task_calib.jsonl", "domain.jsonl",
+                             "kuq/knowns_unknowns.jsonl")}
+    folder = steps.root / f"sweep-{_key(key)}"
+    if (folder / "frontier.json").is_file() and not steps.fresh:
+        frontier = json.loads((folder / "frontier.json").read_text())
+        steps.timings["sweep"] = {"seconds": frontier["timings_s"]["total"], "cached": True}
+        steps._say(f"[dim]sweep: cached ({folder})[/dim]")
+        return frontier
+    t0 = time.perf_counter()
+    frontier = run_sweep(base, ft, scen / "honesty_calib.jsonl", scen / "task_calib.jsonl", data_dir or scen,
+                         scen / "domain.jsonl", folder, grid=grid, max_domain_drop=max_domain_drop,
+                         benchmarks=None if data_dir else "kuq", limit=limit, port=port or free_port(),
+                         serve_dtype="float32", max_model_len=512, max_tokens=recipe.max_tokens,
+                         overwrite=steps.fresh, repair_options=opts, console=console,
+                         progress=console is not None and not console.quiet, skip_unavailable=True)
+    steps.timings["sweep"] = {"seconds": round(time.perf_counter() - t0, 2), "cached": False,
+                              "stages": frontier["timings_s"]}
+    return frontier
+
+
+def demo_summary(frontier: dict) -> dict:
+    """base / ft / HCNR at the paper's settings / the chosen point: F1, RF Delta, domain accuracy, recovery."""
+    by = {c["name"]: c for c in frontier["candidates"]}
+    rows = {}
+    for label, name in (("base", "base"), ("ft", "ft"), ("HCNR (paper settings)", PAPER_CANDIDATE),
+                        (f"chosen: {frontier['chosen']}", frontier["chosen"])):
+        if name in by:
+            c = by[name]
+            rows[label] = {k: c[k] for k in ("name", "f1", "f1_ci95", "rf_delta", "domain_accuracy",
+                                               "recovery_ratio", "recovery_ratio_ci95", "domain_change")}
+    return {"models": rows, "chosen": frontier["chosen"], "reason": frontier["reason"]}
+
+
 def run_demo(recipe: Recipe, root: Path, *, fresh: bool = False, out: Path | None = None,
-             data_dir: Path | None = None, limit: int | None = None, port: int | None = None, console=None) -> dict:
-    """The whole scenario; returns {"paths", "timings", "results", "summary", "out"}."""
+             data_dir: Path | None = None, limit: int | None = None, port: int | None = None, console=None,
+             grid: str | None = None, max_domain_drop: float = 0.01) -> dict:
+    """The whole scenario: data -> base -> ft -> sweep; returns {"results", "frontier", "report"}."""
     steps = Steps(root, fresh=fresh, console=console)
     scen = build_data(steps, recipe)
     base = build_base(steps, recipe, scen, console)
     ft = build_ft(steps, recipe, base, scen, console)
-    repaired = build_repaired(steps, recipe, base, ft, scen, console)
-    benchmarks = ["kuq"]
-    honesty_dir = scen
-    if data_dir is not None:  # the real benchmarks, beside the scenario's own questions (KUQ-format file)
-        benchmarks = [b for b in ("selfaware", "kuq", "falseqa", "nec", "refunq") if _has_benchmark(data_dir, b)]
-        if not benchmarks:
+    if data_dir is not None:  # the real benchmarks instead of the scenario's own questions (KUQ-format file)
+        if not any(_has_benchmark(data_dir, b) for b in ("selfaware", "kuq", "falseqa", "nec", "refunq")):
             raise UserError(f"--data-dir {data_dir}: no SelfAware, KUQ, FalseQA, NEC or RefuNQ files found; point it "
                             "at the folder holding them (e.g. ../shared/data) or leave it out")
-    eval_key = {"repaired": repaired.name, "ft": ft.name, "base": base.name, "data_dir": str(data_dir),
-                "questions": files_key(scen, "domain.jsonl", "kuq/knowns_unknowns.jsonl"),
-                "limit": limit, "benchmarks": benchmarks, "max_tokens": recipe.max_tokens, "v": 1}
-
-    def build_eval(tmp):
-        results = serve_and_eval(base, {"ft": ft, "repaired": repaired}, tmp, root / "eval-cache.sqlite",
-                                 max_tokens=recipe.max_tokens, domain=scen / "domain.jsonl",
-                                 honesty_data_dir=data_dir or honesty_dir, benchmarks=benchmarks, limit=limit,
-                                 seed=recipe.seed, port=port, console=console)
-        return {"summary": summary(results, "average" if data_dir else "kuq")}
-
-    ev = steps.run("eval", eval_key, build_eval)
-    results = json.loads((ev / "results.json").read_text())
-    summ = summary(results, "average" if data_dir else "kuq")
+    frontier = build_sweep(steps, recipe, base, ft, scen, data_dir=data_dir, limit=limit, port=port,
+                           console=console, grid=grid, max_domain_drop=max_domain_drop)
+    sweep_dir = Path(frontier["settings"]["out"])
+    results = json.loads((sweep_dir / "eval-results.json").read_text())
     report = {"recipe": asdict(recipe), "paths": {"cache": str(root), "data": str(scen), "base": str(base),
-                                                  "ft": str(ft), "repaired": str(repaired), "eval": str(ev)},
-              "timings_s": steps.timings, "summary": summ}
+                                                  "ft": str(ft), "sweep": str(sweep_dir),
+                                                  "chosen": str(sweep_dir / "chosen")},
+              "timings_s": steps.timings, "summary": demo_summary(frontier)}
     if out is not None:
-        write_out(out, results, report)
-    return {"results": results, "report": report}
+        write_out(out, results, report, sweep_dir)
+    return {"results": results, "frontier": frontier, "report": report}
 
 
 def _has_benchmark(data_dir: Path, name: str) -> bool:
@@ -466,14 +506,17 @@ def _has_benchmark(data_dir: Path, name: str) -> bool:
         return False
 
 
-def write_out(out: Path, results: dict, report: dict):
-    """results.json (the eval harness's) + demo.json (paths, timings, summary), written atomically."""
+def write_out(out: Path, results: dict, report: dict, sweep_dir: Path | None = None):
+    """results.json (the eval harness's) + demo.json (paths, timings, summary), and the sweep's frontier.json /
+    .md / .png when given, written atomically."""
     out = Path(out)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     (tmp / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True))
     (tmp / "demo.json").write_text(json.dumps(report, indent=2, sort_keys=True, default=str))
+    for name in ("frontier.json", "frontier.md", "frontier.png") if sweep_dir is not None else ():
+        shutil.copyfile(Path(sweep_dir) / name, tmp / name)
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
