@@ -237,9 +237,11 @@ class RepairSession:
             timings["sft"] = self._sft_s[(o.lr, o.seed)]
             patches, new_a, new_b = cand.sft_candidate(mats, finetune, factors, want_lora)
             lap("selection")
-        for stage in stats.timings:
-            if stage in used or stats.counts.get(stage, 0) != used_before.get(stage, 0):
-                timings[stage] = stats.timings[stage]
+        shared = {stage: t for stage, t in stats.timings.items()
+                  if stage in used or stats.counts.get(stage, 0) != used_before.get(stage, 0)}
+        own = dict(timings)
+        timings.clear()
+        timings.update({"load": own.pop("load"), **shared, **own})  # stage order: load, statistics, candidate
         notes = list(inp.notes) + ([NOTES[o.method]] if o.method in NOTES else [])
         report = build_report(inp, out, o, fmt, mats, granularity, overwrite, notes, command)
         if o.method == "sft":
