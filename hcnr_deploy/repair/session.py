@@ -13,6 +13,9 @@ option may change: Fisher scores are kept per (data set, model state, granularit
 (data set, model state), so ``--fisher-model``, ``--granularity`` and ``--hessian-inputs
 base|finetuned`` compute the missing statistics once on first need; ``--hessian-inputs
 sequential`` (Hessians that depend on the candidate) runs its own streamed stage 2 each time.
+``--method sft`` trains once per (lr, seed) and step count; ``session.sft([16, 32, 64])`` trains
+once for all three (constant learning rate: a snapshot is the shorter run). ``seed`` may change
+per write (random selection, SVD extraction and sft only).
 
 Memory: the session keeps the Grams of every eligible matrix (see statistics.py for the bytes
 per block). ``run_repair`` is a session without that cache: its stage 2 streams block by block
