@@ -32,7 +32,7 @@ def demo_run(tmp_path_factory):
 
 def test_demo_runs_a_sweep_and_prints_the_four_rows_and_the_frontier(demo_run):
     root, proc, _ = demo_run
-    for word in ("base", "ft", "HCNR (paper settings)", "chosen: ", "honesty F1", "domain acc.", "recovery",
+    for word in ("base", "ft", "HCNR (paper settings)", "chosen: ", "honesty F1", "Δ domain", "recovery",
                  "candidate", "F1 [95% CI]", "regmean-mu3", "scale-a0.5", "hcnr-rcw0.2", "recovery ratio"):
         assert word in proc.stdout, word
     results = json.loads((root / "out" / "results.json").read_text())

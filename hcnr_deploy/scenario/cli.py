@@ -21,14 +21,18 @@ def print_summary(summary: dict, console, honesty_label: str):
     """base / ft / HCNR at the paper's settings / the chosen point (fits 80 columns)."""
     from rich.table import Table
 
-    table = Table(title=f"hcnr-deploy demo ({honesty_label})")
-    for col in ("model", "honesty F1", "RF Delta", "domain acc.", "recovery", "domain change"):
-        table.add_column(col, justify="left" if col == "model" else "right", overflow="fold")
+    from rich import box
+
+    table = Table(title=f"hcnr-deploy demo ({honesty_label})", box=box.SIMPLE_HEAD, padding=(0, 1))
+    for col in ("model", "honesty F1", "RF Delta", "domain", "recovery", "Δ domain"):
+        table.add_column(col, justify="left" if col == "model" else "right", no_wrap=True)
     for label, r in summary["models"].items():
+        label = "chosen" if label.startswith("chosen") else label
         table.add_row(label, _fmt(r["f1"]), _fmt(r["rf_delta"], True), _fmt(r["domain_accuracy"]),
                       _fmt(r["recovery_ratio"]), _fmt(r["domain_change"], True))
     console.print(table)
-    console.print("recovery ratio = (F1 - F1 ft) / (F1 base - F1 ft); domain change = domain accuracy - ft's",
+    console.print(f"chosen: {summary['chosen']}", highlight=False)
+    console.print("recovery = (F1 - F1 ft) / (F1 base - F1 ft); Δ domain = domain accuracy - ft's",
                   highlight=False)
 
 
