@@ -6,7 +6,7 @@ Stages, kept apart:
    with the generation prompt), and a seeded stratified train/test split (`stratified_split`).
 2. features: the hidden state of every layer at the last prompt token (transformers' `output_hidden_states`:
    layer 0 is the embedding output, layer l the output of decoder block l, the last one after the final norm),
-   written as float32 to one memmap per model and benchmark, shape (layers, items, hidden), inside the
+   written as float32 to one raw file per model and benchmark, shape (layers, items, hidden), inside the
    temporary output folder and deleted before it is renamed. Fitting reads one layer of each model at a time.
 3. probe math: per layer, StandardScaler + logistic regression (scikit-learn) on one model's train split, AUROC
    with unanswerable as the positive class on a test split (`fit_probe`, `auroc`, `layer_aurocs`).
@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import platform
 import shutil
 import time
@@ -219,24 +220,52 @@ def last_token_states(model, prompts: list[list[int]], pad_id: int):
     return torch.stack([h[rows, last].float().cpu() for h in out.hidden_states])
 
 
+class FeatureFile:
+    """float32 features of shape (layers, items, hidden) in one raw file beside the output, written a batch at a
+    time and read a layer at a time with plain positional I/O (no mmap: the process holds only what it read)."""
+
+    def __init__(self, path: Path, n_items: int):
+        self.path, self.n_items, self.shape = Path(path), n_items, None
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+
+    def write(self, idx: list[int], states: np.ndarray):
+        """states (layers, len(idx), hidden): the rows of items `idx`."""
+        if self.shape is None:
+            self.shape = (states.shape[0], self.n_items, states.shape[2])
+            os.ftruncate(self._fd, int(np.prod(self.shape)) * 4)
+        layers, n, hidden = self.shape
+        states = np.ascontiguousarray(states, dtype=np.float32)
+        for layer in range(layers):
+            for j, i in enumerate(idx):
+                os.pwrite(self._fd, states[layer, j].tobytes(), (layer * n + i) * hidden * 4)
+
+    def layer(self, layer: int) -> np.ndarray:
+        """(items, hidden) of one layer."""
+        _, n, hidden = self.shape
+        out = np.empty((n, hidden), dtype=np.float32)
+        view, offset = memoryview(out).cast("B"), layer * n * hidden * 4
+        while len(view):
+            got = os.preadv(self._fd, [view], offset)
+            view, offset = view[got:], offset + got
+        return out
+
+    def close(self):
+        os.close(self._fd)
+
+
 def extract_features(model, prompts: list[list[int]], path: Path, batch_size: int, pad_id: int,
-                     progress=None, task=None) -> np.memmap:
-    """All layers' last-token states of `prompts` into a float32 memmap at `path`, shape (layers, items, hidden).
+                     progress=None, task=None) -> FeatureFile:
+    """All layers' last-token states of `prompts` into a FeatureFile at `path`, shape (layers, items, hidden).
 
     Prompts run in batches of similar length (a stable sort by length), each written at its own index."""
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    mm = None
+    store = FeatureFile(path, len(prompts))
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        states = last_token_states(model, [prompts[i] for i in idx], pad_id).numpy()
-        if mm is None:
-            mm = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32,
-                                           shape=(states.shape[0], len(prompts), states.shape[2]))
-        mm[:, idx, :] = states
+        store.write(idx, last_token_states(model, [prompts[i] for i in idx], pad_id).numpy())
         if progress is not None:
             progress.advance(task, len(idx))
-    mm.flush()
-    return mm
+    return store
 
 
 # ---- 3. the probe math -------------------------------------------------------------------------------------------
@@ -266,8 +295,8 @@ def auroc(probe, x: np.ndarray, y: np.ndarray) -> float:
 
 def layer_aurocs(feats: dict, ps: ProbeSet, layer: int, conditions: list[str], seed: int) -> tuple[dict, int]:
     """AUROC of each condition at one layer ({condition: auroc}, probes that did not converge). `feats` maps a
-    role to its (layers, items, hidden) array; only this layer of each role is read into memory."""
-    x = {role: np.asarray(f[layer], dtype=np.float32) for role, f in feats.items()}
+    role to its FeatureFile; only this layer of each role is read into memory."""
+    x = {role: f.layer(layer) for role, f in feats.items()}
     probes, not_converged = {}, 0
     for role in sorted({CONDITIONS[c][0] for c in conditions}):
         probes[role], ok = fit_probe(x[role][ps.train], ps.labels[ps.train], seed)
@@ -397,7 +426,7 @@ def _progress(console, enabled: bool):
 
 
 def extract_all(models, sets, feat_dir: Path, device: str, dtype: str, batch_size: int, bar) -> tuple[dict, dict]:
-    """Features of every (model role, benchmark), one model loaded at a time: ({(role, name): memmap}, dtypes)."""
+    """Features of every (model role, benchmark), one model loaded at a time: ({(role, name): FeatureFile}, dtypes)."""
     feats, dtypes = {}, {}
     for pm in models:
         net, tok, dtypes[pm.role] = load_probed(pm, device, dtype)
@@ -405,7 +434,7 @@ def extract_all(models, sets, feat_dir: Path, device: str, dtype: str, batch_siz
         prompts = {ps.name: render_prompts(tok, ps.items) for ps in sets}
         task = bar.add_task(f"features of {pm.role}", total=sum(len(p) for p in prompts.values()))
         for ps in sets:
-            feats[pm.role, ps.name] = extract_features(net, prompts[ps.name], feat_dir / f"{pm.role}-{ps.name}.npy",
+            feats[pm.role, ps.name] = extract_features(net, prompts[ps.name], feat_dir / f"{pm.role}-{ps.name}.f32",
                                                        batch_size, pad, bar, task)
         del net
         _free_device_memory()
@@ -484,7 +513,8 @@ def run_probe(model, out, *, reference=None, base=None, data_dir=None, benchmark
         t_feat = time.perf_counter() - t0
         with _progress(console, progress) as bar:
             aurocs, not_converged = fit_all(feats, sets, [pm.role for pm in models], conditions, seed, bar)
-        feats.clear()
+        for f in feats.values():
+            f.close()
         shutil.rmtree(tmp / "features")
         settings = {"benchmarks": [ps.name for ps in sets], "data_dir": str(data_dir), "limit": limit, "seed": seed,
                     "test_size": test_size, "min_per_class": MIN_PER_CLASS, "device_option": device,
@@ -538,7 +568,7 @@ def probe(model, reference, base, data_dir, benchmarks, limit, out, seed, test_s
     last prompt token's hidden state is trained and scored by held-out AUROC (unanswerable positive): on --model,
     on --reference, and the --reference probe applied unchanged to --model (the paper's transfer, Observation 2).
     "Best layer" is the maximum over layers of held-out AUROC (so slightly optimistic); every layer's value is in
-    probe.json. Features of all layers go to a float32 memmap inside the temporary output folder
+    probe.json. Features of all layers go to a float32 file inside the temporary output folder
     (layers x questions x hidden x 4 bytes per model; deleted at the end); memory holds one layer at a time.
     """
     from rich.console import Console

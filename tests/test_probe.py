@@ -185,6 +185,22 @@ def test_stratified_split():
     assert sorted(labels[train].tolist()) == [0, 1]  # and one of each left to train on
 
 
+def _all_layers(store) -> np.ndarray:
+    return np.stack([store.layer(layer) for layer in range(store.shape[0])])
+
+
+def test_feature_file_round_trip(tmp_path):
+    from hcnr_deploy.probe import FeatureFile
+
+    full = np.random.default_rng(0).standard_normal((3, 7, 5)).astype(np.float32)
+    store = FeatureFile(tmp_path / "f.bin", 7)
+    for idx in ([4, 0, 6], [2], [5, 1, 3]):
+        store.write(idx, full[:, idx])
+    assert store.shape == (3, 7, 5) and (tmp_path / "f.bin").stat().st_size == full.nbytes
+    np.testing.assert_array_equal(_all_layers(store), full)
+    store.close()
+
+
 def test_features_do_not_depend_on_batching(bed, tmp_path):
     """Right padding and gathering at each prompt's own last token: batches of mixed lengths give the states of
     one unpadded forward per prompt."""
@@ -196,8 +212,8 @@ def test_features_do_not_depend_on_batching(bed, tmp_path):
     model, tok, _ = load_probed(resolve_probed(str(bed["planted"]), "model", "--model", None), "cpu", "auto")
     prompts = render_prompts(tok, sets[0].items)
     assert len({len(p) for p in prompts}) > 1
-    one = extract_features(model, prompts, tmp_path / "one.npy", 1, tok.pad_token_id)
-    five = extract_features(model, prompts, tmp_path / "five.npy", 5, tok.pad_token_id)
+    one = _all_layers(extract_features(model, prompts, tmp_path / "one.bin", 1, tok.pad_token_id))
+    five = _all_layers(extract_features(model, prompts, tmp_path / "five.bin", 5, tok.pad_token_id))
     assert one.shape == (LAYERS + 1, 12, 64)
     np.testing.assert_allclose(five, one, atol=1e-5)
     with torch.no_grad():
@@ -220,11 +236,11 @@ def test_lora_adapter_is_probed_as_its_merged_model(bed, tmp_path):
     peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(bed["planted"], dtype=torch.float32),
                                      adapter).merge_and_unload().eval()
     prompts = render_prompts(tok, sets[0].items)
-    a = extract_features(ours, prompts, tmp_path / "a.npy", 4, tok.pad_token_id)
-    b = extract_features(peft, prompts, tmp_path / "b.npy", 4, tok.pad_token_id)
+    a = _all_layers(extract_features(ours, prompts, tmp_path / "a.bin", 4, tok.pad_token_id))
+    b = _all_layers(extract_features(peft, prompts, tmp_path / "b.bin", 4, tok.pad_token_id))
     np.testing.assert_allclose(a, b, atol=1e-5)
     base_model, _, _ = load_probed(resolve_probed(str(bed["planted"]), "model", "--model", None), "cpu", "auto")
-    c = extract_features(base_model, prompts, tmp_path / "c.npy", 4, tok.pad_token_id)
+    c = _all_layers(extract_features(base_model, prompts, tmp_path / "c.bin", 4, tok.pad_token_id))
     assert np.abs(a[-1] - c[-1]).max() > 1e-2  # the adapter changed the model
 
 
