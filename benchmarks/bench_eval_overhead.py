@@ -6,8 +6,9 @@ The server is eval_harness.fakeserver (raw asyncio HTTP, in its own process). Ea
   bare     AsyncOpenAI + asyncio.Semaphore(concurrency) + gather, nothing else;
   client   the harness's request layer: ChatClient.complete (on-disk SQLite cache lookup + commit per response,
            retry wrapper, per-endpoint semaphore);
-  harness  the whole `eval_harness.run.evaluate()` on a domain JSONL of the same size: loading, cache, progress
-           bar, grading, metrics and bootstrap, results.json.
+  harness  the whole `eval_harness.run.evaluate()` on a domain JSONL of the same size: the served model's check
+           and weight fingerprint (the server reports a root folder with a small safetensors file), loading,
+           cache, progress bar, grading, metrics and bootstrap, results.json.
 Target (issue 4): harness >= 90% of bare. Prints the figures with the command and the machine, and writes them to
 benchmarks/results/eval_overhead.json.
 """
@@ -29,9 +30,17 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results" / "eval_overhead.json"
 
 
-def start_server() -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "eval_harness.fakeserver", "--port", "0", "--models", "fake"],
-                            stdout=subprocess.PIPE, text=True)
+def start_server(roots: Path) -> tuple[subprocess.Popen, str]:
+    """The fake server, reporting roots/fake as the model's root: a folder with weights, so evaluate() keys the
+    cache by their fingerprint as it does for a local vLLM server."""
+    import struct
+
+    (roots / "fake").mkdir(parents=True, exist_ok=True)
+    header = json.dumps({"w": {"dtype": "F32", "shape": [16, 16], "data_offsets": [0, 1024]}}).encode()
+    (roots / "fake" / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + bytes(1024))
+    (roots / "fake" / "config.json").write_text("{}")
+    proc = subprocess.Popen([sys.executable, "-m", "eval_harness.fakeserver", "--port", "0", "--models", "fake",
+                             "--roots", str(roots)], stdout=subprocess.PIPE, text=True)
     line = proc.stdout.readline()
     if not line.startswith("PORT "):
         proc.kill()
@@ -106,7 +115,7 @@ def harness(url: str, n: int, concurrency: int, tag: str, tmp: Path) -> float:
         res = evaluate(url, models=["fake"], benchmarks=[], domain=[domain], concurrency=concurrency,
                        max_tokens=PARAMS["max_tokens"], cache=tmp / f"cache_{tag}.sqlite", out=tmp / f"r_{tag}.json",
                        console=Console(file=devnull, force_terminal=True))
-    assert res["_run"]["sent"] == n
+    assert res["_run"]["sent"] == n and not res["_run"]["uncached_models"]
     return clock.rates(n)
 
 
@@ -130,11 +139,11 @@ def main():
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
 
-    proc, url = start_server()
     rates = {"bare": [], "client": [], "harness": []}
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            tmp = Path(tmp)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        proc, url = start_server(tmp / "models")
+        try:
             # warm-ups: connections, imports (numpy, rich, the pipeline) and caches are not what is measured
             asyncio.run(bare(url, min(500, args.requests), args.concurrency, "warmup"))
             harness(url, min(500, args.requests), args.concurrency, "warmup", tmp)
@@ -150,9 +159,9 @@ def main():
                     rates[name].append(runners[name](r))
                 print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1][0]:.0f} req/s ({v[-1][1]:.0f}/CPU-s)"
                                                      for k, v in rates.items()), flush=True)
-    finally:
-        proc.terminate()
-        proc.wait()
+        finally:
+            proc.terminate()
+            proc.wait()
 
     wall = {k: [w for w, _ in v] for k, v in rates.items()}
     cpu = {k: [c for _, c in v] for k, v in rates.items()}
