@@ -99,9 +99,11 @@ def load_probe_sets(data_dir, benchmarks, limit: int | None, seed: int, test_siz
         labels = np.array([1 if it.unanswerable else 0 for it in items], dtype=np.int64)
         n_u, n_a = int(labels.sum()), int(len(labels) - labels.sum())
         if min(n_u, n_a) < MIN_PER_CLASS:
-            where = f" in the --limit {limit} sample" if limit is not None and limit < len(b.items) else ""
-            raise UserError(f"{name}: {n_u} unanswerable and {n_a} answerable questions{where}; a probe needs at "
-                            f"least {MIN_PER_CLASS} of each class: raise --limit or drop {name} from --benchmarks")
+            sampled = limit is not None and limit < len(b.items)
+            raise UserError(f"{name}: {n_u} unanswerable and {n_a} answerable questions"
+                            f"{f' in the --limit {limit} sample' if sampled else ''}; a probe needs at least "
+                            f"{MIN_PER_CLASS} of each class: {'raise --limit or ' if sampled else ''}drop {name} "
+                            f"from --benchmarks")
         train, test = stratified_split(labels, test_size, seed)
         sets.append(ProbeSet(name, items, len(b.items), b.files, labels, train, test))
     return sets

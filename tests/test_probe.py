@@ -253,8 +253,8 @@ def _fails(args, out, expect):
     assert not [p for p in Path(out).parent.iterdir() if p.name.startswith(f".{Path(out).name}.tmp")]
 
 
-@pytest.mark.parametrize("case", ["no-data-dir", "missing-file", "too-few", "test-size-0", "test-size-1.5",
-                                  "not-a-model", "adapter-without-base", "reference-other-width"])
+@pytest.mark.parametrize("case", ["no-data-dir", "missing-file", "too-few", "too-few-in-file", "test-size-0",
+                                  "test-size-1.5", "not-a-model", "adapter-without-base", "reference-other-width"])
 def test_bad_inputs(bed, tmp_path, case):
     planted, data = bed["planted"], bed["data"]
     common = ["--model", planted, "--data-dir", data, "--benchmarks", "selfaware"]
@@ -263,7 +263,11 @@ def test_bad_inputs(bed, tmp_path, case):
     elif case == "missing-file":
         args, expect = [*common[:4], "--benchmarks", "selfaware,kuq"], "kuq: no knowns_unknowns.jsonl"
     elif case == "too-few":
-        args, expect = [*common, "--limit", "6"], "needs at least 4 of each class"
+        args, expect = [*common, "--limit", "6"], "in the --limit 6 sample; a probe needs at least 4 of each class"
+    elif case == "too-few-in-file":
+        small = write_data(tmp_path / "small", n_selfaware=(3, 10))
+        args, expect = ["--model", planted, "--data-dir", small, "--benchmarks", "selfaware"], \
+            "3 unanswerable and 10 answerable questions; a probe needs at least 4 of each class: drop selfaware"
     elif case.startswith("test-size"):
         args, expect = [*common, "--test-size", case.split("-")[-1]], "--test-size must be a fraction"
     elif case == "not-a-model":
