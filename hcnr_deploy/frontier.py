@@ -241,7 +241,7 @@ def rich_table(cands: list[dict], chosen: str, title: str = "sweep: honesty / do
     from rich.table import Table
 
     table = Table(title=title, box=box.SIMPLE_HEAD, padding=(0, 0), pad_edge=False, collapse_padding=True,
-                  caption="P: * Pareto frontier, < chosen; edit: share of eligible weights changed vs ft")
+                  caption="P: * Pareto frontier, < chosen. edit: eligible weights changed vs ft")
     for h in HEADERS:
         table.add_column(h, justify="left" if h in ("candidate", "P") else "right", no_wrap=True)
     for row in table_rows(cands, chosen):
