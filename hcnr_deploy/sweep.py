@@ -247,7 +247,8 @@ def _versions() -> dict:
     return out
 
 
-def _copy_artifact(src: Path, dst: Path):
+def _copy_artifact(src: Path, dst: Path, finish=None):
+    """dst = a copy of src (atomically: a temporary folder renamed at the end); `finish(tmp)` adds to it first."""
     from hcnr_deploy.modelio import AtomicDir
 
     with AtomicDir(dst, overwrite=True) as tmp:
@@ -256,6 +257,8 @@ def _copy_artifact(src: Path, dst: Path):
                 shutil.copy2(f, tmp / f.name)
             elif f.is_dir():
                 shutil.copytree(f, tmp / f.name)
+        if finish is not None:
+            finish(tmp)
 
 
 # ---------------------------------------------------------------------------------------------- the sweep
@@ -361,7 +364,6 @@ def run_sweep(base, finetuned, honesty_data, task_data, eval_honesty, eval_domai
     F.mark_pareto(rows)
     chosen, reason = F.choose(rows, max_domain_drop)
     ch = next(r for r in rows if r["name"] == chosen)
-    _copy_artifact(artifacts[chosen], out / "chosen")
     frontier = {
         "schema": SCHEMA,
         "candidates": rows,
@@ -383,7 +385,8 @@ def run_sweep(base, finetuned, honesty_data, task_data, eval_honesty, eval_domai
         "run": {"resumed": resumed, "built": built, "reused": reused, "requests": runs},
         "notes": notes,
     }
-    _card(out / "chosen", reports.get(chosen), ch, figures, max_domain_drop, reason)
+    _copy_artifact(artifacts[chosen], out / "chosen",
+                   lambda tmp: _card(tmp, reports.get(chosen), ch, figures, max_domain_drop, frontier))
     _write_text(out / "frontier.md", _markdown(frontier))
     F.plot_frontier(rows, chosen, out / "frontier.png", f"{Path(str(finetuned)).name}: domain accuracy vs "
                                                          f"honesty F1 ({', '.join(names)})")
@@ -492,16 +495,25 @@ def _serve_and_score(names, artifacts, is_lora, eval_kwargs, *, endpoint, port, 
     return merged, round(serve_s, 3), round(eval_s, 3), runs
 
 
-def _card(folder: Path, report: dict | None, chosen: dict, figures: dict, max_domain_drop: float, reason: str):
-    """The sweep's model card in chosen/ (hcnr_deploy.card) when the chosen point is a repair output."""
+def _card(folder: Path, report: dict | None, chosen: dict, figures: dict, max_domain_drop: float, frontier: dict):
+    """chosen/'s model card: hcnr_deploy.card's, with the sweep's figures, for a repair output; for base or ft
+    chosen as they are, their own README.md with the sweep's section appended (or that section alone)."""
     if report is None:
+        which = frontier["settings"]["finetuned" if chosen["name"] == "ft" else "base"]
+        card = folder / "README.md"
+        own = card.read_text().rstrip("\n") + "\n\n" if card.exists() else ""
+        lines = [f"## {chosen['name']}, chosen by hcnr-deploy sweep", "",
+                 f"The sweep chose `{chosen['name']}` itself (`{which}`), unchanged: {frontier['reason']}.", "",
+                 F.markdown_table(frontier["candidates"], frontier["chosen"]), ""]
+        card.write_text(own + "\n".join(lines))
         return
     from hcnr_deploy.card import write_model_card
 
     keys = ("f1", "rf_delta", "domain_accuracy", "per_benchmark")
     sweep = {"chosen": {"name": chosen["name"], **{k: chosen[k] for k in keys}},
              "ft": {k: figures["ft"][k] for k in keys}, "base": {k: figures["base"][k] for k in keys},
-             "recovery_ratio": chosen["recovery_ratio"], "max_domain_drop": max_domain_drop, "reason": reason}
+             "recovery_ratio": chosen["recovery_ratio"], "max_domain_drop": max_domain_drop,
+             "reason": frontier["reason"]}
     write_model_card(folder, report, sweep)
 
 

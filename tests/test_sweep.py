@@ -341,6 +341,8 @@ def test_chosen_is_served_by_hcnr_deploy_serve(swept, served):
     src = Path(next(c["artifact"] for c in fr["candidates"] if c["name"] == fr["chosen"]))
     assert (out / "chosen" / "adapter_model.safetensors").read_bytes() == \
         (src / "adapter_model.safetensors").read_bytes()
+    card = (out / "chosen" / "README.md").read_text()
+    assert f"`{fr['chosen']}`" in card and "highest honesty F1" in card
     a, b = _complete(served.base_url, "chosen"), _complete(served.base_url, fr["chosen"])
     assert a["text"] == b["text"] and a["logprobs"]["token_logprobs"] == b["logprobs"]["token_logprobs"]
 
@@ -443,3 +445,34 @@ def test_full_fine_tune_candidates_are_served_one_after_another(monkeypatch, tmp
     assert [c for c in calls if c[0] == "serve"] == [("serve", arts["base"], {"ft": arts["ft"], "hcnr-rcw0.4":
                                                       arts["hcnr-rcw0.4"]}, {}, 8123, ["--seed", "0"])]
     assert [c[2] for c in calls if c[0] == "eval"] == [names]
+
+
+def test_chosen_copy_is_atomic_and_carries_a_card(tmp_path):
+    from hcnr_deploy import sweep as S
+
+    src = tmp_path / "ft"
+    src.mkdir()
+    (src / "adapter_config.json").write_text("{}")
+    cands = [{**_cand("base", 0.9, 0.0, 1.0), "f1_ci95": None, "rf_delta": 0.8, "domain_accuracy_ci95": None,
+              "domain_change": -0.3, "pareto": True},
+             {**_cand("ft", 0.3, 0.3, 0.0), "f1_ci95": None, "rf_delta": 0.1, "domain_accuracy_ci95": None,
+              "domain_change": 0.0, "pareto": True}]
+    frontier = {"candidates": cands, "chosen": "ft", "reason": "highest honesty F1 (0.300) among the 1 of 2",
+                "settings": {"finetuned": "my-ft", "base": "my-base"}}
+    S._copy_artifact(src, tmp_path / "chosen", lambda t: S._card(t, None, cands[1], {}, 0.01, frontier))
+    card = (tmp_path / "chosen" / "README.md").read_text()
+    assert "`my-ft`" in card and "highest honesty F1" in card and "| ft |" in card
+    assert (tmp_path / "chosen" / "adapter_config.json").read_text() == "{}"
+    (src / "README.md").write_text("the team's own card")
+
+    def boom(t):
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        S._copy_artifact(src, tmp_path / "chosen", boom)
+    assert (tmp_path / "chosen" / "README.md").read_text() == card  # the old chosen/ untouched
+    assert not list(tmp_path.glob(".chosen.tmp-*"))
+    S._copy_artifact(src, tmp_path / "chosen", lambda t: S._card(t, None, cands[1], {}, 0.01, frontier))
+    mine = (tmp_path / "chosen" / "README.md").read_text()
+    assert mine.startswith("the team's own card\n\n## ft, chosen by hcnr-deploy sweep") and mine.endswith(card)
+    assert (src / "README.md").read_text() == "the team's own card"
