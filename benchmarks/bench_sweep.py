@@ -93,7 +93,7 @@ def main(argv=None):
         t0 = time.perf_counter()
         fr = run_sweep(base, ft, hon, task, scen, dom, work / "sweep", grid=args.grid, benchmarks="kuq",
                        limit=args.limit, port=free_port(), serve_dtype="float32", max_model_len=512,
-                       max_tokens=recipe.max_tokens, repair_options=opts, console=console, skip_unavailable=True)
+                       max_tokens=recipe.max_tokens, repair_options=opts, console=console)
         sweep_s = time.perf_counter() - t0
         st = fr["timings_s"]
         names = [c["name"] for c in fr["candidates"]]

@@ -29,73 +29,23 @@ from pathlib import Path
 
 import click
 
-from hcnr_deploy.errors import UserError
 from hcnr_deploy import frontier as F
+from hcnr_deploy.errors import UserError
+from hcnr_deploy.options import click_options
 
 SCHEMA = "hcnr-deploy.sweep/1"
 EVAL_DEFAULTS = dict(max_tokens=64, concurrency=16, n_boot=1000)
 
 
-# ---------------------------------------------------------------------------------------------- repair adapter
-
-
-class _PerCandidateSession:
-    """Stand-in for hcnr_deploy.repair.RepairSession where it is not available: one run_repair per candidate
-    (statistics recomputed each time). Methods: hcnr (any selection) and regmean (as task-aware at
-    R_IW = R_CW = 1)."""
-
-    methods = ("hcnr", "regmean")
-
-    def __init__(self, base, finetuned, honesty_data, task_data, opts: dict, console=None, progress=False):
-        self.args = (base, finetuned, honesty_data, task_data)
-        self.opts, self.console, self.progress = dict(opts), console, progress
-        self.timings: dict[str, float] = {}
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def write(self, out, overwrite=False, method="hcnr", **kw):
-        from hcnr_deploy.repair import run_repair
-
-        if method == "regmean":
-            kw = {"r_iw": 1.0, "r_cw": 1.0, "compensation": "task-aware", **kw}
-        elif method != "hcnr":
-            raise UserError(f"method {method!r} needs hcnr_deploy.repair.RepairSession, which this build lacks")
-        report = run_repair(*self.args, out, overwrite=overwrite, console=self.console, progress=False,
-                            **{**self.opts, **kw})
-        for k, v in report.get("timings_s", {}).items():
-            if k not in ("total", "export"):
-                self.timings[k] = round(self.timings.get(k, 0.0) + v, 4)
-        return report
-
-
-def _session_class():
-    try:
-        from hcnr_deploy.repair import RepairSession
-    except ImportError:
-        return _PerCandidateSession
-    return RepairSession
-
-
-def available_methods() -> tuple[str, ...]:
-    cls = _session_class()
-    return getattr(cls, "methods", ("hcnr", "regmean", "scale", "sft"))
+# ---------------------------------------------------------------------------------------------- repair session
 
 
 def open_session(base, finetuned, honesty_data, task_data, repair_options: dict, console=None, progress=False):
-    cls = _session_class()
-    if cls is _PerCandidateSession:
-        return cls(base, finetuned, honesty_data, task_data, repair_options, console, progress)
-    try:
-        from hcnr_deploy.options import RepairOptions
+    """One hcnr_deploy.repair.RepairSession for every candidate: its statistics are computed once."""
+    from hcnr_deploy.repair import RepairOptions, RepairSession
 
-        opts = RepairOptions(**repair_options)
-    except ImportError:
-        opts = repair_options
-    return cls(base, finetuned, honesty_data, task_data, opts, console=console, progress=progress)
+    return RepairSession(base, finetuned, honesty_data, task_data, RepairOptions(**repair_options), console=console,
+                         progress=progress)
 
 
 def _write_candidate(session, cand: F.Candidate, out: Path) -> dict:
@@ -270,11 +220,8 @@ def run_sweep(base, finetuned, honesty_data, task_data, eval_honesty, eval_domai
               max_model_len: int | None = None, startup_timeout: float = 900, max_tokens: int = 64,
               concurrency: int = 16, n_boot: int = 1000, overwrite: bool = False, repair_options: dict | None = None,
               console=None, progress: bool = True, command: str | None = None,
-              skip_unavailable: bool | None = None, trust_cache_names: bool = False) -> dict:
-    """The whole sweep; returns the frontier dict written to `out`/frontier.json. See the module docstring.
-
-    `skip_unavailable` (default: only for the default grid): leave out, with a note, candidates whose method this
-    build lacks instead of failing."""
+              trust_cache_names: bool = False) -> dict:
+    """The whole sweep; returns the frontier dict written to `out`/frontier.json. See the module docstring."""
     from rich.console import Console
 
     from hcnr_deploy.modelio import FineTune, Checkpoint, resolve_model_dir
@@ -288,16 +235,7 @@ def run_sweep(base, finetuned, honesty_data, task_data, eval_honesty, eval_domai
     if not 0 <= max_domain_drop <= 1:
         raise UserError(f"--max-domain-drop must be between 0 and 1 (absolute accuracy), got {max_domain_drop}")
     cands = F.parse_grid(grid)
-    methods = available_methods()
     notes = []
-    missing = sorted({c.method for c in cands if c.family in F.METHODS and c.method not in methods})
-    skip_unavailable = grid is None if skip_unavailable is None else skip_unavailable
-    if missing and not skip_unavailable:
-        raise UserError(f"--grid: method(s) {', '.join(missing)} are not available in this build (it has "
-                        f"{', '.join(methods)})")
-    if missing:
-        notes.append(f"grid without {', '.join(missing)}: not available in this build")
-        cands = [c for c in cands if c.family not in F.METHODS or c.method in methods]
     out = Path(out).expanduser().resolve()
     base_dir = resolve_model_dir(base, "--base")
     ft_dir = resolve_model_dir(finetuned, "--finetuned")
@@ -326,8 +264,7 @@ def run_sweep(base, finetuned, honesty_data, task_data, eval_honesty, eval_domai
     # 1. statistics + candidates
     t0 = time.perf_counter()
     built = build_candidates([c for c in cands if c.family in F.METHODS], out / "candidates", base_dir, ft_dir,
-                             honesty_data, task_data, ro, console=console, progress=progress,
-                             skip_unavailable=skip_unavailable)
+                             honesty_data, task_data, ro, console=console, progress=progress)
     artifacts = {"base": base_dir, "ft": ft_dir, **built["artifacts"]}
     reports, reused, stats_timings = built["reports"], built["reused"], built["statistics"]
     notes += built["notes"]
@@ -399,14 +336,12 @@ def run_sweep(base, finetuned, honesty_data, task_data, eval_honesty, eval_domai
 
 
 def build_candidates(cands: list[F.Candidate], folder: Path, base, finetuned, honesty_data, task_data,
-                     repair_options: dict, *, console=None, progress: bool = False,
-                     skip_unavailable: bool = False) -> dict:
+                     repair_options: dict, *, console=None, progress: bool = False) -> dict:
     """Write every candidate's artifact to folder/NAME from one repair session (statistics computed once, and
     only when some candidate is missing); a finished folder (it exists: writes are atomic) is reused as it is.
 
     Returns {"artifacts": {name: path}, "reports": {name: report.json}, "built", "reused", "notes",
-    "statistics": the session's seconds per statistics stage}. With `skip_unavailable`, a candidate whose method
-    this build lacks is left out with a note instead of failing."""
+    "statistics": the session's seconds per statistics stage}."""
     from rich.console import Console
 
     console = console or Console(stderr=True, quiet=True)
@@ -426,15 +361,7 @@ def build_candidates(cands: list[F.Candidate], folder: Path, base, finetuned, ho
                     session = stack.enter_context(open_session(base, finetuned, honesty_data, task_data,
                                                                repair_options, console=console, progress=False))
                 bar.update(task, description=f"candidate {c.name}")
-                try:
-                    _write_candidate(session, c, path)
-                except UserError as e:
-                    if not skip_unavailable or "not available" not in e.format_message():
-                        raise
-                    out["notes"].append(f"{c.name} left out of the default grid: {e.format_message()}")
-                    console.print(f"[yellow]note[/]: {out['notes'][-1]}")
-                    bar.advance(task)
-                    continue
+                _write_candidate(session, c, path)
                 out["built"].append(c.name)
             else:
                 out["reused"].append(c.name)
@@ -553,32 +480,6 @@ def print_frontier(frontier: dict, console):
 # ---------------------------------------------------------------------------------------------- CLI
 
 
-def _repair_options():
-    """Repair's data and compute options, declared once in hcnr_deploy.options (click_options)."""
-    try:
-        from hcnr_deploy.options import click_options
-    except ImportError:
-        return _fallback_repair_options
-    return click_options("data", "compute")
-
-
-def _fallback_repair_options(f):
-    """Until hcnr_deploy.options lands: repair's data and compute options with repair's defaults."""
-    from hcnr_deploy.repair import CHOICES, DEFAULTS
-
-    for name, kw in reversed([
-        ("--num-samples", dict(type=int, help="Calibration examples used from each JSONL (the first N).")),
-        ("--max-length", dict(type=int, help="Tokens per calibration example.")),
-        ("--seed", dict(type=int, help="Seed (random selection, SFT, --limit sampling, bootstrap).")),
-        ("--device", dict(type=click.Choice(CHOICES["device"]), help="Where the repair passes run.")),
-        ("--dtype", dict(type=click.Choice(CHOICES["dtype"]), help="Working dtype of the repair passes.")),
-        ("--batch-size", dict(type=int, help="Samples per forward/backward pass.")),
-    ]):
-        key = name[2:].replace("-", "_")
-        f = click.option(name, default=DEFAULTS[key], show_default=True, **kw)(f)
-    return click.option("--offload", is_flag=True, help="One decoder block on the device at a time.")(f)
-
-
 @click.command("sweep", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.option("--base", required=True, help="Base (pre-fine-tuning) model: HF folder or hub id.")
 @click.option("--finetuned", required=True, help="The fine-tune: a full HF model folder or a PEFT LoRA adapter.")
@@ -622,7 +523,7 @@ def _fallback_repair_options(f):
 @click.option("--overwrite", is_flag=True, help="Replace --out if it holds a finished sweep (or anything else).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars; only the table.")
 @click.argument("vllm_args", nargs=-1, type=click.UNPROCESSED, metavar="[-- VLLM_ARGS...]")
-@_repair_options()
+@click_options("data", "compute")
 def sweep(base, finetuned, honesty_data, task_data, eval_honesty, eval_domain, out, grid, max_domain_drop,
           benchmarks, limit, endpoint, port, trust_cache_names, max_tokens, concurrency, n_boot, startup_timeout,
           overwrite, quiet, vllm_args, **repair_options):

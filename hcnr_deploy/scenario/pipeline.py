@@ -452,7 +452,7 @@ def build_sweep(steps: Steps, recipe: Recipe, base: Path, ft: Path, scen: Path, 
                          benchmarks=None if data_dir else "kuq", limit=limit, port=port or free_port(),
                          serve_dtype="float32", max_model_len=512, max_tokens=recipe.max_tokens,
                          overwrite=steps.fresh, repair_options=opts, console=console,
-                         progress=console is not None and not console.quiet, skip_unavailable=True)
+                         progress=console is not None and not console.quiet)
     steps.timings["sweep"] = {"seconds": round(time.perf_counter() - t0, 2), "cached": False,
                               "stages": frontier["timings_s"]}
     return frontier
