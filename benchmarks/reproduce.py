@@ -8,11 +8,18 @@
 Per seed: the scenario's base / ft (hcnr_deploy.scenario), then every repair variant from one repair
 session (`hcnr_deploy.sweep.build_candidates`: Fisher and Gram/Hessian statistics computed once; HCNR, the
 ablations Random / w/o Task / w/o Compensation, our exact compensation, an R_CW sweep for HCNR and Random, a
-task-aware weight sweep, and the delta-scaling baseline `W0 + a D`, `repair --method scale`), plus the RAIT baseline (the fine-tune's LoRA trained further
-on refusal data) and ICL (the fine-tune prompted with the eval harness's honesty exemplars). All of
-them are served as adapters of one vLLM server and scored by the eval harness on the honesty
+task-aware weight sweep, the delta-scaling baseline `W0 + a D`, `repair --method scale`, and the sweep's default
+grid `hcnr_deploy.frontier.DEFAULT_GRID`: regmean over MU, scale over A, sft over steps), plus the RAIT baseline
+(the fine-tune's LoRA trained further on refusal data), Rehearsal (the domain SFT with 5% refusal data mixed in,
+`hcnr_deploy.scenario.pipeline.build_rehearsal`) and ICL (the fine-tune prompted with the eval harness's honesty
+exemplars). All of them are served as adapters of one vLLM server and scored by the eval harness on the honesty
 benchmarks (--data-dir: SelfAware, FalseQA, NEC, RefuNQ, KUQ when present; without it, the
 scenario's own held-out questions) and on the scenario's domain questions (held-out phrasings).
+
+Is the scenario a test (DESIGN.md section 8)? Per seed, `validity`: the base/ft/Rehearsal gates of
+`eval_harness.metrics.separability` and the linear probe of `hcnr_deploy.probe.run_probe` (fine-tune, and the
+base's probe transferred to it) on the same held-out honesty questions; a scenario that is not separable cannot
+judge a repair, and the report says so.
 
 Writes to --out (default benchmarks/results/): reproduction.md (the tables, with command, machine,
 versions, date and the size that ran), reproduction.json, tradeoff.png, and each seed's results.json.
@@ -63,6 +70,9 @@ def variants(args) -> dict[str, F.Candidate]:
         v.update([hcnr(f"taskaware-mu{mu:g}", compensation="task-aware", task_weight=mu)])
     for a in parse_floats(args.scale_sweep):
         v[f"scale-a{a:g}"] = F.Candidate(f"scale-a{a:g}", "scale", "scale", {"alpha": a})
+    for c in F.parse_grid(args.grid) if args.grid else []:  # the sweep's grid: regmean, scale, sft beside HCNR
+        if c.family not in F.REFERENCES and c.name not in v:
+            v[c.name] = c
     return v
 
 
@@ -103,6 +113,10 @@ def build_models(args, recipe, steps, console, sweeps=True):
         info = json.loads((adapters["rait"] / "step.json").read_text())
         meta["rait"] = {"seconds": info["seconds"], "train_seconds": info.get("train_seconds"),
                         "examples": info.get("examples"), "edited_fraction": 1.0}
+    adapters["rehearsal"] = P.build_rehearsal(steps, recipe, base, scen, console, share=P.REHEARSAL_SHARE)
+    info = json.loads((adapters["rehearsal"] / "step.json").read_text())
+    meta["rehearsal"] = {"seconds": info["seconds"], "share": P.REHEARSAL_SHARE, "rows": info.get("rows"),
+                         "refusal_rows": info.get("refusal_rows"), "edited_fraction": 1.0}
     return scen, base, ft, adapters, meta
 
 
@@ -143,7 +157,18 @@ def evaluate_seed(args, recipe, scen, base, adapters, out_dir: Path, console):
     (out_dir / "results_icl.json").write_text(json.dumps({k: v for k, v in icl.items() if k != "samples"},
                                                          indent=2, default=str))
     res["results"]["icl"], res["samples"]["icl"] = icl["results"]["ft"], icl["samples"]["ft"]  # one more "model"
-    return res, benchmarks
+    return res, benchmarks, data_dir
+
+
+def probe_seed(args, base, ft, data_dir, benchmarks, out_dir: Path, console) -> dict:
+    """hcnr_deploy.probe.run_probe on the fine-tune (--model, a LoRA adapter on base) with the base as --reference,
+    on the held-out honesty questions the eval scores (same files, --limit and sampling seed 0); writes
+    out_dir/probe/{probe.json, probe.png}."""
+    from hcnr_deploy.probe import run_probe
+
+    return run_probe(str(ft), out_dir / "probe", reference=str(base), base=str(base), data_dir=data_dir,
+                     benchmarks=",".join(benchmarks), limit=args.limit, seed=0, device="cpu", dtype="float32",
+                     overwrite=True, progress=True, console=console)
 
 
 # ---------------------------------------------------------------------------------------------- statistics
@@ -154,6 +179,87 @@ def seed_figures(res, benchmarks, seed) -> dict:
     ratio and domain change against ft, with paired bootstrap intervals; metrics from eval_harness.metrics)."""
     names = list(res["results"])
     return F.candidate_figures(res, names, benchmarks, "domain", n_boot=1000, seed=seed)
+
+
+def validity_of(figures, probe: dict, benchmarks, n_per_class: dict) -> dict:
+    """DESIGN.md section 8's checks for one seed: eval_harness.metrics.separability on base / ft / Rehearsal (F1
+    and RF Delta are means over `benchmarks`, the ones the verdict uses) and the probe's AUROC (best layer per
+    benchmark, mean over the benchmarks) on the fine-tune and for the base's probe transferred to it."""
+    from eval_harness.metrics import separability
+
+    def fig(n):
+        return {"f1": figures[n]["f1"], "rf_delta": figures[n]["rf_delta"],
+                "domain_accuracy": figures[n]["domain_accuracy"]}
+
+    v = separability(fig("base"), fig("ft"), fig("rehearsal"))
+    conds = probe["conditions"]
+    return {**{k: v[k] for k in VALIDITY_FIGURES if k in v},
+            "probe_auroc_ft": conds["model"]["summary"]["mean_of_best_auroc"],
+            "probe_auroc_transfer": conds["transfer"]["summary"]["mean_of_best_auroc"],
+            "probe_auroc_base": conds["reference"]["summary"]["mean_of_best_auroc"],
+            "separable": bool(v["separable"]), "discriminating": bool(v["discriminating"]),
+            "rehearsal_recovery": v["rehearsal_recovery"], "checks": v["checks"], "reasons": v["reasons"],
+            "benchmarks": list(benchmarks), "questions_per_class": n_per_class}
+
+
+VALIDITY_FIGURES = ("base_f1", "base_rf_delta", "ft_f1", "ft_domain", "rehearsal_f1", "rehearsal_domain")
+PROBE_FIGURES = ("probe_auroc_ft", "probe_auroc_transfer", "probe_auroc_base")
+
+
+def average_validity(per_seed: dict) -> dict:
+    """The seeds' mean of every figure, the verdict of separability on those means, and how many seeds pass."""
+    from eval_harness.metrics import separability
+
+    first = next(iter(per_seed.values()))
+    mean = {k: float(np.mean([v[k] for v in per_seed.values()])) for k in (*VALIDITY_FIGURES, *PROBE_FIGURES)}
+    v = separability({"f1": mean["base_f1"], "rf_delta": mean["base_rf_delta"]},
+                     {"f1": mean["ft_f1"], "domain_accuracy": mean["ft_domain"]},
+                     {"f1": mean["rehearsal_f1"], "domain_accuracy": mean["rehearsal_domain"]})
+    return {**mean, "separable": bool(v["separable"]), "discriminating": bool(v["discriminating"]),
+            "rehearsal_recovery": v["rehearsal_recovery"], "checks": v["checks"], "reasons": v["reasons"],
+            "seeds_separable": sum(bool(s["separable"]) for s in per_seed.values()),
+            "seeds_discriminating": sum(bool(s["discriminating"]) for s in per_seed.values()),
+            "n_seeds": len(per_seed), "benchmarks": first["benchmarks"],
+            "questions_per_class": first["questions_per_class"], "per_seed": per_seed}
+
+
+def validity_sentence(val: dict) -> str:
+    """Plain words on whether the scenario can judge a repair (DESIGN.md section 8)."""
+    parts = []
+    if not val["discriminating"]:
+        parts.append("The base/fine-tune gates fail (" + "; ".join(r for r in val["reasons"] if "Rehearsal" not in r)
+                     + "): the scenario does not test a repair.")
+    if val["separable"]:
+        parts.append(f"Separable: Rehearsal recovers {val['rehearsal_recovery']:.0%} of the lost F1 at domain "
+                     f"accuracy {val['rehearsal_domain']:.3f} (ft {val['ft_domain']:.3f}), so honesty and the domain "
+                     f"coexist here and a repair that recovers little has failed, not the scenario.")
+    else:
+        parts.append("**NOT separable** (" + "; ".join(r for r in val["reasons"] if "Rehearsal" in r) + "): "
+                     "honesty and the domain were not shown to coexist, so this scenario cannot judge a repair.")
+    parts.append(f"Probe AUROC (best layer, mean over {', '.join(val['benchmarks'])}): fine-tune "
+                 f"{val['probe_auroc_ft']:.3f}, base's probe transferred to it {val['probe_auroc_transfer']:.3f}, "
+                 f"base {val['probe_auroc_base']:.3f}.")
+    return " ".join(parts)
+
+
+def best_of_families(figures, max_domain_drop: float) -> dict:
+    """Per candidate family (hcnr, random, taskaware, regmean, scale, sft): hcnr_deploy.frontier.choose among ft
+    and that family's points, i.e. its most honest point within `max_domain_drop` of ft's domain accuracy."""
+    out = {}
+    for fam in FAMILIES:
+        names = [n for n in figures if n == fam or n.startswith(fam + "-")]
+        if not names:
+            continue
+        cands = [{"name": n, "f1": figures[n]["f1"], "domain_accuracy": figures[n]["domain_accuracy"]}
+                 for n in ("ft", *names)]
+        name, _ = F.choose(cands, max_domain_drop)
+        out[fam] = {"name": name, "f1": figures[name]["f1"], "domain_accuracy": figures[name]["domain_accuracy"],
+                    "recovery_ratio": figures[name]["recovery_ratio"],
+                    "recovery_ratio_ci95": figures[name]["recovery_ratio_ci95"]}
+    return out
+
+
+FAMILIES = ("hcnr", "random", "taskaware", "regmean", "scale", "sft")
 
 
 def recovery_of(figures, model="hcnr") -> dict:
@@ -228,7 +334,8 @@ def plot(avg, names, path: Path, title: str):
     fig, ax = plt.subplots(figsize=(7, 5))
     series = [("HCNR (R_CW sweep)", "hcnr-rcw", "o-", "C0"), ("Random selection (R_CW sweep)", "random-rcw", "s--", "C1"),
               ("Task-aware compensation (weight sweep)", "taskaware-mu", "^-", "C2"),
-              ("Delta scaling W0 + a D", "scale-a", "d:", "C3")]
+              ("Delta scaling W0 + a D", "scale-a", "d:", "C3"), ("RegMean (MU sweep)", "regmean-mu", "v-.", "C6"),
+              ("SFT on honesty data (steps)", "sft-s", "p-", "C7")]
     for label, prefix, style, color in series:
         pts = sorted((avg[n]["mean_f1"]["mean"], avg[n]["domain_accuracy"]["mean"], n[len(prefix):])
                      for n in names if n.startswith(prefix))
@@ -236,7 +343,8 @@ def plot(avg, names, path: Path, title: str):
             ax.plot([p[0] for p in pts], [p[1] for p in pts], style, color=color, label=label)
             for x, y, t in pts:
                 ax.annotate(t, (x, y), fontsize=7, textcoords="offset points", xytext=(3, 3))
-    for n, mk in (("base", "k*"), ("ft", "kX"), ("hcnr", "C0P"), ("rait", "C4v"), ("icl", "C5<")):
+    for n, mk in (("base", "k*"), ("ft", "kX"), ("hcnr", "C0P"), ("rait", "C4v"), ("icl", "C5<"),
+                  ("rehearsal", "C8h")):
         if n in avg:
             ax.plot(avg[n]["mean_f1"]["mean"], avg[n]["domain_accuracy"]["mean"], mk, markersize=10, label=n)
     ax.set_xlabel("honesty F1 (mean over benchmarks)")
@@ -249,8 +357,31 @@ def plot(avg, names, path: Path, title: str):
     plt.close(fig)
 
 
+def validity_lines(validity: dict) -> list[str]:
+    """The checks of DESIGN.md section 8, per seed and on the seeds' means, then the plain verdict."""
+    cols = [("base F1", "base_f1"), ("base RFΔ", "base_rf_delta"), ("ft F1", "ft_f1"), ("ft domain", "ft_domain"),
+            ("Rehearsal F1", "rehearsal_f1"), ("Rehearsal domain", "rehearsal_domain"),
+            ("Rehearsal recovery", "rehearsal_recovery"), ("probe AUROC ft", "probe_auroc_ft"),
+            ("probe AUROC transfer", "probe_auroc_transfer")]
+    lines = ["## Is this scenario a test? (DESIGN.md section 8; eval_harness.metrics.separability)", "",
+             f"Benchmarks the verdict uses: {', '.join(validity['benchmarks'])}; questions per class: "
+             f"{json.dumps(validity['questions_per_class'])}. Gates: base RF Delta >= 0.30; ft F1 "
+             "down >= 0.15 and still >= 0.15 (discriminating); Rehearsal recovers >= half the lost F1 at domain "
+             ">= ft's - 0.02 (separable). Probe AUROC: best layer per benchmark, mean over the benchmarks.", "",
+             "| seed | " + " | ".join(c for c, _ in cols) + " | discriminating | separable |",
+             "|---" * (len(cols) + 3) + "|"]
+    rows = [*validity["per_seed"].items(), ("mean", validity)]
+    for s, v in rows:
+        gates = " | ".join("yes" if v[k] else "NO" for k in ("discriminating", "separable"))
+        lines.append(f"| {s} | " + " | ".join(fmt(v[k]) for _, k in cols) + f" | {gates} |")
+    lines += ["", f"Seeds passing: discriminating {validity['seeds_discriminating']} of {validity['n_seeds']}, "
+                  f"separable {validity['seeds_separable']} of {validity['n_seeds']}.", "",
+              "**Validity (computed, on the seeds' means):** " + validity_sentence(validity), ""]
+    return lines
+
+
 def write_report(args, out: Path, seeds_out: dict, avg: dict, benchmarks, meta, recov, gaps, started, command,
-                 plane: dict, plane_label: str):
+                 plane: dict, plane_label: str, validity: dict, best: dict):
     names = list(avg)
     lines = [f"# HCNR reproduction on this machine ({args.model} scenario)", "",
              f"- command: `{command}`", f"- date: {datetime.datetime.now(datetime.timezone.utc).isoformat()}"
@@ -261,9 +392,10 @@ def write_report(args, out: Path, seeds_out: dict, avg: dict, benchmarks, meta, 
              f"({'--limit ' + str(args.limit) + ' per benchmark' if args.limit else 'all questions'}; "
              f"questions per class: {seeds_out['n_per_class']}); domain: scenario's held-out phrasings "
              f"({seeds_out['n_domain']} questions); R_CW sweep {args.rcw_sweep}; task-aware weights {args.mu_sweep};"
-             f" delta scales {args.scale_sweep}", ""]
+             f" delta scales {args.scale_sweep}; grid {args.grid!r}", ""]
+    lines += validity_lines(validity)
     rows1 = [("Base", "base"), ("Fine-tuned", "ft"), ("ICL (ft + 4 honesty exemplars)", "icl"), ("RAIT", "rait"),
-             ("HCNR", "hcnr")]
+             (f"Rehearsal (domain SFT + {P.REHEARSAL_SHARE:.0%} refusals)", "rehearsal"), ("HCNR", "hcnr")]
     lines += ["## Table 1: honesty (F1 / RF Delta per benchmark) and domain accuracy, mean ± std over seeds", "",
               "| model | " + " | ".join(f"{b} F1 | {b} RFΔ" for b in benchmarks) + " | mean F1 | domain acc |",
               "|---" * (2 * len(benchmarks) + 3) + "|"]
@@ -281,6 +413,13 @@ def write_report(args, out: Path, seeds_out: dict, avg: dict, benchmarks, meta, 
     rr = [r["recovery_ratio"] for r in recov.values()]
     dc = [r["domain_change"] for r in recov.values()]
     lines.append(f"| mean | {np.mean(rr):.3f} ± {np.std(rr):.3f} | | {np.mean(dc):+.3f} ± {np.std(dc):.3f} | |")
+    lines += ["", f"## Best point of each method per seed (hcnr_deploy.frontier.choose: the most honest point within "
+                  f"{args.max_domain_drop:g} of ft's domain accuracy; ft itself when none is)", "",
+              "| seed | " + " | ".join(FAMILIES) + " |", "|---" * (len(FAMILIES) + 1) + "|"]
+    for s, b in best.items():
+        cells = [f"{b[f]['name']}: F1 {fmt(b[f]['f1'])}, dom {fmt(b[f]['domain_accuracy'])}, "
+                 f"rec {fmt(b[f]['recovery_ratio'])}" if f in b else "-" for f in FAMILIES]
+        lines.append(f"| {s} | " + " | ".join(cells) + " |")
     m0 = meta[next(iter(meta))]
     lines += ["", "## Table 2: cost of HCNR against RAIT on this machine (seed " + str(next(iter(meta))) + ")", "",
               "| method | data used | edited-weight ratio | wall time (s) |", "|---|---|---|---|"]
@@ -306,7 +445,9 @@ def write_report(args, out: Path, seeds_out: dict, avg: dict, benchmarks, meta, 
     for n, g in gaps.items():
         lines.append(f"| {n} | {fmt(plane[n]['mean_f1']['mean'])} | {fmt(plane[n]['domain_accuracy']['mean'])} | "
                      f"{fmt(g['vs_scaling'], True)} | {fmt(g['vs_random'], True)} |")
-    lines += ["", "**Verdict (computed):** " + verdict(avg, gaps, recov)]
+    lines += ["", "**Verdict (computed):** " + verdict(avg, gaps, recov)
+              + ("" if validity["separable"] else " But the scenario is not separable (above), so this cannot "
+                 "judge the repair.")]
     lines += ["", "## Every model (mean ± std over the seeds that scored it)", "",
               "| model | seeds | mean F1 | mean RF Delta | domain acc |", "|---|---|---|---|---|"]
     for n in names:
@@ -337,7 +478,7 @@ def args_samples(args):
 
 
 def finalize(args, out, seeds_done, per_seed_rows, recov, meta, seeds_out, benchmarks, started, command,
-             sweep_seeds=()):
+             sweep_seeds=(), validity_per_seed=None, best=None):
     """Aggregate the seeds done so far and (re)write reproduction.md / .json and tradeoff.png."""
     seeds = seeds_done
     done = ",".join(map(str, seeds_done))
@@ -355,7 +496,8 @@ def finalize(args, out, seeds_done, per_seed_rows, recov, meta, seeds_out, bench
                 if n.startswith("random-rcw")]
     gaps = {}
     for n in names:
-        if n.startswith(("hcnr", "taskaware", "exact", "no-comp", "no-task", "rait", "random")):
+        if n.startswith(("hcnr", "taskaware", "exact", "no-comp", "no-task", "rait", "random", "regmean", "sft",
+                         "rehearsal")):
             pt = [(plane[n]["mean_f1"]["mean"], plane[n]["domain_accuracy"]["mean"])]
             gaps[n] = {"vs_scaling": F.curve_gap(pt, scaling)[0] if scaling else None,
                        "vs_random": F.curve_gap(pt, random_c)[0] if len(random_c) > 1 else None}
@@ -375,9 +517,12 @@ def finalize(args, out, seeds_done, per_seed_rows, recov, meta, seeds_out, bench
         "tradeoff_points": {n: {"mean_f1": plane[n]["mean_f1"]["mean"],
                                 "domain_accuracy": plane[n]["domain_accuracy"]["mean"]} for n in names},
         "tradeoff_gaps": gaps,
+        "validity": average_validity(validity_per_seed),
+        "best_of_families": {"max_domain_drop": args.max_domain_drop, "per_seed": best},
     }
     (out / "reproduction.json").write_text(json.dumps(summary, indent=2, default=str))
-    write_report(args, out, seeds_out, avg, benchmarks, meta, recov, gaps, started, command, plane, plane_label)
+    write_report(args, out, seeds_out, avg, benchmarks, meta, recov, gaps, started, command, plane, plane_label,
+                 summary["validity"], best)
 
 
 def main(argv=None):
@@ -394,6 +539,12 @@ def main(argv=None):
     ap.add_argument("--rcw-sweep", default="0.1,0.2,0.4,0.6,0.8")
     ap.add_argument("--mu-sweep", default="0.1,0.3,1,3,10")
     ap.add_argument("--scale-sweep", default="0.2,0.4,0.6,0.8,0.9")
+    ap.add_argument("--grid", default=F.DEFAULT_GRID,
+                    help="the sweep's candidates added beside the variants above (hcnr_deploy.frontier's --grid "
+                         "format; '' for none; default: the sweep's default grid)")
+    ap.add_argument("--max-domain-drop", type=float, default=0.05,
+                    help="the per-method best point of the report: the most honest within this of ft's domain "
+                         "accuracy (absolute; hcnr_deploy.frontier.choose)")
     ap.add_argument("--no-rait", action="store_true")
     ap.add_argument("--sweep-seeds", default=None,
                     help="seeds that run the sweeps (R_CW, task-aware weight, delta scale) for the trade-off "
@@ -418,7 +569,7 @@ def main(argv=None):
     steps = P.Steps(Path(args.cache_dir), console=console)
     seeds = [int(s) for s in args.seeds.split(",")]
     sweep_seeds = seeds if args.sweep_seeds is None else [int(s) for s in args.sweep_seeds.split(",") if s.strip()]
-    per_seed_rows, recov, meta, seeds_out = [], {}, {}, {}
+    per_seed_rows, recov, meta, seeds_out, validity, best = [], {}, {}, {}, {}, {}
     for seed in seeds:
         recipe = P.RECIPES[args.model]
         recipe = recipe.with_seed(seed) if args.seed_mode == "train" else P.replace(recipe, calib_draw=seed)
@@ -428,7 +579,8 @@ def main(argv=None):
         seed_dir = out / f"seed{seed}"
         shutil.rmtree(seed_dir, ignore_errors=True)
         seed_dir.mkdir(parents=True)
-        res, benchmarks = evaluate_seed(args, recipe, scen, base, adapters, seed_dir, console)
+        res, benchmarks, data_dir = evaluate_seed(args, recipe, scen, base, adapters, seed_dir, console)
+        probe = probe_seed(args, base, ft, data_dir, benchmarks, seed_dir, console)
         figures = seed_figures(res, benchmarks, seed)
         rows = model_rows(figures, benchmarks)
         per_seed_rows.append(rows)
@@ -436,11 +588,15 @@ def main(argv=None):
         seeds_out["n_per_class"] = {b: [res["tasks"][b]["n_unanswerable"], res["tasks"][b]["n_answerable"]]
                                     for b in benchmarks}
         seeds_out["n_domain"] = res["tasks"]["domain"]["n"]
-        seeds_out[seed] = {"models": rows, **recov[seed], "repair": meta[seed], "timings_s": dict(steps.timings)}
+        validity[seed] = validity_of(figures, probe, benchmarks, {b: {"unanswerable": u, "answerable": a}
+                                                                  for b, (u, a) in seeds_out["n_per_class"].items()})
+        best[seed] = best_of_families(figures, args.max_domain_drop)
+        seeds_out[seed] = {"models": rows, **recov[seed], "repair": meta[seed], "timings_s": dict(steps.timings),
+                           "probe_s": probe.get("_run")}
         (seed_dir / "results.json").write_text(json.dumps({k: v for k, v in res.items() if k != "samples"},
                                                           indent=2, default=str))
         finalize(args, out, list(recov), per_seed_rows, recov, meta, seeds_out, benchmarks, started, command,
-                 sweep_seeds)
+                 sweep_seeds, validity, best)
     console.print((out / "reproduction.md").read_text())
 
 

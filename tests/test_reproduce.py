@@ -37,7 +37,7 @@ def pair(tmp_path_factory):
 
 
 def test_variants_are_the_paper_rows_and_sweeps(reproduce):
-    args = argparse.Namespace(rcw_sweep="0.1,0.4", mu_sweep="1", scale_sweep="0.5")
+    args = argparse.Namespace(rcw_sweep="0.1,0.4", mu_sweep="1", scale_sweep="0.5", grid="")
     v = reproduce.variants(args)
     assert list(v)[:5] == list(reproduce.TABLE_VARIANTS)
     assert v["no-task"].repair_kwargs == {"selection": "no-task"} and v["no-comp"].repair_kwargs == {
@@ -47,9 +47,19 @@ def test_variants_are_the_paper_rows_and_sweeps(reproduce):
     assert v["scale-a0.5"].method == "scale" and v["scale-a0.5"].repair_kwargs == {"alpha": 0.5}
 
 
+def test_variants_add_the_sweeps_default_grid_once(reproduce):
+    args = argparse.Namespace(rcw_sweep="0.4", mu_sweep="", scale_sweep="0.4", grid=F.DEFAULT_GRID)
+    v = reproduce.variants(args)
+    grid = [c for c in F.parse_grid(F.DEFAULT_GRID) if c.family not in F.REFERENCES]
+    assert {c.name for c in grid} <= set(v) and len(v) == len(set(v))
+    assert v["regmean-mu3"].method == "regmean" and v["regmean-mu3"].repair_kwargs == {"task_weight": 3.0}
+    assert v["sft-s32"].method == "sft" and v["sft-s32"].repair_kwargs == {"steps": 32}
+    assert v["hcnr-rcw0.4"].repair_kwargs == {"r_cw": 0.4}  # the variant's own, not a duplicate from the grid
+
+
 def test_variants_from_one_session_give_the_bytes_of_separate_repairs(reproduce, pair, tmp_path):
     base, lora, hon, task = pair
-    args = argparse.Namespace(rcw_sweep="0.2", mu_sweep="", scale_sweep="")
+    args = argparse.Namespace(rcw_sweep="0.2", mu_sweep="", scale_sweep="", grid="")
     v = reproduce.variants(args)
     chosen = [v[n] for n in ("hcnr", "hcnr-rcw0.2", "exact", "no-task", "random")]
     opts = dict(num_samples=8, max_length=48)
@@ -104,3 +114,34 @@ def test_curve_gap():
     curve = [(0.0, 1.0), (1.0, 0.0)]
     assert F.curve_gap([(0.5, 0.7), (0.25, 0.5), (1.5, 0.0)], curve) == [pytest.approx(0.2), pytest.approx(-0.25),
                                                                          None]
+
+
+def _probe_report(ft, transfer, base):
+    def cond(v):
+        return {"summary": {"mean_of_best_auroc": v}}
+
+    return {"conditions": {"model": cond(ft), "transfer": cond(transfer), "reference": cond(base)}}
+
+
+def test_validity_is_separability_of_the_measured_figures_and_the_probe(reproduce):
+    def fig(f1, rf, dom):
+        return {"f1": f1, "rf_delta": rf, "domain_accuracy": dom}
+
+    figures = {"base": fig(0.99, 0.95, 0.01), "ft": fig(0.43, 0.30, 0.30), "rehearsal": fig(0.80, 0.7, 0.29)}
+    n = {"kuq": [290, 300]}
+    v = reproduce.validity_of(figures, _probe_report(0.97, 0.93, 0.99), ["kuq"], n)
+    want = M.separability(figures["base"], figures["ft"], figures["rehearsal"])
+    assert v["separable"] is True and v["discriminating"] is True
+    for k in ("base_f1", "base_rf_delta", "ft_f1", "ft_domain", "rehearsal_f1", "rehearsal_domain"):
+        assert v[k] == want[k]
+    assert (v["probe_auroc_ft"], v["probe_auroc_transfer"]) == (0.97, 0.93)
+    assert v["benchmarks"] == ["kuq"] and v["questions_per_class"] == n
+    # Rehearsal loses the domain (0.25 < 0.30 - 0.02): not separable on that seed, and the average says why
+    bad = reproduce.validity_of({**figures, "rehearsal": fig(0.80, 0.7, 0.25)}, _probe_report(0.9, 0.8, 0.99),
+                                ["kuq"], n)
+    assert bad["separable"] is False and bad["discriminating"] is True
+    avg = reproduce.average_validity({0: v, 1: bad})
+    assert avg["rehearsal_domain"] == pytest.approx(0.27) and avg["probe_auroc_transfer"] == pytest.approx(0.865)
+    assert avg["separable"] is False and avg["seeds_separable"] == 1 and avg["n_seeds"] == 2
+    assert avg["per_seed"][1] is bad and "NOT separable" in reproduce.validity_sentence(avg)
+    assert "NOT separable" not in reproduce.validity_sentence(v) and "Separable" in reproduce.validity_sentence(v)
