@@ -18,6 +18,7 @@ from pathlib import Path
 from hcnr_deploy.cachedir import cache_root  # noqa: F401  (re-exported: the demo CLI imports it here)
 from hcnr_deploy.errors import UserError
 from hcnr_deploy.scenario import data as scen_data
+from hcnr_deploy.scenario import realdata
 
 DATA_VERSION = 2  # bump when data.py changes what it generates
 
@@ -67,6 +68,11 @@ RECIPES = {
                  grid="hcnr:r_cw=0.2,0.4; regmean:mu=3; scale:alpha=0.5; sft:steps=16"),
     "smollm2": Recipe(model="smollm2", size=scen_data.SMOLLM2_SIZE, base_steps=110, base_lr=5e-4, base_batch=16,
                       base_rank=16, ft_steps=100, ft_lr=5e-4, ft_batch=16, ft_rank=8, max_tokens=32),
+    # SmolLM2 on the real benchmarks (realdata.py): R-Tuning base LoRA from the training part of SelfAware /
+    # FalseQA / NEC / RefuNQ (2 answers per refusal), a gentle reading-comprehension fine-tune (fictional
+    # towns' passages: the answer is in the prompt, so the domain does not collide with unanswerable questions)
+    "smollm2-rc": Recipe(model="smollm2", size=realdata.RealSize(), base_steps=60, base_lr=3e-4, base_batch=16,
+                         base_rank=16, ft_steps=40, ft_lr=3e-4, ft_batch=16, ft_rank=8, max_tokens=32),
 }
 
 
@@ -158,11 +164,51 @@ def _threads():
 
 
 def build_data(steps: Steps, recipe: Recipe) -> Path:
+    if isinstance(recipe.size, realdata.RealSize):
+        return build_realdata(steps, recipe)
     key = {"v": DATA_VERSION, "size": asdict(recipe.size), "seed": recipe.seed}
     if recipe.calib_draw:
         key["calib_draw"] = recipe.calib_draw
     return steps.run("data", key, lambda tmp: {"counts": {k: str(v) for k, v in scen_data.write(
         tmp, recipe.size, recipe.seed, recipe.calib_draw).items()}})
+
+
+REALDATA_VERSION = 1  # bump when realdata.py changes what it writes
+
+
+def build_realdata(steps: Steps, recipe: Recipe, src_dir: Path | None = None, console=None) -> Path:
+    """The SmolLM2 scenario's data from the real benchmarks (realdata.py): the hash split, the model's own greedy
+    answers to FalseQA / NEC training questions (a cached step), R-Tuning base rows, the reading domain."""
+    src = Path(src_dir) if src_dir is not None else realdata.default_source()
+    files = realdata.source_files(src)
+    src_key = files_key(src, *(str(f.relative_to(src)) for f in files))
+    parts = realdata.split(realdata.load(src))
+    cands = realdata.answer_candidates(parts["train"], recipe.size.candidates, recipe.seed)
+    questions = [it.question for b in sorted(cands) for it in cands[b]]
+    original = build_smollm2(steps)
+
+    def answer(tmp):
+        _threads()
+        with _progress(console) as p:
+            ans = realdata.greedy_answers(original, questions, progress=p)
+        (tmp / "answers.json").write_text(json.dumps(ans, indent=1, sort_keys=True))
+        return {"questions": len(questions)}
+
+    answers_dir = steps.run("selfanswers", {"model": original.name, "src": src_key, "questions": _key(questions),
+                                            "max_new_tokens": 40}, answer)
+    self_answers = json.loads((answers_dir / "answers.json").read_text())
+    size = recipe.size
+    meta = {"seed": recipe.seed, "size": asdict(size), "source": str(src), "split": realdata.SPLIT}
+
+    def build(tmp):
+        sets = realdata.build_sets(parts, self_answers, rt_answers=size.rt_answers, rt_refusals=size.rt_refusals,
+                                   rc_train=size.rc_train, rc_eval=size.rc_eval, eval_per_class=size.eval_per_class,
+                                   calib=size.calib, seed=recipe.seed)
+        realdata.write(tmp, sets, parts, meta)
+        return {"counts": {k: len(v) for k, v in sets.items()}}
+
+    return steps.run("data-real", {"v": REALDATA_VERSION, "size": asdict(size), "seed": recipe.seed, "src": src_key,
+                                   "answers": answers_dir.name}, build)
 
 
 def _rows(path: Path) -> list[dict]:
