@@ -180,6 +180,7 @@ def build_realdata(steps: Steps, recipe: Recipe, src_dir: Path | None = None, co
     """The SmolLM2 scenario's data from the real benchmarks (realdata.py): the hash split, the model's own greedy
     answers to FalseQA / NEC training questions (a cached step), R-Tuning base rows, the reading domain."""
     src = Path(src_dir) if src_dir is not None else realdata.default_source()
+    console = console if console is not None else steps.console
     files = realdata.source_files(src)
     src_key = files_key(src, *(str(f.relative_to(src)) for f in files))
     parts = realdata.split(realdata.load(src))
