@@ -335,7 +335,7 @@ def plot(avg, names, path: Path, title: str):
     series = [("HCNR (R_CW sweep)", "hcnr-rcw", "o-", "C0"), ("Random selection (R_CW sweep)", "random-rcw", "s--", "C1"),
               ("Task-aware compensation (weight sweep)", "taskaware-mu", "^-", "C2"),
               ("Delta scaling W0 + a D", "scale-a", "d:", "C3"), ("RegMean (MU sweep)", "regmean-mu", "v-.", "C6"),
-              ("SFT on honesty data (steps)", "sft-s", "p-", "C7")]
+              ("SFT on the calibration data (steps)", "sft-s", "p-", "C7")]
     for label, prefix, style, color in series:
         pts = sorted((avg[n]["mean_f1"]["mean"], avg[n]["domain_accuracy"]["mean"], n[len(prefix):])
                      for n in names if n.startswith(prefix))
