@@ -54,7 +54,7 @@ class Recipe:
     task_weight: float = 1.0
     # training baselines (scenario/baselines.py): refusal-data sizes (rows of rait_train.jsonl), passes over them
     baseline_sizes: tuple[int, ...] = (64, 160, 640)
-    baseline_epochs: int = 8
+    baseline_epochs: int = 4
     # eval
     max_tokens: int = 24
     # sweep (demo): candidates besides base and ft, hcnr_deploy.frontier's --grid format; None = the default grid
