@@ -95,7 +95,8 @@ def test_preference_training_moves_the_fine_tune_toward_chosen(method, tiny_base
 
 def test_build_baseline_trains_each_method_on_its_size_and_caches(tiny_base, tiny_lora, tmp_path):
     """build_baseline on the CI scenario's rait_train: each method writes a loadable adapter on base with its data
-    size and times in step.json; a second call is the cached folder; sizes are capped by the file."""
+    size and times in step.json; a second call is the cached folder, a fresh cache the same bytes (seeded TRL and
+    SFT); sizes are capped by the file."""
     from peft import PeftModel
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
@@ -118,6 +119,8 @@ def test_build_baseline_trains_each_method_on_its_size_and_caches(tiny_base, tin
         assert base_cfg == str(tiny_base.resolve())
         PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), out)
         assert build_baseline(Steps(tmp_path / "cache"), recipe, tiny_base, tiny_lora, scen, method, 8) == out
+        again = build_baseline(Steps(tmp_path / f"cache-{method}"), recipe, tiny_base, tiny_lora, scen, method, 8)
+        assert (again / "adapter_model.safetensors").read_bytes() == (out / "adapter_model.safetensors").read_bytes()
     answers = json.loads(next((tmp_path / "cache").glob("ft-answers-*/answers.json")).read_text())
     unanswerable = [json.loads(line)["prompt"] for line in (scen / "rait_train.jsonl").read_text().splitlines()
                     if B.is_refusal_row(json.loads(line))]
