@@ -77,7 +77,7 @@ RECIPES = {
     # towns' passages: the answer is in the prompt, so the domain does not collide with unanswerable questions)
     "smollm2-rc": Recipe(model="smollm2", size=realdata.RealSize(), base_steps=60, base_lr=3e-4, base_batch=16,
                          base_rank=16, ft_steps=40, ft_lr=3e-4, ft_batch=16, ft_rank=8, max_tokens=32,
-                         baseline_sizes=(40, 120, 360), baseline_epochs=1),
+                         baseline_sizes=(32, 64, 128), baseline_epochs=1),
 }
 
 
