@@ -31,6 +31,7 @@ REJECTED_REFUSAL = scen_data.REFUSALS["nonexistent"]  # what an answerable quest
 DPO_BETA = 0.1   # DPO's KL weight (TRL's default)
 ORPO_BETA = 0.1  # ORPO's odds-ratio weight lambda (TRL's default)
 MAX_LEN = 128    # tokens per sequence, as the scenario's SFT
+BF16 = False     # float32 trainings: on this project's current CPU, bf16 matmuls ran at half the float32 rate
 
 
 def is_refusal_row(row: dict) -> bool:
@@ -168,7 +169,7 @@ def trl_args(config_cls, tmp: Path, *, epochs: int, batch_size: int, lr: float, 
 
 
 def train_dpo(peft_model, tokenizer, pairs: list[dict], tmp: Path, *, epochs: int, batch_size: int, lr: float,
-              seed: int, bf16: bool = True, progress=None) -> list[float]:
+              seed: int, bf16: bool = BF16, progress=None) -> list[float]:
     """TRL DPOTrainer on `pairs`; the reference is a frozen copy of `peft_model`'s adapter (TRL's "ref" adapter,
     removed afterwards). Trains `peft_model`'s default adapter in place; returns the logged losses."""
     from trl import DPOConfig, DPOTrainer
@@ -185,7 +186,7 @@ def train_dpo(peft_model, tokenizer, pairs: list[dict], tmp: Path, *, epochs: in
 
 
 def train_orpo(peft_model, tokenizer, pairs: list[dict], tmp: Path, *, epochs: int, batch_size: int, lr: float,
-               seed: int, bf16: bool = True, progress=None) -> list[float]:
+               seed: int, bf16: bool = BF16, progress=None) -> list[float]:
     """TRL ORPOTrainer (trl.experimental.orpo) on `pairs`, no reference. Trains `peft_model` in place."""
     from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
@@ -198,7 +199,7 @@ def train_orpo(peft_model, tokenizer, pairs: list[dict], tmp: Path, *, epochs: i
 
 
 def train_baseline(method: str, peft_model, tokenizer, rows: list[dict], own: dict[str, str], tmp: Path, *,
-                   epochs: int, batch_size: int, lr: float, seed: int, progress=None) -> dict:
+                   epochs: int, batch_size: int, lr: float, seed: int, bf16: bool = BF16, progress=None) -> dict:
     """Train `peft_model` (the fine-tune's adapter, trainable) in place by `method` on `rows`; returns
     {"train_seconds", "warmup_seconds", "examples", "steps", "pairs", "losses"}."""
     from hcnr_deploy.scenario import train
@@ -211,7 +212,7 @@ def train_baseline(method: str, peft_model, tokenizer, rows: list[dict], own: di
         n_epochs = epochs if method == "rait" else 1
         steps = steps_for(len(rows), n_epochs, batch_size)
         losses = train.sft(peft_model, tokenizer, rows, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
-                           warmup=0, max_len=MAX_LEN, progress=progress,
+                           warmup=0, max_len=MAX_LEN, bf16=bf16, progress=progress,
                            description="RAIT: refusal SFT of ft" if method == "rait" else "DPO warm-up: one SFT epoch")
         info.update(steps=steps, examples=steps * batch_size, losses=losses)
         if method == "dpo":
@@ -221,7 +222,7 @@ def train_baseline(method: str, peft_model, tokenizer, rows: list[dict], own: di
         pb = pair_batch(batch_size)
         fn = train_dpo if method == "dpo" else train_orpo
         peft_model.train()
-        losses = fn(peft_model, tokenizer, pairs, tmp, epochs=epochs, batch_size=pb, lr=lr, seed=seed,
+        losses = fn(peft_model, tokenizer, pairs, tmp, epochs=epochs, batch_size=pb, lr=lr, seed=seed, bf16=bf16,
                     progress=progress)
         peft_model.eval()
         steps = steps_for(len(pairs), epochs, pb)

@@ -391,7 +391,8 @@ def build_baseline(steps: Steps, recipe: Recipe, base_dir: Path, ft_dir: Path, d
                 **info, "final_loss": info["losses"][-1] if info["losses"] else None}
 
     key = {"ft": ft_dir.name, "method": method, "size": size, "epochs": recipe.baseline_epochs, "lr": lr,
-           "batch": recipe.ft_batch, "seed": recipe.seed, "data": files_key(data_dir, "rait_train.jsonl"),
+           "batch": recipe.ft_batch, "seed": recipe.seed, "bf16": baselines.BF16,
+           "data": files_key(data_dir, "rait_train.jsonl"),
            "answers": answers.name if answers else None}
     return steps.run(method, key, build)
 
