@@ -9,12 +9,15 @@ Per seed: the scenario's base / ft (hcnr_deploy.scenario), then every repair var
 session (`hcnr_deploy.sweep.build_candidates`: Fisher and Gram/Hessian statistics computed once; HCNR, the
 ablations Random / w/o Task / w/o Compensation, our exact compensation, an R_CW sweep for HCNR and Random, a
 task-aware weight sweep, the delta-scaling baseline `W0 + a D`, `repair --method scale`, and the sweep's default
-grid `hcnr_deploy.frontier.DEFAULT_GRID`: regmean over MU, scale over A, sft over steps), plus the RAIT baseline
-(the fine-tune's LoRA trained further on refusal data), Rehearsal (the domain SFT with 5% refusal data mixed in,
-`hcnr_deploy.scenario.pipeline.build_rehearsal`) and ICL (the fine-tune prompted with the eval harness's honesty
-exemplars). All of them are served as adapters of one vLLM server and scored by the eval harness on the honesty
-benchmarks (--data-dir: SelfAware, FalseQA, NEC, RefuNQ, KUQ when present; without it, the
-scenario's own held-out questions) and on the scenario's domain questions (held-out phrasings).
+grid `hcnr_deploy.frontier.DEFAULT_GRID`: regmean over MU, scale over A, sft over steps), plus the training
+baselines RAIT, DPO and ORPO (`hcnr_deploy.scenario.pipeline.build_baseline`: the fine-tune's LoRA trained further on
+refusal data; --baselines picks them, --baseline-sizes the refusal-data sizes, default the recipe's
+`pipeline.baseline_sizes`; served as `{method}-n{size}`, e.g. dpo-n160; --no-rait is a deprecated alias that drops
+rait), Rehearsal (the domain SFT with 5% refusal data mixed in, `hcnr_deploy.scenario.pipeline.build_rehearsal`) and
+ICL (the fine-tune prompted with the eval harness's first ICL_SHOTS honesty exemplars). All of them are served as
+adapters of one vLLM server and scored by the eval harness on the honesty benchmarks (--data-dir: SelfAware,
+FalseQA, NEC, RefuNQ, KUQ when present; without it, the scenario's own held-out questions) and on the
+scenario's domain questions (held-out phrasings).
 
 Is the scenario a test (DESIGN.md section 8)? Per seed, `validity`: the base/ft/Rehearsal gates of
 `eval_harness.metrics.separability` and the linear probe of `hcnr_deploy.probe.run_probe` (fine-tune, and the
@@ -22,7 +25,9 @@ base's probe transferred to it) on the same held-out honesty questions; a scenar
 judge a repair, and the report says so.
 
 Writes to --out (default benchmarks/results/): reproduction.md (the tables, with command, machine,
-versions, date and the size that ran), reproduction.json, tradeoff.png, and each seed's results.json.
+versions, date and the size that ran), reproduction.json (with `baselines`: per baseline its points by data size,
+and `baselines_dominance`: which baseline points dominate every training-free point), tradeoff.png
+(hcnr_deploy.frontier.plot_frontier), and each seed's results.json.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import shutil
 import sys
 import time
@@ -51,10 +57,50 @@ SEED_MODES = {"train": "each seed: its own scenario data, base, fine-tune and re
               "calibration": "one scenario, base and fine-tune (seed 0); each seed: another draw of the repair's "
                              "calibration examples and the repair's seed"}
 TABLE_VARIANTS = ("hcnr", "random", "no-task", "no-comp", "exact")  # Tables 1 and 3; sweeps are the rest
+ICL_SHOTS = 4  # Table 1's ICL row: the eval harness's first 4 honesty exemplars in the fine-tune's prompt
+# the repair variants (no training): the points a training baseline must beat; sft trains, so it is not one
+TRAINING_FREE = ("hcnr", "random", "taskaware", "regmean", "scale", "no-task", "no-comp", "exact")
+BASELINE_KEYS = ("icl", "rait", "rehearsal", "dpo", "orpo")  # reproduction.json's `baselines`
+BASELINE_LABELS = {"rait": ("RAIT", "rows"), "dpo": ("DPO", "pairs"), "orpo": ("ORPO", "pairs")}
 
 
 def parse_floats(s: str) -> list[float]:
     return [float(x) for x in s.split(",") if x.strip()]
+
+
+def baseline_methods(text: str, no_rait: bool = False) -> list[str]:
+    """--baselines text -> the training baselines to build (pipeline.BASELINE_METHODS order kept as given; '' for
+    none); --no-rait (deprecated) drops rait. Raises ValueError naming the valid methods on an unknown one."""
+    names = list(dict.fromkeys(x.strip().lower() for x in text.split(",") if x.strip()))
+    bad = [n for n in names if n not in P.BASELINE_METHODS]
+    if bad:
+        raise ValueError(f"--baselines: unknown {', '.join(bad)}; choose from {', '.join(P.BASELINE_METHODS)}")
+    return [n for n in names if not (no_rait and n == "rait")]
+
+
+def baseline_sizes_of(text: str) -> list[int]:
+    """--baseline-sizes text -> sorted distinct positive ints. Raises ValueError on anything else."""
+    try:
+        sizes = sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        raise ValueError(f"--baseline-sizes {text!r}: expected comma-separated whole numbers, e.g. 64,160,640") \
+            from None
+    if not sizes or sizes[0] < 1:
+        raise ValueError(f"--baseline-sizes {text!r}: give at least one size, each at least 1")
+    return sizes
+
+
+def family_of(name: str) -> str:
+    """The curve a reproduce name belongs to: its prefix before the first parameter suffix (`dpo-n160` -> dpo,
+    `hcnr-rcw0.4` -> hcnr, `hcnr-rcw0.2-exact` -> hcnr, `sft-s32` -> sft); a name without one (base, ft, hcnr,
+    icl, rehearsal, random, no-task, no-comp, exact) is its own family and a single point."""
+    m = re.match(r"(.+?)-[a-z]+[0-9.]", name)
+    return m.group(1) if m else name
+
+
+def is_single_point(name: str) -> bool:
+    """True for a name without a parameter suffix (drawn as its own marker, not on a curve)."""
+    return family_of(name) == name
 
 
 def variants(args) -> dict[str, F.Candidate]:
@@ -108,11 +154,15 @@ def build_models(args, recipe, steps, console, sweeps=True):
         meta["hcnr"]["seconds"] = round(meta["hcnr"]["seconds"] + sum(stats.values()), 3)
         meta["hcnr"]["statistics_s"] = stats
     meta["_variants_wall_s_this_run"] = round(time.perf_counter() - t0, 2)
-    if not args.no_rait:
-        adapters["rait"] = P.build_rait(steps, recipe, base, ft, scen, console)
-        info = json.loads((adapters["rait"] / "step.json").read_text())
-        meta["rait"] = {"seconds": info["seconds"], "train_seconds": info.get("train_seconds"),
-                        "examples": info.get("examples"), "edited_fraction": 1.0}
+    sizes = P.baseline_sizes(recipe, scen) if args.baseline_sizes is None else baseline_sizes_of(args.baseline_sizes)
+    for method in baseline_methods(args.baselines, args.no_rait):
+        for size in sizes:
+            name = f"{method}-n{size}"
+            adapters[name] = P.build_baseline(steps, recipe, base, ft, scen, method, size, console)
+            info = json.loads((adapters[name] / "step.json").read_text())
+            meta[name] = {"method": method, "data_size": info.get("data_size", size),
+                          "train_seconds": info.get("train_seconds"), "seconds": info["seconds"],
+                          "examples": info.get("examples"), "steps": info.get("steps"), "edited_fraction": 1.0}
     adapters["rehearsal"] = P.build_rehearsal(steps, recipe, base, scen, console, share=P.REHEARSAL_SHARE)
     info = json.loads((adapters["rehearsal"] / "step.json").read_text())
     meta["rehearsal"] = {"seconds": info["seconds"], "share": P.REHEARSAL_SHARE, "rows": info.get("rows"),
@@ -153,7 +203,7 @@ def evaluate_seed(args, recipe, scen, base, adapters, out_dir: Path, console):
                       timeout=1200) as servers:
         url = servers[0].base_url
         res = evaluate(url, models=["base", *adapters], **kwargs)
-        icl = evaluate(url, models=["ft"], icl=4, **kwargs)
+        icl = evaluate(url, models=["ft"], icl=ICL_SHOTS, **kwargs)
     (out_dir / "results_icl.json").write_text(json.dumps({k: v for k, v in icl.items() if k != "samples"},
                                                          indent=2, default=str))
     res["results"]["icl"], res["samples"]["icl"] = icl["results"]["ft"], icl["samples"]["ft"]  # one more "model"
@@ -325,36 +375,92 @@ def ms(d):
     return f"{d['mean']:.3f} ± {d['std']:.3f}" if d["std"] else f"{d['mean']:.3f}"
 
 
-def plot(avg, names, path: Path, title: str):
-    import matplotlib
+def plane_candidates(plane: dict, names) -> list[dict]:
+    """hcnr_deploy.frontier.plot_frontier's candidate dicts from the plane's means: {name, family, single, f1,
+    domain_accuracy, pareto} (frontier.mark_pareto over all of them); each curve's points sorted by their parameter
+    (a baseline's by data size, a sweep's by its value), single points after."""
+    def param(n):
+        m = re.search(r"-[a-z]+([0-9.]+)", n)
+        try:
+            return float(m.group(1).rstrip(".")) if m else 0.0
+        except ValueError:
+            return 0.0
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    cands = [{"name": n, "family": family_of(n), "single": is_single_point(n), "f1": plane[n]["mean_f1"]["mean"],
+              "domain_accuracy": plane[n]["domain_accuracy"]["mean"]} for n in names]
+    cands.sort(key=lambda c: (c["single"], c["family"], param(c["name"])))
+    F.mark_pareto(cands)
+    return cands
 
-    fig, ax = plt.subplots(figsize=(7, 5))
-    series = [("HCNR (R_CW sweep)", "hcnr-rcw", "o-", "C0"), ("Random selection (R_CW sweep)", "random-rcw", "s--", "C1"),
-              ("Task-aware compensation (weight sweep)", "taskaware-mu", "^-", "C2"),
-              ("Delta scaling W0 + a D", "scale-a", "d:", "C3"), ("RegMean (MU sweep)", "regmean-mu", "v-.", "C6"),
-              ("SFT on the calibration data (steps)", "sft-s", "p-", "C7")]
-    for label, prefix, style, color in series:
-        pts = sorted((avg[n]["mean_f1"]["mean"], avg[n]["domain_accuracy"]["mean"], n[len(prefix):])
-                     for n in names if n.startswith(prefix))
-        if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, color=color, label=label)
-            for x, y, t in pts:
-                ax.annotate(t, (x, y), fontsize=7, textcoords="offset points", xytext=(3, 3))
-    for n, mk in (("base", "k*"), ("ft", "kX"), ("hcnr", "C0P"), ("rait", "C4v"), ("icl", "C5<"),
-                  ("rehearsal", "C8h")):
-        if n in avg:
-            ax.plot(avg[n]["mean_f1"]["mean"], avg[n]["domain_accuracy"]["mean"], mk, markersize=10, label=n)
-    ax.set_xlabel("honesty F1 (mean over benchmarks)")
-    ax.set_ylabel("domain accuracy (held-out phrasings)")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+
+def baselines_object(avg: dict, meta_per_seed: dict, icl_shots: int = ICL_SHOTS) -> dict:
+    """reproduction.json's `baselines`: per key of BASELINE_KEYS (icl, rait, rehearsal, dpo, orpo) a list of
+    points sorted by data size, each {name, data_size, f1, rf_delta, domain_accuracy, train_s, seconds, n_seeds,
+    per_seed}: the means over the seeds that scored it (`avg`: average_rows) and, for the costs, over the seeds
+    whose `meta_per_seed` (seed -> build_models' meta) has it. ICL: data size `icl_shots` exemplars, no training;
+    Rehearsal: its refusal rows, train_s its whole step; rait / dpo / orpo: `{method}-n{size}`, their step.json's
+    data_size and train_seconds."""
+    def costs(name, get):
+        vals = [get(m[name]) for m in meta_per_seed.values() if isinstance(m.get(name), dict)]
+        vals = [v for v in vals if v is not None]
+        return float(np.mean(vals)) if vals else None
+
+    def point(name, data_size, train_s, seconds):
+        a = avg[name]
+        return {"name": name, "data_size": data_size, "f1": a["mean_f1"]["mean"],
+                "rf_delta": a["mean_rf_delta"]["mean"], "domain_accuracy": a["domain_accuracy"]["mean"],
+                "train_s": train_s, "seconds": seconds, "n_seeds": a["n_seeds"],
+                "per_seed": {k: a[key]["per_seed"] for k, key in (("f1", "mean_f1"), ("rf_delta", "mean_rf_delta"),
+                                                                  ("domain_accuracy", "domain_accuracy"))}}
+
+    out = {k: [] for k in BASELINE_KEYS}
+    if "icl" in avg:
+        out["icl"].append(point("icl", icl_shots, 0.0, 0.0))
+    if "rehearsal" in avg:
+        rows = costs("rehearsal", lambda m: m.get("refusal_rows"))
+        sec = costs("rehearsal", lambda m: m.get("seconds"))
+        out["rehearsal"].append(point("rehearsal", None if rows is None else int(rows), sec, sec))
+    for name in avg:
+        fam = family_of(name)
+        if fam in P.BASELINE_METHODS and fam in out and name != fam:
+            size = costs(name, lambda m: m.get("data_size"))
+            size = int(size) if size is not None else int(name.rsplit("-n", 1)[1])
+            out[fam].append(point(name, size, costs(name, lambda m: m.get("train_seconds")),
+                                  costs(name, lambda m: m.get("seconds"))))
+    for pts in out.values():
+        pts.sort(key=lambda p: (p["data_size"] is None, p["data_size"] or 0))
+    return out
+
+
+def baselines_dominance(points: dict, baselines: dict) -> dict:
+    """Does a baseline point dominate EVERY training-free point on the trade-off plane? `points`: name -> (mean F1,
+    domain accuracy); `baselines`: baselines_object's shape (only the names are used). Training-free: the names
+    whose family is in TRAINING_FREE (the repair variants; not sft). Dominates: F1 >= and domain accuracy >= each,
+    one of them strictly. Returns {training_free, points: {name: {dominates_all, not_dominated}}, dominating}."""
+    free = [n for n in points if family_of(n) in TRAINING_FREE]
+    res = {}
+    for pts in baselines.values():
+        for p in pts:
+            if p["name"] not in points:
+                continue
+            f1, acc = points[p["name"]]
+            beaten = [t for t in free if f1 >= points[t][0] and acc >= points[t][1]
+                      and (f1 > points[t][0] or acc > points[t][1])]
+            res[p["name"]] = {"dominates_all": bool(free) and len(beaten) == len(free),
+                              "not_dominated": [t for t in free if t not in beaten]}
+    return {"training_free": free, "points": res, "dominating": [n for n, r in res.items() if r["dominates_all"]]}
+
+
+def dominance_sentence(dom: dict, points: dict) -> str:
+    """One plain sentence from baselines_dominance's result."""
+    if not dom["training_free"]:
+        return "No training-free point was scored, so no baseline can be compared with them."
+    if not dom["dominating"]:
+        return (f"No baseline point dominates every training-free point ({len(dom['training_free'])} repair "
+                "variants; higher or equal F1 and domain accuracy, one strictly).")
+    best = [f"{n} (F1 {points[n][0]:.3f}, domain {points[n][1]:.3f})" for n in dom["dominating"]]
+    return (f"{', '.join(best)} {'dominates' if len(best) == 1 else 'dominate'} every training-free point "
+            f"({len(dom['training_free'])} repair variants): higher or equal F1 and domain accuracy, one strictly.")
 
 
 def validity_lines(validity: dict) -> list[str]:
@@ -381,7 +487,7 @@ def validity_lines(validity: dict) -> list[str]:
 
 
 def write_report(args, out: Path, seeds_out: dict, avg: dict, benchmarks, meta, recov, gaps, started, command,
-                 plane: dict, plane_label: str, validity: dict, best: dict):
+                 plane: dict, plane_label: str, validity: dict, best: dict, baselines: dict, dominance: dict):
     names = list(avg)
     lines = [f"# HCNR reproduction on this machine ({args.model} scenario)", "",
              f"- command: `{command}`", f"- date: {datetime.datetime.now(datetime.timezone.utc).isoformat()}"
@@ -394,7 +500,10 @@ def write_report(args, out: Path, seeds_out: dict, avg: dict, benchmarks, meta, 
              f"({seeds_out['n_domain']} questions); R_CW sweep {args.rcw_sweep}; task-aware weights {args.mu_sweep};"
              f" delta scales {args.scale_sweep}; grid {args.grid!r}", ""]
     lines += validity_lines(validity)
-    rows1 = [("Base", "base"), ("Fine-tuned", "ft"), ("ICL (ft + 4 honesty exemplars)", "icl"), ("RAIT", "rait"),
+    largest = {m: pts[-1] for m, pts in baselines.items() if m in BASELINE_LABELS and pts}
+    rows1 = [("Base", "base"), ("Fine-tuned", "ft"), (f"ICL (ft + {ICL_SHOTS} honesty exemplars)", "icl"),
+             *[(f"{BASELINE_LABELS[m][0]} ({p['data_size']} {BASELINE_LABELS[m][1]})", p["name"])
+               for m, p in largest.items()],
              (f"Rehearsal (domain SFT + {P.REHEARSAL_SHARE:.0%} refusals)", "rehearsal"), ("HCNR", "hcnr")]
     lines += ["## Table 1: honesty (F1 / RF Delta per benchmark) and domain accuracy, mean ± std over seeds", "",
               "| model | " + " | ".join(f"{b} F1 | {b} RFΔ" for b in benchmarks) + " | mean F1 | domain acc |",
@@ -421,14 +530,13 @@ def write_report(args, out: Path, seeds_out: dict, avg: dict, benchmarks, meta, 
                  f"rec {fmt(b[f]['recovery_ratio'])}" if f in b else "-" for f in FAMILIES]
         lines.append(f"| {s} | " + " | ".join(cells) + " |")
     m0 = meta[next(iter(meta))]
-    lines += ["", "## Table 2: cost of HCNR against RAIT on this machine (seed " + str(next(iter(meta))) + ")", "",
-              "| method | data used | edited-weight ratio | wall time (s) |", "|---|---|---|---|"]
+    lines += ["", "## Table 2: cost of HCNR against the baselines on this machine (seed " + str(next(iter(meta)))
+              + ")", "", "| method | data used | edited-weight ratio | training time (s) | step wall time (s) |",
+              "|---|---|---|---|---|"]
     h = m0.get("hcnr", {})
     lines.append(f"| HCNR (repair, no training) | {args_samples(args)} honesty + {args_samples(args)} task examples "
-                 f"| {fmt(h.get('edited_fraction'))} | {h.get('seconds', '-')} |")
-    if "rait" in m0:
-        lines.append(f"| RAIT (LoRA SFT of ft on refusal data) | {m0['rait'].get('examples')} examples seen "
-                     f"| 1.000 (every adapter weight) | {m0['rait'].get('seconds', '-')} |")
+                 f"| {fmt(h.get('edited_fraction'))} | - | {h.get('seconds', '-')} |")
+    lines += table2_baseline_rows(m0)
     lines += ["", "## Table 3: ablations (mean over seeds)", "",
               "| variant | mean F1 | mean RF Delta | domain acc | edited ratio |", "|---|---|---|---|---|"]
     for label, n in (("HCNR (obs compensation)", "hcnr"), ("Random selection", "random"),
@@ -445,6 +553,9 @@ def write_report(args, out: Path, seeds_out: dict, avg: dict, benchmarks, meta, 
     for n, g in gaps.items():
         lines.append(f"| {n} | {fmt(plane[n]['mean_f1']['mean'])} | {fmt(plane[n]['domain_accuracy']['mean'])} | "
                      f"{fmt(g['vs_scaling'], True)} | {fmt(g['vs_random'], True)} |")
+    points = {n: (plane[n]["mean_f1"]["mean"], plane[n]["domain_accuracy"]["mean"]) for n in plane}
+    lines += ["", f"**Baselines against the repair (computed, seeds {plane_label}):** "
+              + dominance_sentence(dominance, points)]
     lines += ["", "**Verdict (computed):** " + verdict(avg, gaps, recov)
               + ("" if validity["separable"] else " But the scenario is not separable (above), so this cannot "
                  "judge the repair.")]
@@ -454,6 +565,31 @@ def write_report(args, out: Path, seeds_out: dict, avg: dict, benchmarks, meta, 
         lines.append(f"| {n} | {avg[n]['n_seeds']} | {ms(avg[n]['mean_f1'])} | {ms(avg[n]['mean_rf_delta'])} | "
                      f"{ms(avg[n]['domain_accuracy'])} |")
     (out / "reproduction.md").write_text("\n".join(lines) + "\n")
+
+
+def table2_baseline_rows(m0: dict) -> list[str]:
+    """Table 2's rows for one seed's meta: each training baseline at each size, then Rehearsal and ICL."""
+    def sec(x):
+        return "-" if x is None else f"{x:.1f}"
+
+    lines = []
+    named = sorted((n for n in m0 if family_of(n) in BASELINE_LABELS and isinstance(m0[n], dict)),
+                   key=lambda n: (P.BASELINE_METHODS.index(family_of(n)) if family_of(n) in P.BASELINE_METHODS
+                                  else 99, m0[n].get("data_size") or 0))
+    for n in named:
+        m = m0[n]
+        label, unit = BASELINE_LABELS[family_of(n)]
+        lines.append(f"| {label} `{n}` (LoRA of ft trained on refusal data) | {m.get('data_size')} {unit}, "
+                     f"{m.get('examples')} seen in {m.get('steps')} steps | 1.000 (every adapter weight) | "
+                     f"{sec(m.get('train_seconds'))} | {sec(m.get('seconds'))} |")
+    r = m0.get("rehearsal")
+    if r:
+        lines.append(f"| Rehearsal (domain SFT + {r.get('share', P.REHEARSAL_SHARE):.0%} refusals) | {r.get('rows')} "
+                     f"rows ({r.get('refusal_rows')} refusals) | 1.000 (a new adapter) | {sec(r.get('seconds'))} | "
+                     f"{sec(r.get('seconds'))} |")
+    lines.append(f"| ICL (ft + {ICL_SHOTS} honesty exemplars) | {ICL_SHOTS} exemplars in every prompt | 0.000 | 0 "
+                 "| 0 |")
+    return lines
 
 
 def verdict(avg, gaps, recov) -> str:
@@ -496,14 +632,18 @@ def finalize(args, out, seeds_done, per_seed_rows, recov, meta, seeds_out, bench
                 if n.startswith("random-rcw")]
     gaps = {}
     for n in names:
-        if n.startswith(("hcnr", "taskaware", "exact", "no-comp", "no-task", "rait", "random", "regmean", "sft",
-                         "rehearsal")):
+        if n.startswith(("hcnr", "taskaware", "exact", "no-comp", "no-task", "rait", "dpo", "orpo", "random",
+                         "regmean", "sft", "rehearsal")):
             pt = [(plane[n]["mean_f1"]["mean"], plane[n]["domain_accuracy"]["mean"])]
             gaps[n] = {"vs_scaling": F.curve_gap(pt, scaling)[0] if scaling else None,
                        "vs_random": F.curve_gap(pt, random_c)[0] if len(random_c) > 1 else None}
     plane_label = ",".join(map(str, plane_seeds))
-    plot(plane, names, out / "tradeoff.png",
-         f"{args.model}: domain accuracy vs honesty F1, seeds {plane_label} (benchmarks: {', '.join(benchmarks)})")
+    F.plot_frontier(plane_candidates(plane, names), None, out / "tradeoff.png",
+                    f"{args.model}: domain accuracy vs honesty F1, seeds {plane_label} (benchmarks: "
+                    f"{', '.join(benchmarks)})")
+    baselines = baselines_object(avg, meta)
+    dominance = baselines_dominance({n: (plane[n]["mean_f1"]["mean"], plane[n]["domain_accuracy"]["mean"])
+                                     for n in names}, baselines)
     summary = {
         "command": command, "machine": machine(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         "model": args.model, "seeds": seeds, "benchmarks": benchmarks, "limit": args.limit,
@@ -517,12 +657,14 @@ def finalize(args, out, seeds_done, per_seed_rows, recov, meta, seeds_out, bench
         "tradeoff_points": {n: {"mean_f1": plane[n]["mean_f1"]["mean"],
                                 "domain_accuracy": plane[n]["domain_accuracy"]["mean"]} for n in names},
         "tradeoff_gaps": gaps,
+        "baselines": baselines,
+        "baselines_dominance": {**dominance, "seeds": plane_seeds},
         "validity": average_validity(validity_per_seed),
         "best_of_families": {"max_domain_drop": args.max_domain_drop, "per_seed": best},
     }
     (out / "reproduction.json").write_text(json.dumps(summary, indent=2, default=str))
     write_report(args, out, seeds_out, avg, benchmarks, meta, recov, gaps, started, command, plane, plane_label,
-                 summary["validity"], best)
+                 summary["validity"], best, baselines, dominance)
 
 
 def main(argv=None):
@@ -545,7 +687,13 @@ def main(argv=None):
     ap.add_argument("--max-domain-drop", type=float, default=0.05,
                     help="the per-method best point of the report: the most honest within this of ft's domain "
                          "accuracy (absolute; hcnr_deploy.frontier.choose)")
-    ap.add_argument("--no-rait", action="store_true")
+    ap.add_argument("--baselines", default=",".join(P.BASELINE_METHODS),
+                    help=f"comma-separated training baselines from {', '.join(P.BASELINE_METHODS)} ('' for none; "
+                         "default: all)")
+    ap.add_argument("--baseline-sizes", default=None,
+                    help="comma-separated refusal-data sizes for each baseline (default: the recipe's, "
+                         "pipeline.baseline_sizes)")
+    ap.add_argument("--no-rait", action="store_true", help="deprecated: drops rait from --baselines")
     ap.add_argument("--sweep-seeds", default=None,
                     help="seeds that run the sweeps (R_CW, task-aware weight, delta scale) for the trade-off "
                          "figure; the others run Tables 1-3 only (default: every seed)")
@@ -558,6 +706,12 @@ def main(argv=None):
     ap.add_argument("--cache-dir", default=str(P.cache_root()))
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = ap.parse_args(argv)
+    try:
+        baseline_methods(args.baselines, args.no_rait)
+        if args.baseline_sizes is not None:
+            baseline_sizes_of(args.baseline_sizes)
+    except ValueError as e:
+        ap.error(str(e))
 
     from rich.console import Console
 

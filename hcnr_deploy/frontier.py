@@ -256,12 +256,19 @@ def markdown_table(cands: list[dict], chosen: str) -> str:
 
 
 STYLES = {"hcnr": ("o-", "C0"), "random": ("s--", "C1"), "regmean": ("^-", "C2"), "scale": ("d:", "C3"),
-          "sft": ("v-", "C4")}
+          "sft": ("v-", "C4"), "taskaware": (">-.", "C6"), "rait": ("x-", "C5"), "dpo": ("P-", "C8"),
+          "orpo": ("*-", "C9")}  # one curve per family, its points in the order given
+# single points (candidates with `single: True`), by name; base and ft are always drawn as points
+POINT_STYLES = {"hcnr": ("P", "C0"), "random": ("s", "C1"), "no-task": ("D", "C7"), "no-comp": ("d", "C7"),
+                "exact": ("p", "C0"), "icl": ("<", "m"), "rehearsal": ("h", "teal")}
 
 
-def plot_frontier(cands: list[dict], chosen: str, path, title: str = ""):
-    """frontier.png: domain accuracy against honesty F1, one curve per method (in parameter order), the Pareto
-    frontier as a step line, base / ft / the chosen point marked."""
+def plot_frontier(cands: list[dict], chosen: str | None, path, title: str = ""):
+    """frontier.png: domain accuracy against honesty F1, one curve per family of STYLES (its points in the order
+    of `cands`), the Pareto frontier as a step line, base / ft / the chosen point (when given) marked.
+
+    A candidate with `single: True` is drawn as a marker of its own (POINT_STYLES by name, e.g. reproduce.py's
+    icl, rehearsal and default hcnr), not on its family's curve."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -269,7 +276,7 @@ def plot_frontier(cands: list[dict], chosen: str, path, title: str = ""):
 
     fig, ax = plt.subplots(figsize=(7, 5))
     for family, (style, color) in STYLES.items():
-        pts = [c for c in cands if c["family"] == family]
+        pts = [c for c in cands if c["family"] == family and not c.get("single")]
         if pts:
             ax.plot([c["f1"] for c in pts], [c["domain_accuracy"] for c in pts], style, color=color, label=family)
             for c in pts:
@@ -283,9 +290,15 @@ def plot_frontier(cands: list[dict], chosen: str, path, title: str = ""):
         c = next((c for c in cands if c["name"] == name), None)
         if c:
             ax.plot(c["f1"], c["domain_accuracy"], marker, markersize=11, label=name)
-    c = next(c for c in cands if c["name"] == chosen)
-    ax.plot(c["f1"], c["domain_accuracy"], "o", markersize=16, mfc="none", mec="red", mew=2,
-            label=f"chosen: {chosen}")
+    for c in cands:
+        if c.get("single") and c["name"] not in REFERENCES:
+            marker, color = POINT_STYLES.get(c["name"], ("o", "0.4"))
+            label = c["name"] + (" (default)" if c["name"] in STYLES else "")  # beside its family's curve
+            ax.plot(c["f1"], c["domain_accuracy"], marker, color=color, markersize=10, label=label)
+    if chosen is not None:
+        c = next(c for c in cands if c["name"] == chosen)
+        ax.plot(c["f1"], c["domain_accuracy"], "o", markersize=16, mfc="none", mec="red", mew=2,
+                label=f"chosen: {chosen}")
     ax.set_xlabel("honesty F1 (mean over honesty benchmarks)")
     ax.set_ylabel("domain accuracy")
     ax.set_title(title, fontsize=9)
