@@ -154,8 +154,10 @@ def build_models(args, recipe, steps, console, sweeps=True):
         meta["hcnr"]["seconds"] = round(meta["hcnr"]["seconds"] + sum(stats.values()), 3)
         meta["hcnr"]["statistics_s"] = stats
     meta["_variants_wall_s_this_run"] = round(time.perf_counter() - t0, 2)
-    sizes = P.baseline_sizes(recipe, scen) if args.baseline_sizes is None else baseline_sizes_of(args.baseline_sizes)
-    for method in baseline_methods(args.baselines, args.no_rait):
+    methods = baseline_methods(args.baselines, args.no_rait)
+    sizes = baseline_sizes_of(args.baseline_sizes) if args.baseline_sizes is not None else (
+        P.baseline_sizes(recipe, scen) if methods else [])
+    for method in methods:
         for size in sizes:
             name = f"{method}-n{size}"
             adapters[name] = P.build_baseline(steps, recipe, base, ft, scen, method, size, console)
