@@ -155,8 +155,8 @@ def build_models(args, recipe, steps, console, sweeps=True):
         meta["hcnr"]["statistics_s"] = stats
     meta["_variants_wall_s_this_run"] = round(time.perf_counter() - t0, 2)
     methods = baseline_methods(args.baselines, args.no_rait)
-    sizes = baseline_sizes_of(args.baseline_sizes) if args.baseline_sizes is not None else (
-        P.baseline_sizes(recipe, scen) if methods else [])
+    given = baseline_sizes_of(args.baseline_sizes) if args.baseline_sizes is not None else recipe.baseline_sizes
+    sizes = P.baseline_sizes(P.replace(recipe, baseline_sizes=tuple(given)), scen) if methods else []  # capped
     for method in methods:
         for size in sizes:
             name = f"{method}-n{size}"
@@ -172,6 +172,37 @@ def build_models(args, recipe, steps, console, sweeps=True):
     return scen, base, ft, adapters, meta
 
 
+def honesty_sets(args, recipe, scen: Path) -> tuple[list[str], Path]:
+    """The honesty benchmarks to score and their folder: --data-dir's benchmarks (those of --benchmarks, default
+    every one found there), or the scenario's own held-out questions (kuq format). A real-data recipe (smollm2-rc)
+    trained its base on part of the real benchmarks, so it scores its data step's `heldout/` part only (another
+    --data-dir would score questions the base was trained on)."""
+    from eval_harness.benchmarks import benchmark_files
+    from hcnr_deploy.errors import UserError
+
+    wanted = [b.strip() for b in args.benchmarks.split(",") if b.strip()] if args.benchmarks else list(HONESTY)
+    bad = [b for b in wanted if b not in HONESTY]
+    if bad:
+        raise SystemExit(f"--benchmarks: unknown {', '.join(bad)}; choose from {', '.join(HONESTY)}")
+    heldout = scen / "heldout"
+    if isinstance(recipe.size, P.realdata.RealSize):  # main() refuses --data-dir for these
+        data_dir = heldout
+    elif args.data_dir:
+        data_dir = Path(args.data_dir)
+    else:
+        return ["kuq"], scen
+    found = []
+    for b in wanted:
+        try:
+            benchmark_files(b, data_dir)
+            found.append(b)
+        except UserError:
+            pass
+    if not found:
+        raise SystemExit(f"no honesty benchmark of {', '.join(wanted)} found in {data_dir}")
+    return found, data_dir
+
+
 def evaluate_seed(args, recipe, scen, base, adapters, out_dir: Path, console):
     """One server, every adapter; the harness scores all of them (and ft with ICL, merged as model "icl").
 
@@ -180,20 +211,7 @@ def evaluate_seed(args, recipe, scen, base, adapters, out_dir: Path, console):
     from eval_harness import evaluate
     from hcnr_deploy.serve import port_in_use, serve_models
 
-    if args.data_dir:
-        from eval_harness.benchmarks import benchmark_files
-        from hcnr_deploy.errors import UserError
-
-        benchmarks = []
-        for b in HONESTY:
-            try:
-                benchmark_files(b, Path(args.data_dir))
-                benchmarks.append(b)
-            except UserError:
-                pass
-        data_dir = Path(args.data_dir)
-    else:
-        benchmarks, data_dir = ["kuq"], scen
+    benchmarks, data_dir = honesty_sets(args, recipe, scen)
     kwargs = dict(benchmarks=benchmarks, data_dir=data_dir, domain=[scen / "domain.jsonl"], limit=args.limit,
                   seed=0, max_tokens=recipe.max_tokens, cache=Path(args.cache_dir) / "eval-cache.sqlite",
                   progress=True, console=console, log_samples=True, n_boot=200, concurrency=args.concurrency)
@@ -672,7 +690,12 @@ def finalize(args, out, seeds_done, per_seed_rows, recov, meta, seeds_out, bench
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=sorted(P.RECIPES), default="smollm2")
-    ap.add_argument("--data-dir", default=None, help="real benchmarks (../shared/data); default: scenario questions")
+    ap.add_argument("--data-dir", default=None,
+                    help="real benchmarks (../shared/data); default: the scenario's questions (for smollm2-rc: the "
+                         "held-out part of the real benchmarks its data step wrote, the only folder it accepts)")
+    ap.add_argument("--benchmarks", default=None,
+                    help=f"comma-separated honesty benchmarks to score, from {', '.join(HONESTY)} (default: every "
+                         "one found in the data folder)")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--seed-mode", choices=("train", "calibration"), default="train",
                     help="train: each seed builds its own scenario data, base and fine-tune; calibration: one "
@@ -714,6 +737,12 @@ def main(argv=None):
             baseline_sizes_of(args.baseline_sizes)
     except ValueError as e:
         ap.error(str(e))
+    bad = [b for b in (args.benchmarks or "").split(",") if b.strip() and b.strip() not in HONESTY]
+    if bad:
+        ap.error(f"--benchmarks: unknown {', '.join(bad)}; choose from {', '.join(HONESTY)}")
+    if args.data_dir and isinstance(P.RECIPES[args.model].size, P.realdata.RealSize):
+        ap.error(f"--data-dir: the {args.model} base was trained on part of the real benchmarks; leave --data-dir "
+                 "out to score the held-out part its data step wrote")
 
     from rich.console import Console
 
