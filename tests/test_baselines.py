@@ -4,6 +4,9 @@ real (few-step) RAIT / DPO / ORPO trainings with TRL on a tiny model."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from dataclasses import replace
 
 import pytest
@@ -20,6 +23,17 @@ REFUSAL = scen_data.REFUSALS["future"]
 def _rows(n_ref, n_ans):
     return ([{"prompt": f"unknown {i}?", "response": REFUSAL} for i in range(n_ref)]
             + [{"prompt": f"known {i}?", "response": f"answer {i}."} for i in range(n_ans)])
+
+
+def test_importing_trl_leaves_the_environment_alone():
+    """TRL's import sets VLLM_LOGGING_LEVEL=ERROR for the process; a vLLM server started after a baseline trained
+    would inherit it and log nothing (our plugin's line included). A fresh interpreter, so trl is not yet imported."""
+    code = ("import os; from hcnr_deploy.scenario import baselines as B; before = dict(os.environ); "
+            "B.import_trl('trl'); B.import_trl('trl.experimental.orpo'); import trl; "
+            "print(dict(os.environ) == before, 'VLLM_LOGGING_LEVEL' in os.environ)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={k: v for k, v in os.environ.items() if k != "VLLM_LOGGING_LEVEL"})
+    assert out.stdout.split() == ["True", "False"], out.stderr[-2000:]
 
 
 def test_refusal_subset_is_nested_seeded_and_keeps_the_share():

@@ -18,7 +18,9 @@ Preference pairs: an unanswerable question prefers the refusal over the fine-tun
 
 from __future__ import annotations
 
+import importlib
 import math
+import os
 import random
 import time
 from pathlib import Path
@@ -168,12 +170,24 @@ def trl_args(config_cls, tmp: Path, *, epochs: int, batch_size: int, lr: float, 
                       remove_unused_columns=False, **extra)
 
 
+def import_trl(module: str):
+    """Import a TRL module and undo what the import writes to this process's environment: TRL sets
+    VLLM_LOGGING_LEVEL=ERROR (trl/_compat.py), which every vLLM server started from this process afterwards would
+    inherit (our plugin's log line and vLLM's own lost), and its dependencies set KMP_* and TORCHINDUCTOR_* variables."""
+    before = dict(os.environ)
+    try:
+        return importlib.import_module(module)
+    finally:
+        os.environ.clear()
+        os.environ.update(before)
+
+
 def train_dpo(peft_model, tokenizer, pairs: list[dict], tmp: Path, *, epochs: int, batch_size: int, lr: float,
               seed: int, bf16: bool = BF16, progress=None) -> list[float]:
     """TRL DPOTrainer on `pairs`; the reference is a frozen copy of `peft_model`'s adapter (TRL's "ref" adapter,
     removed afterwards). Trains `peft_model`'s default adapter in place; returns the logged losses."""
-    from trl import DPOConfig, DPOTrainer
-
+    trl = import_trl("trl")
+    DPOConfig, DPOTrainer = trl.DPOConfig, trl.DPOTrainer
     args = trl_args(DPOConfig, tmp, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, bf16=bf16,
                     beta=DPO_BETA)
     trainer = DPOTrainer(model=peft_model, args=args, train_dataset=_dataset(tokenizer, pairs),
@@ -188,8 +202,8 @@ def train_dpo(peft_model, tokenizer, pairs: list[dict], tmp: Path, *, epochs: in
 def train_orpo(peft_model, tokenizer, pairs: list[dict], tmp: Path, *, epochs: int, batch_size: int, lr: float,
                seed: int, bf16: bool = BF16, progress=None) -> list[float]:
     """TRL ORPOTrainer (trl.experimental.orpo) on `pairs`, no reference. Trains `peft_model` in place."""
-    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
-
+    orpo = import_trl("trl.experimental.orpo")
+    ORPOConfig, ORPOTrainer = orpo.ORPOConfig, orpo.ORPOTrainer
     args = trl_args(ORPOConfig, tmp, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, bf16=bf16,
                     beta=ORPO_BETA)
     trainer = ORPOTrainer(model=peft_model, args=args, train_dataset=_dataset(tokenizer, pairs),
