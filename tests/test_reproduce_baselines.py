@@ -4,21 +4,10 @@ rows, and the one trade-off figure (hcnr_deploy.frontier.plot_frontier). Hand-ma
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 
 from hcnr_deploy import frontier as F
-
-from conftest import REPO
-
-
-@pytest.fixture(scope="module")
-def reproduce():
-    spec = importlib.util.spec_from_file_location("reproduce_baselines", REPO / "benchmarks" / "reproduce.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from test_reproduce import reproduce  # noqa: F401 (the module fixture: benchmarks/reproduce.py loaded once)
 
 
 def _avg(reproduce, per_seed_points: list[dict]) -> dict:

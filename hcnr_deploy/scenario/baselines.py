@@ -182,34 +182,41 @@ def import_trl(module: str):
         os.environ.update(before)
 
 
+def _train_on_pairs(config_cls, trainer_cls, label: str, beta: float, peft_model, tokenizer, pairs: list[dict],
+                    tmp: Path, *, epochs: int, batch_size: int, lr: float, seed: int, bf16: bool, progress):
+    """One TRL preference trainer (`trainer_cls` with its `config_cls`) run on `pairs`; returns the trainer."""
+    args = trl_args(config_cls, tmp, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, bf16=bf16, beta=beta)
+    trainer = trainer_cls(model=peft_model, args=args, train_dataset=_dataset(tokenizer, pairs),
+                          processing_class=tokenizer, callbacks=[_progress_callback(progress, label)])
+    _train_quietly(trainer)
+    return trainer
+
+
+def _losses(trainer) -> list[float]:
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
 def train_dpo(peft_model, tokenizer, pairs: list[dict], tmp: Path, *, epochs: int, batch_size: int, lr: float,
               seed: int, bf16: bool = BF16, progress=None) -> list[float]:
     """TRL DPOTrainer on `pairs`; the reference is a frozen copy of `peft_model`'s adapter (TRL's "ref" adapter,
     removed afterwards). Trains `peft_model`'s default adapter in place; returns the logged losses."""
     trl = import_trl("trl")
-    DPOConfig, DPOTrainer = trl.DPOConfig, trl.DPOTrainer
-    args = trl_args(DPOConfig, tmp, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, bf16=bf16,
-                    beta=DPO_BETA)
-    trainer = DPOTrainer(model=peft_model, args=args, train_dataset=_dataset(tokenizer, pairs),
-                         processing_class=tokenizer, callbacks=[_progress_callback(progress, "DPO")])
-    _train_quietly(trainer)
+    trainer = _train_on_pairs(trl.DPOConfig, trl.DPOTrainer, "DPO", DPO_BETA, peft_model, tokenizer, pairs, tmp,
+                              epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, bf16=bf16, progress=progress)
     if "ref" in peft_model.peft_config:
         peft_model.delete_adapter("ref")
     peft_model.set_adapter("default")
-    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return _losses(trainer)
 
 
 def train_orpo(peft_model, tokenizer, pairs: list[dict], tmp: Path, *, epochs: int, batch_size: int, lr: float,
                seed: int, bf16: bool = BF16, progress=None) -> list[float]:
     """TRL ORPOTrainer (trl.experimental.orpo) on `pairs`, no reference. Trains `peft_model` in place."""
     orpo = import_trl("trl.experimental.orpo")
-    ORPOConfig, ORPOTrainer = orpo.ORPOConfig, orpo.ORPOTrainer
-    args = trl_args(ORPOConfig, tmp, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, bf16=bf16,
-                    beta=ORPO_BETA)
-    trainer = ORPOTrainer(model=peft_model, args=args, train_dataset=_dataset(tokenizer, pairs),
-                          processing_class=tokenizer, callbacks=[_progress_callback(progress, "ORPO")])
-    _train_quietly(trainer)
-    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    trainer = _train_on_pairs(orpo.ORPOConfig, orpo.ORPOTrainer, "ORPO", ORPO_BETA, peft_model, tokenizer, pairs,
+                              tmp, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, bf16=bf16,
+                              progress=progress)
+    return _losses(trainer)
 
 
 def train_baseline(method: str, peft_model, tokenizer, rows: list[dict], own: dict[str, str], tmp: Path, *,
