@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from hcnr_deploy import frontier as F
-from test_reproduce import reproduce  # noqa: F401 (the module fixture: benchmarks/reproduce.py loaded once)
+from test_reproduce import reproduce  # noqa: F401 (test_reproduce's fixture: benchmarks/reproduce.py as a module)
 
 
 def _avg(reproduce, per_seed_points: list[dict]) -> dict:
