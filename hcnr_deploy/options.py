@@ -108,14 +108,7 @@ class RepairOptions:
                          "output as without it.")
 
     def __post_init__(self):
-        for f in dataclasses.fields(self):
-            v, meta = getattr(self, f.name), f.metadata
-            if meta["choices"] is not None and v not in meta["choices"]:
-                raise UserError(f"{flag_of(f)} must be one of {', '.join(meta['choices'])}, got {v!r}.")
-            if meta["check"] is not None and (problem := meta["check"](v)) is not None:
-                raise UserError(f"{flag_of(f)} {problem}, got {v}.")
-            if f.type in (bool, "bool") and not isinstance(v, bool):
-                raise UserError(f"{flag_of(f)} is a switch (True or False), got {v!r}.")
+        check_fields(self)
         if self.device == "cuda":
             import torch
 
@@ -150,23 +143,39 @@ class RepairOptions:
         return args
 
 
+def check_fields(options):
+    """Every field's choices and check; the first failure is a one-line UserError naming the flag."""
+    for f in dataclasses.fields(options):
+        v, meta = getattr(options, f.name), f.metadata
+        if meta["choices"] is not None and v not in meta["choices"]:
+            raise UserError(f"{flag_of(f)} must be one of {', '.join(meta['choices'])}, got {v!r}.")
+        if meta["check"] is not None and (problem := meta["check"](v)) is not None:
+            raise UserError(f"{flag_of(f)} {problem}, got {v}.")
+        if f.type in (bool, "bool") and not isinstance(v, bool):
+            raise UserError(f"{flag_of(f)} is a switch (True or False), got {v!r}.")
+
+
 def flag_of(f: dataclasses.Field) -> str:
     return f.metadata["flag"] or "--" + f.name.replace("_", "-")
 
 
-def option_fields(*groups: str) -> list[dataclasses.Field]:
-    bad = sorted(set(groups) - set(GROUPS))
+def option_fields(*groups: str, cls=None) -> list[dataclasses.Field]:
+    cls = cls or RepairOptions
+    known = {f.metadata["group"] for f in dataclasses.fields(cls)}
+    bad = sorted(set(groups) - known)
     if bad:
         raise ValueError(f"unknown option group {bad[0]!r}")
-    return [f for f in dataclasses.fields(RepairOptions) if f.metadata["group"] in groups]
+    return [f for f in dataclasses.fields(cls) if f.metadata["group"] in groups]
 
 
-def click_options(*groups: str):
-    """Decorator adding the click options of `groups` (all groups when none given), in declaration order; the
-    command receives them as keyword arguments named like the fields (``RepairOptions(**those)``)."""
+def click_options(*groups: str, cls=None):
+    """Decorator adding the click options of `groups` of `cls` (default RepairOptions; all its groups when none
+    given), in declaration order; the command receives them as keyword arguments named like the fields
+    (``RepairOptions(**those)``)."""
     import click
 
-    fields = option_fields(*(groups or GROUPS))
+    cls = cls or RepairOptions
+    fields = option_fields(*(groups or {f.metadata["group"] for f in dataclasses.fields(cls)}), cls=cls)
 
     def decorate(fn):
         for f in reversed(fields):
@@ -174,7 +183,8 @@ def click_options(*groups: str):
             if isinstance(f.default, bool):
                 fn = click.option(flag_of(f), f.name, is_flag=True, default=f.default, help=meta["help"])(fn)
                 continue
-            kind = click.Choice(meta["choices"], case_sensitive=False) if meta["choices"] else type(f.default)
+            kind = (click.Choice(meta["choices"], case_sensitive=False) if meta["choices"]
+                    else str if f.default is None else type(f.default))
             fn = click.option(flag_of(f), f.name, type=kind, default=f.default, show_default=True,
                               help=meta["help"])(fn)
         return fn

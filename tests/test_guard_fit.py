@@ -1,0 +1,156 @@
+"""The guard's fit: features against transformers' hidden states, the folded probe, thresholds on hand numbers, the
+calibration set's labels and split, and a probe that finds a planted signal."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+
+from hcnr_deploy.errors import UserError
+from hcnr_deploy.guard import calibration as C
+from hcnr_deploy.guard import fit as G
+from hcnr_deploy.guard.options import GuardOptions
+
+
+def test_threshold_at_false_refusal_on_hand_numbers():
+    s = np.array([0.1, 0.5, 0.9, 0.3, 0.7, 0.2, 0.8, 0.4, 0.6, 1.0])
+    assert G.threshold_at_false_refusal(s, 0.0) == 1.0           # nothing above the maximum
+    t = G.threshold_at_false_refusal(s, 0.2)                       # 2 of 10 may be refused
+    assert t == 0.8 and G.refusal_rate(s, t) == pytest.approx(0.2)
+    t = G.threshold_at_false_refusal(s, 0.25)                      # floor(2.5) = 2
+    assert G.refusal_rate(s, t) == pytest.approx(0.2)
+    assert G.refusal_rate(s, G.threshold_at_false_refusal(s, 1.0)) == 1.0
+    ties = np.array([0.5, 0.5, 0.5, 0.1])                          # ties never push the rate above the target
+    assert G.refusal_rate(ties, G.threshold_at_false_refusal(ties, 0.5)) <= 0.5
+
+
+def test_guard_threshold_keeps_every_kind_under_the_rate():
+    scores = np.array([0.0, 1.0, 2.0, 3.0, 10.0, 11.0, 12.0, 13.0])
+    t, rates = G.guard_threshold(scores, {"honesty": np.array([0, 1, 2, 3]), "task": np.array([4, 5, 6, 7])}, 0.25)
+    assert t == 12.0 and rates == {"honesty": 0.0, "task": 0.25}
+
+
+def test_fold_probe_equals_the_pipeline_decision_function():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(80, 6)) * np.array([1, 10, 0.1, 5, 2, 1]) + np.array([3, -2, 0, 1, 0, 7])
+    y = (x[:, 0] + 0.1 * x[:, 1] + rng.normal(size=80) * 0.5 > 2).astype(int)
+    from hcnr_deploy.probe import fit_probe
+
+    pipe, _ = fit_probe(x, y, seed=0)
+    w, b = G.fold_probe(pipe)
+    np.testing.assert_allclose(G.probe_scores(x, w, b), pipe.decision_function(x), rtol=1e-9, atol=1e-9)
+
+
+def test_normed_features_equal_transformers_hidden_states(tiny_base):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from hcnr_deploy.guard.features import extract
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32).eval()
+    prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
+    feats = extract(model, prompts, pad_id=0, batch_size=2)
+    assert feats.shape == (model.config.num_hidden_layers, 3, model.config.hidden_size)
+    for i, p in enumerate(prompts):  # one prompt at a time, no padding: the naive reference
+        with torch.no_grad():
+            hs = model(input_ids=torch.tensor([p]), output_hidden_states=True).hidden_states
+        for block in range(model.config.num_hidden_layers - 1):
+            with torch.no_grad():
+                ref = model.model.norm(hs[block + 1][0, -1]).numpy()
+            np.testing.assert_allclose(feats[block, i], ref, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(feats[-1, i], hs[-1][0, -1].numpy(), rtol=1e-4, atol=1e-5)  # already normed
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_calibration_labels_refusal_text_and_split(tmp_path):
+    hon = [{"prompt": f"who is person {i}?", "response": "The answer is unknown." if i % 2 else f"Person {i}."}
+           for i in range(40)]
+    hon[1]["response"] = "I'm not sure."
+    _write(tmp_path / "h.jsonl", hon)
+    _write(tmp_path / "t.jsonl", [{"prompt": f"passage {i}. where?", "response": "Here."} for i in range(10)])
+    cal = C.build_set(tmp_path / "h.jsonl", tmp_path / "t.jsonl", num_samples=None, calibration_dir=None,
+                      benchmarks=None, per_class=None, refusal_text=None, seed=0)
+    assert cal.labels.tolist() == [i % 2 for i in range(40)] + [0] * 10
+    assert cal.kinds == ["honesty"] * 40 + ["task"] * 10
+    assert cal.refusal_text == "The answer is unknown."              # the most common refusal
+    assert C.check_refusal_text(cal.refusal_text) == []
+    assert C.too_few_answerable(cal) is None
+    fit, held = C.held_out_split(cal, 0.4, seed=0)
+    assert sorted(fit.tolist() + held.tolist()) == list(range(50))
+    assert len(held) == 8 + 8 + 4                                      # 40% of each (kind, label) group
+    again = C.held_out_split(cal, 0.4, seed=0)
+    assert np.array_equal(held, again[1])
+
+
+def test_calibration_warns_without_answerable_questions_of_its_kind(tmp_path):
+    _write(tmp_path / "h.jsonl", [{"prompt": f"q{i}?", "response": "The answer is unknown."} for i in range(20)]
+           + [{"prompt": "q?", "response": "Yes."}])
+    _write(tmp_path / "t.jsonl", [{"prompt": f"t{i}?", "response": "Here."} for i in range(20)])
+    cal = C.build_set(tmp_path / "h.jsonl", tmp_path / "t.jsonl", num_samples=None, calibration_dir=None,
+                      benchmarks=None, per_class=None, refusal_text=None, seed=0)
+    assert "1 answerable questions of its own kind beside 20" in C.too_few_answerable(cal)
+
+
+def test_calibration_from_a_benchmark_folder_is_balanced(tmp_path):
+    from conftest import SHARED_DATA
+
+    _write(tmp_path / "h.jsonl", [{"prompt": "q?", "response": "The answer is unknown."}])
+    _write(tmp_path / "t.jsonl", [{"prompt": f"t{i}?", "response": "Here."} for i in range(5)])
+    cal = C.build_set(tmp_path / "h.jsonl", tmp_path / "t.jsonl", num_samples=None, calibration_dir=SHARED_DATA,
+                      benchmarks="selfaware", per_class=30, refusal_text=None, seed=0)
+    assert int(cal.labels[:60].sum()) == 30 and len(cal) == 65
+    assert cal.messages[0][-1]["role"] == "user" and set(cal.sources[:60]) == {"selfaware"}
+
+
+def test_no_refusal_in_the_honesty_data_is_a_one_line_error(tmp_path):
+    _write(tmp_path / "h.jsonl", [{"prompt": "q?", "response": "Yes."}])
+    _write(tmp_path / "t.jsonl", [{"prompt": "t?", "response": "Here."}])
+    with pytest.raises(UserError, match="--refusal-text"):
+        C.build_set(tmp_path / "h.jsonl", tmp_path / "t.jsonl", num_samples=None, calibration_dir=None,
+                    benchmarks=None, per_class=None, refusal_text=None, seed=0)
+
+
+def test_guard_options_are_checked():
+    with pytest.raises(UserError, match="--false-refusal must be in"):
+        GuardOptions(false_refusal=1.0)
+    with pytest.raises(UserError, match="--block must be"):
+        GuardOptions(block="last")
+
+
+def test_probe_finds_a_planted_signal(tiny_base, tmp_path):
+    """Unanswerable questions carry a marker word; the probe must find it (held-out AUROC near 1 at its best block),
+    and must not find anything when the labels are shuffled."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hcnr_deploy.guard.run import fit_guard
+
+    rng = random.Random(0)
+    words = ["river", "town", "bridge", "market", "school", "garden", "harbor", "mill", "tower", "road"]
+    rows = []
+    for i in range(120):
+        q = " ".join(rng.choice(words) for _ in range(6))
+        unans = i % 2 == 1
+        rows.append({"prompt": ("zebra " if unans else "") + q + "?",
+                     "response": "The answer is unknown." if unans else "It is here."})
+    _write(tmp_path / "h.jsonl", rows)
+    _write(tmp_path / "t.jsonl", [{"prompt": "where is the mill?", "response": "Here."}] * 4)
+    cal = C.build_set(tmp_path / "h.jsonl", tmp_path / "t.jsonl", num_samples=None, calibration_dir=None,
+                      benchmarks=None, per_class=None, refusal_text=None, seed=0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_base)
+    gf = fit_guard(model, tok, cal, held_out=0.4, seed=0, batch_size=16)
+    best = G.best_block(gf.probes)
+    assert best.auroc > 0.95
+    t, rates = gf.threshold(best.block, 0.05)
+    assert rates["honesty"] <= 0.05 and rates["task"] <= 0.05
+    shuffled = C.CalibrationSet(cal.messages, np.array(np.random.default_rng(1).permutation(cal.labels)),
+                                cal.kinds, cal.sources, cal.refusal_text)
+    control = fit_guard(model, tok, shuffled, held_out=0.4, seed=0, batch_size=16)
+    assert max(p.auroc for p in control.probes) < 0.8
