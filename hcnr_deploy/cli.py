@@ -13,6 +13,7 @@ from hcnr_deploy import __version__
 SUBCOMMANDS = {
     "repair": ("hcnr_deploy.cli_repair", "repair"),
     "sweep": ("hcnr_deploy.sweep", "sweep"),
+    "guard": ("hcnr_deploy.guard.cli", "guard"),
     "probe": ("hcnr_deploy.probe", "probe"),
     "serve": ("hcnr_deploy.serve", "serve"),
     "eval": ("eval_harness.cli", "eval_cmd"),
@@ -22,6 +23,7 @@ SUBCOMMANDS = {
 HELP = {
     "repair": "Compute the HCNR edit of a fine-tune and write an adapter or checkpoint.",
     "sweep": "Measure the honesty/domain frontier of repair methods on your model; ship the chosen point.",
+    "guard": "Fit the honesty guard: a probe that refuses for the fine-tune what it cannot answer.",
     "probe": "Linear probes: does the model still tell answerable from unanswerable (Observation 2)?",
     "serve": "Serve base, fine-tuned and repaired models behind vLLM's OpenAI API.",
     "eval": "Score OpenAI-compatible models on honesty benchmarks.",
@@ -52,8 +54,12 @@ def main():
 
     \b
       hcnr-deploy repair --base BASE --finetuned FT --honesty-data H.jsonl --task-data T.jsonl --out OUT
-      hcnr-deploy serve  --base BASE --adapter ft=FT --adapter repaired=OUT
+      hcnr-deploy sweep  --base BASE --finetuned FT --honesty-data H.jsonl --task-data T.jsonl \\
+                         --eval-honesty DATA --eval-domain D.jsonl --out SWEEP
+      hcnr-deploy guard  --base BASE --finetuned FT --honesty-data H.jsonl --task-data T.jsonl --out GUARD
+      hcnr-deploy serve  --base BASE --adapter ft=FT --adapter repaired=OUT --guard guarded=GUARD
       hcnr-deploy eval   --endpoint http://127.0.0.1:8000/v1 --models base,ft,repaired
+      hcnr-deploy probe  --model FT --reference BASE --data-dir DATA --out PROBE
       hcnr-deploy demo   (the whole story on an embedded scenario)
     """
 

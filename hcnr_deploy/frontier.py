@@ -27,14 +27,17 @@ METHODS = {
     "regmean": ("regmean", {}, {"task_weight": (float, "mu"), "damp": (float, "damp")}),
     "scale": ("scale", {}, {"alpha": (float, "a")}),
     "sft": ("sft", {}, {"steps": (int, "s"), "lr": (float, "lr")}),
+    # not a weight edit: the honesty guard (hcnr_deploy/guard), scored from ft's answers (guard/family.py)
+    "guard": ("guard", {}, {"false_refusal": (float, "fr"), "block": (str, "b")}),
 }
-ALIASES = {"mu": "task_weight", "a": "alpha", "rcw": "r_cw", "riw": "r_iw", "r-cw": "r_cw", "r-iw": "r_iw",
+ALIASES = {"mu": "task_weight", "a": "alpha", "fr": "false_refusal", "rcw": "r_cw", "riw": "r_iw", "r-cw": "r_cw", "r-iw": "r_iw",
            "task-weight": "task_weight"}
 DEFAULT_GRID = ("hcnr:r_cw=0.1,0.2,0.4,0.6,0.8; random:r_cw=0.4; regmean:task_weight=0.3,1,3,10; "
-                "scale:alpha=0.2,0.4,0.6,0.8; sft:steps=16,32,64")
+                "scale:alpha=0.2,0.4,0.6,0.8; sft:steps=16,32,64; guard:false_refusal=0.02,0.05,0.1")
 GRID_HELP = ("METHOD:PARAM=V1,V2[:PARAM=...]; ... Methods: hcnr (r_cw, r_iw, task_weight, compensation, damp), "
              "random (HCNR with random column selection: r_cw, r_iw, compensation), regmean (task_weight, alias mu), "
-             "scale (alpha, alias a), sft (steps, lr). Several PARAMs of one method give every combination; "
+             "scale (alpha, alias a), sft (steps, lr), guard (false_refusal, alias fr; block: auto or an index; the honesty "
+             "guard, scored from ft's answers). Several PARAMs of one method give every combination; "
              "a method without parameters (e.g. 'hcnr') is its repair defaults. base and ft are always in.")
 
 
@@ -78,6 +81,13 @@ def _parse_value(family, key, text, typ):
         raise UserError(f"--grid {family}:{key}={text}: must be >= 0")
     if key == "steps" and v < 1:
         raise UserError(f"--grid {family}:steps={text}: must be at least 1")
+    if family == "guard":
+        from hcnr_deploy.guard.options import GuardOptions
+
+        try:
+            GuardOptions(**{key: v})
+        except UserError as e:
+            raise UserError(f"--grid {family}:{key}={text}: {e.message}") from None
     return v
 
 
@@ -256,7 +266,7 @@ def markdown_table(cands: list[dict], chosen: str) -> str:
 
 
 STYLES = {"hcnr": ("o-", "C0"), "random": ("s--", "C1"), "regmean": ("^-", "C2"), "scale": ("d:", "C3"),
-          "sft": ("v-", "C4"), "taskaware": (">-.", "C6"), "rait": ("x-", "C5"), "dpo": ("P-", "C8"),
+          "sft": ("v-", "C4"), "taskaware": (">-.", "C6"), "guard": ("h-", "k"), "rait": ("x-", "C5"), "dpo": ("P-", "C8"),
           "orpo": ("*-", "C9")}  # one curve per family, its points in the order given
 # single points (candidates with `single: True`), by name; base and ft are always drawn as points
 POINT_STYLES = {"hcnr": ("P", "C0"), "random": ("s", "C1"), "no-task": ("D", "C7"), "no-comp": ("d", "C7"),

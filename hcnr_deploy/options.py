@@ -168,14 +168,15 @@ def option_fields(*groups: str, cls=None) -> list[dataclasses.Field]:
     return [f for f in dataclasses.fields(cls) if f.metadata["group"] in groups]
 
 
-def click_options(*groups: str, cls=None):
+def click_options(*groups: str, cls=None, only: tuple[str, ...] | None = None):
     """Decorator adding the click options of `groups` of `cls` (default RepairOptions; all its groups when none
-    given), in declaration order; the command receives them as keyword arguments named like the fields
-    (``RepairOptions(**those)``)."""
+    given; with `only`, just those fields), in declaration order; the command receives them as keyword arguments
+    named like the fields (``RepairOptions(**those)``)."""
     import click
 
     cls = cls or RepairOptions
     fields = option_fields(*(groups or {f.metadata["group"] for f in dataclasses.fields(cls)}), cls=cls)
+    fields = [f for f in fields if only is None or f.name in only]
 
     def decorate(fn):
         for f in reversed(fields):

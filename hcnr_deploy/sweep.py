@@ -31,6 +31,7 @@ import click
 
 from hcnr_deploy import frontier as F
 from hcnr_deploy.errors import UserError
+from hcnr_deploy.guard.options import GuardOptions
 from hcnr_deploy.options import click_options
 
 SCHEMA = "hcnr-deploy.sweep/1"
@@ -220,7 +221,7 @@ def run_sweep(base, finetuned, honesty_data, task_data, eval_honesty, eval_domai
               max_model_len: int | None = None, startup_timeout: float = 900, max_tokens: int = 64,
               concurrency: int = 16, n_boot: int = 1000, overwrite: bool = False, repair_options: dict | None = None,
               console=None, progress: bool = True, command: str | None = None,
-              trust_cache_names: bool = False) -> dict:
+              trust_cache_names: bool = False, guard_options: dict | None = None) -> dict:
     """The whole sweep; returns the frontier dict written to `out`/frontier.json. See the module docstring."""
     from rich.console import Console
 
@@ -254,6 +255,11 @@ def run_sweep(base, finetuned, honesty_data, task_data, eval_honesty, eval_domai
     with tempfile.TemporaryDirectory() as tmp:  # bad evaluation input fails before --out is touched
         tasks, _, _ = eval_tasks(eval_honesty, eval_domain, benchmarks, limit, seed, Path(tmp))
         check_overlap(tasks, {"honesty": Path(honesty_data), "task": Path(task_data)}, num_samples)
+        if any(c.family == "guard" for c in cands):
+            from hcnr_deploy.guard.family import check_calibration_overlap
+            from hcnr_deploy.guard.options import GuardOptions
+
+            check_calibration_overlap(tasks, GuardOptions(**(guard_options or {})))
     resumed = prepare_dir(out, key, overwrite)
     tasks, data_dir, names = eval_tasks(eval_honesty, eval_domain, benchmarks, limit, seed, out)
     domain_task = next(t.name for t, _ in tasks if t.kind == "domain")
@@ -263,19 +269,21 @@ def run_sweep(base, finetuned, honesty_data, task_data, eval_honesty, eval_domai
 
     # 1. statistics + candidates
     t0 = time.perf_counter()
-    built = build_candidates([c for c in cands if c.family in F.METHODS], out / "candidates", base_dir, ft_dir,
+    guards = [c for c in cands if c.family == "guard"]
+    built = build_candidates([c for c in cands if c.family in F.METHODS and c not in guards], out / "candidates",
+                             base_dir, ft_dir,
                              honesty_data, task_data, ro, console=console, progress=progress)
     artifacts = {"base": base_dir, "ft": ft_dir, **built["artifacts"]}
     reports, reused, stats_timings = built["reports"], built["reused"], built["statistics"]
     notes += built["notes"]
     built = built["built"]
     timings["candidates"] = round(time.perf_counter() - t0, 3)
-    cands = [c for c in cands if c.name in artifacts]
+    cands = [c for c in cands if c.name in artifacts or c in guards]
     if reused:
         console.print(f"[dim]reused {len(reused)} finished candidate(s): {', '.join(reused)}[/dim]")
 
     # 2 + 3. serve and score
-    served = [c.name for c in cands]
+    served = [c.name for c in cands if c not in guards]
     cache = out / "eval-cache.sqlite"
     eval_kwargs = dict(benchmarks=names, data_dir=data_dir, domain=[Path(eval_domain)], limit=limit, seed=seed,
                        max_tokens=max_tokens, concurrency=concurrency, n_boot=n_boot, cache=cache, console=console,
@@ -287,15 +295,35 @@ def run_sweep(base, finetuned, honesty_data, task_data, eval_honesty, eval_domai
         console=console)
     timings["serve"], timings["eval"] = serve_s, eval_s
     _write_json(out / "eval-results.json", {k: v for k, v in results.items() if k != "samples"})
+    guard_specs = {}
+    if guards:  # the honesty guard: derived from ft's answers and the fine-tune's own features
+        from hcnr_deploy.guard.family import guard_params, guard_points, write_guard_point
+        from hcnr_deploy.guard.options import GuardOptions
+
+        t0 = time.perf_counter()
+        with console.status("guard family: probes on the calibration questions, scores of the evaluated prompts"):
+            guard_specs = guard_points(guards, results, base_dir, ft_dir, honesty_data, task_data, names,
+                                       options=GuardOptions(**(guard_options or {})), num_samples=num_samples,
+                                       seed=seed, device=ro.get("device", "auto"), dtype=ro.get("dtype", "auto"),
+                                       batch_size=int(ro.get("batch_size", 8)), console=console)
+        for c in guards:
+            artifacts[c.name] = out / "candidates" / c.name
+            write_guard_point(artifacts[c.name], *guard_specs[c.name], with_classifier=False)
+        timings["guard"] = round(time.perf_counter() - t0, 3)
+
+    _write_json(out / "eval-samples.json", results["samples"])  # every answer and verdict (guard points: derived)
 
     # 4. frontier
     t0 = time.perf_counter()
-    figures = F.candidate_figures(results, served, names, domain_task, n_boot, seed)
+    figures = F.candidate_figures(results, [c.name for c in cands], names, domain_task, n_boot, seed)
     rows = []
     for c in cands:
         rep = reports.get(c.name, {})
         ef = {"base": 1.0, "ft": 0.0}.get(c.name, rep.get("edited_fraction"))
-        rows.append({"name": c.name, "family": c.family, "method": c.method, "params": c.repair_kwargs,
+        params = c.repair_kwargs
+        if c in guards:  # no weight changed; its block, threshold and calibration figures
+            ef, params = 0.0, {**params, **guard_params(guard_specs[c.name][0])}
+        rows.append({"name": c.name, "family": c.family, "method": c.method, "params": params,
                      **figures[c.name], "edited_fraction": ef, "artifact": str(artifacts[c.name]),
                      "repair_seconds": (rep.get("timings_s") or {}).get("total")})
     F.mark_pareto(rows)
@@ -317,11 +345,14 @@ def run_sweep(base, finetuned, honesty_data, task_data, eval_honesty, eval_domai
                      "grid": grid or F.DEFAULT_GRID, "max_domain_drop": max_domain_drop, "benchmarks": benchmarks,
                      "limit": limit, "endpoint": endpoint, "port": None if endpoint else port,
                      "vllm_args": list(vllm_args), "max_tokens": max_tokens, "concurrency": concurrency,
-                     "bootstrap": n_boot, "repair_options": ro, "command": command},
+                     "bootstrap": n_boot, "repair_options": ro, "guard_options": guard_options or {},
+                     "command": command},
         "versions": _versions(),
         "run": {"resumed": resumed, "built": built, "reused": reused, "requests": runs},
         "notes": notes,
     }
+    if chosen in guard_specs:  # the chosen guard gets its classifier (l+1 blocks of the model)
+        write_guard_point(artifacts[chosen], *guard_specs[chosen], with_classifier=True)
     _copy_artifact(artifacts[chosen], out / "chosen",
                    lambda tmp: _card(tmp, reports.get(chosen), ch, figures, max_domain_drop, frontier))
     _write_text(out / "frontier.md", _markdown(frontier))
@@ -426,11 +457,17 @@ def _card(folder: Path, report: dict | None, chosen: dict, figures: dict, max_do
     """chosen/'s model card: hcnr_deploy.card's, with the sweep's figures, for a repair output; for base or ft
     chosen as they are, their own README.md with the sweep's section appended (or that section alone)."""
     if report is None:
-        which = frontier["settings"]["finetuned" if chosen["name"] == "ft" else "base"]
+        st = frontier["settings"]
         card = folder / "README.md"
         own = card.read_text().rstrip("\n") + "\n\n" if card.exists() else ""
-        lines = [f"## {chosen['name']}, chosen by hcnr-deploy sweep", "",
-                 f"The sweep chose `{chosen['name']}` itself (`{which}`), unchanged: {frontier['reason']}.", "",
+        if chosen["family"] == "guard":
+            what = (f"The sweep chose the honesty guard `{chosen['name']}` (the fine-tune unchanged behind a probe): "
+                    f"{frontier['reason']}. Serve it: `hcnr-deploy serve --base {st['base']} --adapter "
+                    f"ft={st['finetuned']} --guard {chosen['name']}=CHOSEN_FOLDER`.")
+        else:
+            which = st["finetuned" if chosen["name"] == "ft" else "base"]
+            what = f"The sweep chose `{chosen['name']}` itself (`{which}`), unchanged: {frontier['reason']}."
+        lines = [f"## {chosen['name']}, chosen by hcnr-deploy sweep", "", what, "",
                  F.markdown_table(frontier["candidates"], frontier["chosen"]), ""]
         card.write_text(own + "\n".join(lines))
         return
@@ -524,9 +561,10 @@ def print_frontier(frontier: dict, console):
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars; only the table.")
 @click.argument("vllm_args", nargs=-1, type=click.UNPROCESSED, metavar="[-- VLLM_ARGS...]")
 @click_options("data", "compute")
+@click_options("calibration", cls=GuardOptions)
 def sweep(base, finetuned, honesty_data, task_data, eval_honesty, eval_domain, out, grid, max_domain_drop,
           benchmarks, limit, endpoint, port, trust_cache_names, max_tokens, concurrency, n_boot, startup_timeout,
-          overwrite, quiet, vllm_args, **repair_options):
+          overwrite, quiet, vllm_args, **options):
     """Measure the honesty/domain frontier of repair methods on your model and ship the chosen point.
 
     \b
@@ -551,11 +589,14 @@ def sweep(base, finetuned, honesty_data, task_data, eval_honesty, eval_domain, o
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so a killed sweep stops its servers, cleans temp dirs
     console = Console(stderr=True, quiet=quiet)
+    guard_options = {k: options.pop(k) for k in list(options) if k in GuardOptions.__dataclass_fields__}
+    repair_options = options
     frontier = run_sweep(base, finetuned, honesty_data, task_data, eval_honesty, eval_domain, out, grid=grid,
                          max_domain_drop=max_domain_drop, benchmarks=benchmarks, limit=limit, endpoint=endpoint,
                          port=port, vllm_args=vllm_args, max_tokens=max_tokens, concurrency=concurrency,
                          n_boot=n_boot, startup_timeout=startup_timeout, overwrite=overwrite,
                          trust_cache_names=trust_cache_names,
-                         repair_options=repair_options, console=console, progress=not quiet,
+                         repair_options=repair_options, guard_options=guard_options, console=console,
+                         progress=not quiet,
                          command=shlex.join(["hcnr-deploy", "sweep", *sys.argv[2:]]))
     print_frontier(frontier, Console())
