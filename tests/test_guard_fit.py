@@ -154,3 +154,45 @@ def test_probe_finds_a_planted_signal(tiny_base, tmp_path):
                                 cal.kinds, cal.sources, cal.refusal_text)
     control = fit_guard(model, tok, shuffled, held_out=0.4, seed=0, batch_size=16)
     assert max(p.auroc for p in control.probes) < 0.8
+
+
+def test_guard_command_writes_a_classifier_that_scores_like_the_probe(tiny_base, tiny_lora, tmp_path):
+    """`hcnr-deploy guard` on a LoRA fine-tune: guard.json, and a classifier whose HF score on each prompt equals the
+    fitted probe's decision function on the fine-tune's own features at the chosen block."""
+    from click.testing import CliRunner
+    from transformers import AutoTokenizer
+
+    from hcnr_deploy.cli import main
+    from hcnr_deploy.guard import artifact as A
+    from hcnr_deploy.guard.classifier import hf_scores
+    from hcnr_deploy.guard.features import extract
+    from hcnr_deploy.guard.run import load_finetune, render_messages
+
+    rows = [{"prompt": ("zebra " if i % 2 else "") + f"where is the mill number {i}?",
+             "response": "The answer is unknown." if i % 2 else "It is here."} for i in range(48)]
+    _write(tmp_path / "h.jsonl", rows)
+    _write(tmp_path / "t.jsonl", [{"prompt": f"passage {i}: the mill is red. what colour?", "response": "Red."}
+                                  for i in range(16)])
+    out = tmp_path / "guard"
+    args = ["guard", "--base", str(tiny_base), "--finetuned", str(tiny_lora), "--honesty-data",
+            str(tmp_path / "h.jsonl"), "--task-data", str(tmp_path / "t.jsonl"), "--out", str(out),
+            "--false-refusal", "0.1", "-q"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    spec = A.read_spec(out)
+    assert spec.refusal_text == "The answer is unknown." and spec.false_refusal_target == 0.1
+    assert spec.fingerprints["finetuned"] == A.content_fingerprint(tiny_lora)
+    assert len(spec.extra["blocks"]) == spec.num_blocks and 0 <= spec.block < spec.num_blocks
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "classifier", "guard.json"]
+    model, tok, _ = load_finetune(str(tiny_base), str(tiny_lora), "cpu", "float32")
+    msgs = [[{"role": "user", "content": r["prompt"]}] for r in rows[:10]]
+    prompts = render_messages(tok, msgs)
+    feats = extract(model, prompts, tok.pad_token_id)[spec.block]
+    from safetensors.torch import load_file
+
+    head = {k: v for f in (out / "classifier").glob("*.safetensors") for k, v in load_file(f).items()
+            if k.startswith("score.")}
+    expected = feats.astype(np.float64) @ head["score.weight"][0].double().numpy() + float(head["score.bias"][0])
+    np.testing.assert_allclose(hf_scores(out / "classifier", prompts), expected, rtol=1e-4, atol=1e-4)
+    again = CliRunner().invoke(main, args)                      # an existing --out is refused, nothing changed
+    assert again.exit_code != 0 and "--overwrite" in again.output
