@@ -77,8 +77,8 @@ def score_rehearsal(sweep_out: Path, base: Path, rehearsal: Path, frontier: dict
 def validity(fig: dict, probe: dict) -> dict:
     from eval_harness.metrics import separability
 
-    def pick(n):
-        return {k: fig[n][k] for k in ("f1", "rf_delta", "domain_accuracy")}
+    def pick(n):  # a model not scored (Rehearsal with --no-rehearsal) fails its gates as NaN
+        return {k: fig[n][k] for k in ("f1", "rf_delta", "domain_accuracy")} if n in fig else {}
 
     v = separability(pick("base"), pick("ft"), pick("rehearsal"))
     conds = probe["conditions"]
@@ -113,7 +113,9 @@ def summary_md(summary: dict) -> str:
     lines += ["", f"Validity (DESIGN.md section 8): discriminating {v['discriminating']}, separable {v['separable']}"
                   f" (Rehearsal recovers {v['rehearsal_recovery']:.2f}); probe AUROC on ft "
                   f"{v['probe_auroc_ft']:.3f}, base's probe transferred {v['probe_auroc_transfer']:.3f}."
-                  + (" Failed: " + "; ".join(v["reasons"]) + "." if v["reasons"] else ""), "",
+                  + (" Failed: " + "; ".join(v["reasons"]) + "." if v["reasons"] else "")
+              + ("" if summary["rehearsal_scored"] else " Rehearsal was not scored in this run (--no-rehearsal): "
+                 "the separability gate is unchecked here, not failed."), "",
               f"The sweep chose `{summary['chosen']}`: {summary['reason']}.", "",
               "Guard points (thresholds from held-out calibration questions): "
               + "; ".join(f"{n}: block {g['block']}, held-out calibration AUROC {g['calibration_auroc']:.3f}, "
@@ -150,13 +152,13 @@ def main(argv=None):
     scen = P.build_data(steps, recipe)
     base = P.build_base(steps, recipe, scen, console)
     ft = P.build_ft(steps, recipe, base, scen, console)
-    rehearsal = P.build_rehearsal(steps, recipe, base, scen, console, share=P.REHEARSAL_SHARE)
     args.out.mkdir(parents=True, exist_ok=True)
     honesty, benchmarks, limit = eval_honesty(args, recipe, scen, args.out)
     real = isinstance(recipe.size, P.realdata.RealSize)
     guard_options = ({"calibration_dir": str(scen / "validation"),
                       "calibration_benchmarks": args.calibration_benchmarks} if real else {})
     sweep_out = args.out / "sweep"
+    (sweep_out / "frontier.json").unlink(missing_ok=True)  # a rerun resumes: finished candidates and answers reused
     extra = {} if args.max_domain_drop is None else {"max_domain_drop": args.max_domain_drop}
     frontier = run_sweep(base, ft, scen / "honesty_calib.jsonl", scen / "task_calib.jsonl", honesty,
                          scen / "domain.jsonl", sweep_out, grid=args.grid, benchmarks=benchmarks, limit=limit,
@@ -168,6 +170,7 @@ def main(argv=None):
     results = {"samples": {}}
     fig_rows = {r["name"]: r for r in rows}
     if not args.no_rehearsal:
+        rehearsal = P.build_rehearsal(steps, recipe, base, scen, console, share=P.REHEARSAL_SHARE)
         reh = score_rehearsal(sweep_out, base, rehearsal, frontier, recipe.max_tokens, console)
         samples = json.loads((sweep_out / "eval-samples.json").read_text())
         samples["rehearsal"] = reh["samples"]["rehearsal"]
@@ -176,7 +179,7 @@ def main(argv=None):
         figs = F.candidate_figures(results, order, names, frontier["domain_task"], 1000, 0)
         fig_rows = {n: {**fig_rows.get(n, {"name": n, "family": "rehearsal"}), **figs[n]} for n in order}
     probe = run_probe(str(ft), args.out / "probe", reference=str(base), base=str(base),
-                      data_dir=(args.out / "eval-data") if (args.out / "eval-data").exists() else scen,
+                      data_dir=honesty if Path(honesty).is_dir() else scen,
                       benchmarks=",".join(names), limit=limit, seed=0, device="cpu", dtype="float32",
                       overwrite=True, progress=True, console=console)
     points = [{"name": n, "family": r["family"], **{k: r[k] for k in (
@@ -185,7 +188,7 @@ def main(argv=None):
         false_refusal(r), "params": r.get("params", {})} for n, r in fig_rows.items()]
     summary = {"recipe": args.recipe, "seed": args.seed, "honesty_benchmarks": names,
                "questions": frontier["questions"], "points": points,
-               "validity": validity(fig_rows, probe) if "rehearsal" in fig_rows else None,
+               "validity": validity(fig_rows, probe), "rehearsal_scored": "rehearsal" in fig_rows,
                "chosen": frontier["chosen"], "reason": frontier["reason"],
                "guards": {r["name"]: r["params"] for r in rows if r["family"] == "guard"},
                "machine": machine(), "seconds": round(time.time() - t0, 1),

@@ -268,3 +268,27 @@ def test_api_key_enforced(guarded):
         assert e.value.code == 401
     with urllib.request.urlopen(f"http://127.0.0.1:{guarded['front'].port}/health") as r:
         assert r.status == 200
+
+
+@pytest.mark.vllm
+def test_sweep_derivation_equals_the_served_guard(guarded, tmp_path):
+    """The sweep scores guard points from ft's answers and the classifier's scores (guard/family.derive_samples);
+    the guarded endpoint itself, scored by the eval harness, must give the same responses and verdicts."""
+    from eval_harness import evaluate
+    from hcnr_deploy.guard.family import derive_samples
+
+    rows = [{"question": q, "answer": ["Paris"] if i % 2 == 0 else [], "unknown": i % 2 == 1, "source": "t",
+             "category": "c"} for i, q in enumerate(QUESTIONS)]
+    (tmp_path / "kuq").mkdir()
+    (tmp_path / "kuq" / "knowns_unknowns.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    res = evaluate(guarded["front"].base_url, models=["ft", "guarded"], benchmarks=["kuq"], data_dir=tmp_path,
+                   max_tokens=12, api_key=KEY, cache=None, log_samples=True, progress=False, n_boot=10)
+    ft = res["samples"]["ft"]
+    order = {q: i for i, q in enumerate(QUESTIONS)}
+    refuse = {"kuq": np.array([guarded["scores"][order[s["question"]]] > guarded["threshold"] for s in ft["kuq"]])}
+    assert 0 < refuse["kuq"].sum() < len(QUESTIONS)
+    derived = derive_samples(ft, refuse, REFUSAL, ["kuq"])["kuq"]
+    served = res["samples"]["guarded"]["kuq"]
+    assert [s["response"] for s in derived] == [s["response"] for s in served]
+    assert [s["verdict"]["refused"] for s in derived] == [s["verdict"]["refused"] for s in served]
+    assert [s["correct"] for s in derived] == [s["correct"] for s in served]
