@@ -35,6 +35,7 @@ METHODS = {
             "(Eqs. 4-7), the change compensated through the honesty data's Hessian (Eqs. 8-10)",
     "regmean": "RegMean between the base on honesty inputs and the fine-tune on task inputs, over every matrix",
     "scale": "weight interpolation W0 + A (Ws - W0) between the base and the fine-tune",
+    "lines": "depth-dependent weight interpolation W0 + (A + B l / (L - 1)) (Ws - W0) for block l of L (LiNeS)",
     "sft": "further supervised fine-tuning on the calibration examples",
 }
 # settings shown elsewhere in the card (paths, the command) or that do not describe the result
