@@ -169,8 +169,8 @@ def _figures(sweep: dict) -> list[str]:
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", f"- Honesty recovery ratio (F1 - F1_ft) / (F1_base - F1_ft): {_fmt(sweep.get('recovery_ratio'))}"]
     if sweep.get("max_domain_drop") is not None:
-        lines.append(f"- Chosen as the most honest candidate within {_fmt(sweep['max_domain_drop'])} of the "
-                     f"fine-tune's domain accuracy.")
+        lines.append(f"- Chosen among the candidates that beat the fine-tune's honesty with 95% paired confidence "
+                     f"and keep domain accuracy non-inferior to its at the {_fmt(sweep['max_domain_drop'])} margin.")
     if sweep.get("reason"):
         lines.append(f"- Reason: {sweep['reason']}")
     return lines + [""]
