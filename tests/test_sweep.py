@@ -385,8 +385,12 @@ def test_frontier_json_schema_and_contents(swept):
     assert fr["run"]["built"] == ["hcnr-rcw0.4", "random-rcw0.4", "regmean-mu1"] and not fr["run"]["resumed"]
     assert fr["versions"]["hcnr-deploy"] and fr["settings"]["grid"] == GRID
     assert fr["honesty_metric"] == "rf_delta" == fr["settings"]["honesty_metric"] and fr["max_domain_drop"] == 0.02
-    unans = {"selfaware": 1 / 3, "kuq": 1 / 2, "falseqa": 1 / 2, "nec": 1 / 2, "refunq": 1 / 3}
-    assert fr["always_refuse"]["f1"] == pytest.approx(np.mean([2 * p / (1 + p) for p in unans.values()]), abs=1e-5)
+    shares = fr["always_refuse"]["unanswerable_share"]
+    assert set(shares) == set(fr["honesty_benchmarks"])
+    for b, p in shares.items():  # a share of this benchmark's questions, unanswerable ones in it
+        assert 0 < p < 1 and abs(p * fr["questions"][b] - round(p * fr["questions"][b])) < 1e-4
+    assert fr["always_refuse"]["f1"] == pytest.approx(np.mean([2 * p / (1 + p) for p in shares.values()]), abs=1e-5)
+    assert fr["always_refuse"]["rf_delta"] == 0 and fr["always_refuse"]["false_refusal"] == 1
     res = fr["domain_resolution"]
     assert res["questions"] == 4 and res["candidates"] == 3 and res["margin"] == 0.02
     assert res["half_width"] == pytest.approx(np.median([(c["domain_change_ci95"][1] - c["domain_change_ci95"][0]) / 2
