@@ -544,8 +544,8 @@ def write_report(args, out: Path, seeds_out: dict, avg: dict, benchmarks, meta, 
     lines.append(f"| mean | {np.mean(rr):.3f} ± {np.std(rr):.3f} | | {np.mean(dc):+.3f} ± {np.std(dc):.3f} | |")
     lines += ["", f"## Best point of each method per seed (hcnr_deploy.frontier.choose: the highest "
                   f"{args.honesty_metric} among the points that beat ft's with 95% paired confidence at a domain "
-                  f"accuracy non-inferior at the {args.max_domain_drop:g} margin, RF Delta not below ft's; ft itself "
-                  f"when none does)", "",
+                  f"accuracy non-inferior at the {args.max_domain_drop:g} margin, RF Delta not below ft's; "
+                  f"ft itself when none does)", "",
               "| seed | " + " | ".join(FAMILIES) + " |", "|---" * (len(FAMILIES) + 1) + "|"]
     for s, b in best.items():
         cells = [f"{b[f]['name']}: F1 {fmt(b[f]['f1'])}, dom {fmt(b[f]['domain_accuracy'])}, "

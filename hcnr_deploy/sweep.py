@@ -471,7 +471,8 @@ def _markdown(frontier: dict) -> str:
 
 
 def print_frontier(frontier: dict, console):
-    console.print(F.rich_table(frontier["candidates"], frontier["chosen"], reference=frontier.get("always_refuse")))
+    console.print(F.rich_table(frontier["candidates"], frontier["chosen"],
+                               reference=frontier.get("always_refuse")))
     for line in chosen_lines(frontier):
         console.print(line, highlight=False)
 

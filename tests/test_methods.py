@@ -1,4 +1,5 @@
-"""`repair --method regmean|scale|lines|sft`, task-aware compensation, and RepairSession: closed forms, limits, exact LoRAs, statistics reuse."""
+"""`repair --method regmean|scale|lines|sft`, task-aware compensation, RepairSession: closed forms, limits,
+exact LoRAs, statistics reuse."""
 
 from __future__ import annotations
 

@@ -62,8 +62,8 @@ def test_groups_give_the_sweep_only_data_and_compute():
     ("max_length", 2.5, "--max-length must be an integer, at least 1"), ("task_weight", -1.0, "--task-weight must be >= 0"),
     ("alpha", float("inf"), "--alpha must be >= 0, got inf."), ("steps", 0, "--steps must be at least 1"),
     ("lr", 0.0, "--lr must be > 0"), ("damp", -0.1, "--damp must be >= 0"),
-    ("hessian_memory_gb", 0, "--hessian-memory must be > 0"), ("method", "ties", "--method must be one of hcnr, "
-                                                                                 "regmean, scale, lines, sft, got 'ties'."),
+    ("hessian_memory_gb", 0, "--hessian-memory must be > 0"),
+    ("method", "ties", "--method must be one of hcnr, regmean, scale, lines, sft, got 'ties'."),
     ("beta", float("nan"), "--beta must be a finite number, got nan."),
     ("compensation", "OBS", "--compensation must be one of"), ("offload", 1, "--offload is a switch"),
     ("max_rank", 0, "--max-rank must be at least 1"), ("batch_size", True, "--batch-size must be an integer"),

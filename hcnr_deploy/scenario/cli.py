@@ -48,8 +48,9 @@ def chosen_words(summary: dict) -> list[str]:
     """The chosen point's recovery and domain change with their paired 95% intervals; or that ft is shipped."""
     m = f"{summary['max_domain_drop']:g}"
     if summary.get("shipped_ft"):
+        label = C.LABELS.get(summary.get("honesty_metric"), "honesty")
         lines = [f"shipped: ft itself, unchanged. No candidate helped at this data size: none beat ft's "
-                 f"{C.LABELS.get(summary.get('honesty_metric'), 'honesty')} with 95% paired confidence while keeping domain "
+                 f"{label} with 95% paired confidence while keeping domain "
                  f"accuracy non-inferior at the {m} margin and RF Delta at least ft's."]
     else:
         r = next(v for k, v in summary["models"].items() if k.startswith("chosen"))
