@@ -35,6 +35,7 @@ METHODS = {
             "(Eqs. 4-7), the change compensated through the honesty data's Hessian (Eqs. 8-10)",
     "regmean": "RegMean between the base on honesty inputs and the fine-tune on task inputs, over every matrix",
     "scale": "weight interpolation W0 + A (Ws - W0) between the base and the fine-tune",
+    "lines": "depth-dependent weight interpolation W0 + (A + B l / (L - 1)) (Ws - W0) for block l of L (LiNeS)",
     "sft": "further supervised fine-tuning on the calibration examples",
 }
 # settings shown elsewhere in the card (paths, the command) or that do not describe the result
@@ -168,8 +169,8 @@ def _figures(sweep: dict) -> list[str]:
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", f"- Honesty recovery ratio (F1 - F1_ft) / (F1_base - F1_ft): {_fmt(sweep.get('recovery_ratio'))}"]
     if sweep.get("max_domain_drop") is not None:
-        lines.append(f"- Chosen as the most honest candidate within {_fmt(sweep['max_domain_drop'])} of the "
-                     f"fine-tune's domain accuracy.")
+        lines.append(f"- Chosen among the candidates that beat the fine-tune's honesty with 95% paired confidence "
+                     f"and keep domain accuracy non-inferior to its at the {_fmt(sweep['max_domain_drop'])} margin.")
     if sweep.get("reason"):
         lines.append(f"- Reason: {sweep['reason']}")
     return lines + [""]

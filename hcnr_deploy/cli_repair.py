@@ -60,6 +60,7 @@ def print_summary(report: dict, console):
     console.print(table)
     params = {"hcnr": f"R_IW={s['r_iw']}, R_CW={s['r_cw']}, {s['selection']}, {s['compensation']}",
               "regmean": f"MU={s.get('task_weight')}", "scale": f"alpha={s.get('alpha')}",
+              "lines": f"alpha={s.get('alpha')}, beta={s.get('beta')}",
               "sft": f"steps={s.get('steps')}, lr={s.get('lr')}"}.get(method, "")
     lines = [
         f"[bold]edited fraction[/]: {report['edited_fraction']:.2%} of the weights of "

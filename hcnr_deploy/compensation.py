@@ -14,7 +14,8 @@ Other methods (``repair --method``), over every column of every eligible matrix:
 
 - ``regmean`` (RegMean, Jin et al. 2023): ``W = (W0 (G_h + lambda I) + mu Ws G_t) (G_h + mu G_t + lambda I)^-1``,
   i.e. ``E = mu D G_t K^-1`` with ``K = G_h + mu G_t + lambda I``;
-- ``scale``: ``W = W0 + alpha D``.
+- ``scale``: ``W = W0 + alpha D``;
+- ``lines`` (LiNeS, ICLR 2025): ``W = W0 + (alpha + beta l / (L - 1)) D`` for a matrix of block l of L.
 
 Every formula is linear in the rows of D, so the same functions take the LoRA factor A in place
 of D (``D = s B A``): the result is then ``A_new[:,F]`` and the edit stays an exact rank-r LoRA.
@@ -135,6 +136,12 @@ def interpolate(w0: torch.Tensor, ws: torch.Tensor, alpha: float) -> torch.Tenso
     """``--method scale``: ``W = W0 + alpha (Ws - W0)`` in float64 (alpha 0: W0, 1: Ws, both exact)."""
     w0 = w0.double()
     return w0 + alpha * (ws.double() - w0)
+
+
+def depth_factor(alpha: float, beta: float, layer: int, n_layers: int) -> float:
+    """``--method lines``: the delta's factor in block `layer` of `n_layers`, ``alpha + beta l / (L - 1)``
+    (alpha at the first block, alpha + beta at the last; one block: alpha)."""
+    return alpha + (beta * layer / (n_layers - 1) if n_layers > 1 else 0.0)
 
 
 def compensate_columns(method: str, rows: torch.Tensor, t: torch.Tensor, f: torch.Tensor, h_hon: torch.Tensor | None,

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from eval_harness import metrics as M
+from hcnr_deploy import choice as C
 from hcnr_deploy.errors import UserError
 
 REFERENCES = ("base", "ft")
@@ -25,19 +26,27 @@ METHODS = {
     "random": ("hcnr", {"selection": "random"}, {"r_cw": (float, "rcw"), "r_iw": (float, "riw"),
                                                   "compensation": (str, "")}),
     "regmean": ("regmean", {}, {"task_weight": (float, "mu"), "damp": (float, "damp")}),
+    "taskaware": ("hcnr", {"compensation": "task-aware"}, {"task_weight": (float, "mu"), "r_cw": (float, "rcw"),
+                                                         "r_iw": (float, "riw"), "damp": (float, "damp")}),
     "scale": ("scale", {}, {"alpha": (float, "a")}),
+    "lines": ("lines", {}, {"alpha": (float, "a"), "beta": (float, "b")}),
     "sft": ("sft", {}, {"steps": (int, "s"), "lr": (float, "lr")}),
     # not a weight edit: the honesty guard (hcnr_deploy/guard), scored from ft's answers (guard/family.py)
     "guard": ("guard", {}, {"false_refusal": (float, "fr"), "block": (str, "b")}),
 }
-ALIASES = {"mu": "task_weight", "a": "alpha", "fr": "false_refusal", "rcw": "r_cw", "riw": "r_iw", "r-cw": "r_cw", "r-iw": "r_iw",
-           "task-weight": "task_weight"}
-DEFAULT_GRID = ("hcnr:r_cw=0.1,0.2,0.4,0.6,0.8; random:r_cw=0.4; regmean:task_weight=0.3,1,3,10; "
-                "scale:alpha=0.2,0.4,0.6,0.8; sft:steps=16,32,64; guard:false_refusal=0.02,0.05,0.1")
+ALIASES = {"mu": "task_weight", "a": "alpha", "b": "beta", "fr": "false_refusal", "rcw": "r_cw", "riw": "r_iw", "r-cw": "r_cw",
+           "r-iw": "r_iw", "task-weight": "task_weight"}
+# lines: two depth profiles (shallow blocks nearer the base, b > 0; deep blocks nearer the base, b < 0), each at
+# the mean factors 0.5 and 0.7 of scale-a0.4..0.8, so the plot tells whether the profile beats flat scaling
+DEFAULT_GRID = ("hcnr:r_cw=0.1,0.2,0.4,0.6,0.8; random:r_cw=0.4; taskaware:task_weight=0.1,1,10; "
+                "regmean:task_weight=0.3,1,3,10; scale:alpha=0.2,0.4,0.6,0.8; lines:alpha=0.2,0.4:beta=0.6; "
+                "lines:alpha=0.8,1:beta=-0.6; sft:steps=16,32,64; guard:false_refusal=0.02,0.05,0.1")
 GRID_HELP = ("METHOD:PARAM=V1,V2[:PARAM=...]; ... Methods: hcnr (r_cw, r_iw, task_weight, compensation, damp), "
-             "random (HCNR with random column selection: r_cw, r_iw, compensation), regmean (task_weight, alias mu), "
-             "scale (alpha, alias a), sft (steps, lr), guard (false_refusal, alias fr; block: auto or an index; the honesty "
-             "guard, scored from ft's answers). Several PARAMs of one method give every combination; "
+             "random (HCNR with random column selection: r_cw, r_iw, compensation), taskaware (HCNR with "
+             "--compensation task-aware: task_weight, alias mu, r_cw, r_iw, damp), regmean (task_weight, alias mu), "
+             "scale (alpha, alias a), lines (alpha, beta, aliases a, b: W0 + (a + b l / (L - 1)) D in block l of "
+             "L), sft (steps, lr), guard (false_refusal, alias fr; block: auto or an index; the honesty guard, scored "
+             "from ft's answers). Several PARAMs of one method give every combination; "
              "a method without parameters (e.g. 'hcnr') is its repair defaults. base and ft are always in.")
 
 
@@ -46,7 +55,7 @@ class Candidate:
     """One point of the sweep: its served name, grid method, repair method and options."""
 
     name: str
-    family: str                       # grid method: base, ft, hcnr, random, regmean, scale, sft (one curve each)
+    family: str                       # grid method: base, ft, hcnr, random, taskaware, regmean, scale, lines, sft
     method: str                       # the repair method (`repair --method`); the family for base / ft
     params: dict = field(default_factory=dict, hash=False)  # options given to the repair (beyond the fixed ones)
 
@@ -91,6 +100,18 @@ def _parse_value(family, key, text, typ):
     return v
 
 
+def _check_combination(entry: str, family: str, params: dict):
+    """A grid point the repair would refuse (e.g. lines' alpha + beta < 0) is an error before any work."""
+    from hcnr_deploy.options import RepairOptions
+
+    if family == "guard":  # not a repair: its values were checked by GuardOptions in _parse_value
+        return
+    try:
+        RepairOptions(method=METHODS[family][0], **{**METHODS[family][1], **params})
+    except UserError as e:
+        raise UserError(f"--grid {entry!r}: {e.format_message()}") from None
+
+
 def parse_grid(spec: str | None) -> list[Candidate]:
     """`--grid` text -> candidates (base and ft first, then the grid in its order, duplicates dropped).
 
@@ -123,6 +144,7 @@ def parse_grid(spec: str | None) -> list[Candidate]:
             axes.append((key, vals))
         for combo in itertools.product(*[vals for _, vals in axes]):
             params = dict(zip([k for k, _ in axes], combo))
+            _check_combination(entry, family, params)
             name = candidate_name(family, params)
             if name not in seen:
                 seen.add(name)
@@ -151,14 +173,15 @@ def _num(x):
 
 def candidate_figures(results: dict, names: list[str], benchmarks: list[str], domain_task: str,
                       n_boot: int = 1000, seed: int = 0) -> dict[str, dict]:
-    """Per candidate: F1 / RF Delta per honesty benchmark and averaged over them, domain accuracy, the recovery
-    ratio and domain change against ft, each with a 95% percentile interval.
+    """Per candidate: F1 / RF Delta per honesty benchmark and averaged over them, the false-refusal rate (refusals
+    on answerable questions, averaged likewise), domain accuracy, the recovery ratio, and the changes against ft
+    (domain accuracy, F1 gain, RF Delta gain), each with a 95% percentile interval; the changes' are paired.
 
     `results`: the eval harness's results dict with `samples` (log_samples=True) for every name in `names`
     (which holds "base" and "ft"). Resamples are stratified by class and shared by all candidates (paired), per
     benchmark with the seed the harness's report uses; the average's replicates average the benchmarks'."""
     i_base, i_ft = names.index("base"), names.index("ft")
-    f1_pts, f1_reps, rf_pts, rf_reps, per_bench = [], [], [], [], {}
+    f1_pts, f1_reps, rf_pts, rf_reps, fr_pts, fr_reps, per_bench = [], [], [], [], [], [], {}
     for b in benchmarks:
         arrs = [_arrays(results["samples"][n][b]) for n in names]
         refused = np.stack([a[0] for a in arrs])
@@ -169,8 +192,10 @@ def candidate_figures(results: dict, names: list[str], benchmarks: list[str], do
         per_bench[b] = (point, reps)
         f1_pts.append(point["f1"]), f1_reps.append(reps["f1"])
         rf_pts.append(point["rf_delta"]), rf_reps.append(reps["rf_delta"])
+        fr_pts.append(point["refusal_answerable"]), fr_reps.append(reps["refusal_answerable"])
     f1, f1_r = np.mean(f1_pts, axis=0), np.mean(f1_reps, axis=0)
     rf, rf_r = np.mean(rf_pts, axis=0), np.mean(rf_reps, axis=0)
+    far, far_r = np.mean(fr_pts, axis=0), np.mean(fr_reps, axis=0)
     correct = np.array([[float(bool(s.get("correct"))) for s in results["samples"][n][domain_task]] for n in names],
                        dtype=np.float32)
     dom = M.accuracy_arrays(correct)["accuracy"]
@@ -190,6 +215,9 @@ def candidate_figures(results: dict, names: list[str], benchmarks: list[str], do
             "domain_accuracy": _num(dom[i]), "domain_accuracy_ci95": _ci(dom_r[i]),
             "recovery_ratio": _num(rec[i]), "recovery_ratio_ci95": _ci(rec_r[i]),
             "domain_change": _num(dom[i] - dom[i_ft]), "domain_change_ci95": _ci(dom_r[i] - dom_r[i_ft]),
+            "f1_gain": _num(f1[i] - f1[i_ft]), "f1_gain_ci95": _ci(f1_r[i] - f1_r[i_ft]),
+            "rf_delta_gain": _num(rf[i] - rf[i_ft]), "rf_delta_gain_ci95": _ci(rf_r[i] - rf_r[i_ft]),
+            "false_refusal": _num(far[i]), "false_refusal_ci95": _ci(far_r[i]),
         }
     return out
 
@@ -201,19 +229,15 @@ def mark_pareto(cands: list[dict]) -> None:
         c["pareto"] = bool(m)
 
 
-def choose(cands: list[dict], max_domain_drop: float) -> tuple[str, str]:
-    """The most honest candidate whose domain accuracy is at least ft's minus `max_domain_drop` (absolute).
+def unanswerable_share(results: dict, name: str, benchmarks: list[str]) -> dict[str, float]:
+    """Per honesty benchmark: the share of unanswerable questions (the same for every model scored on it)."""
+    return {b: float(_arrays(results["samples"][name][b])[1].mean()) for b in benchmarks}
 
-    Ties on F1 go to the higher domain accuracy, then to the smaller edit of the fine-tune, then to the earlier
-    candidate. Returns (name, reason)."""
-    ft = next(c for c in cands if c["name"] == "ft")
-    floor = ft["domain_accuracy"] - max_domain_drop
-    ok = [c for c in cands if c["domain_accuracy"] >= floor - 1e-12]
-    best = max(ok, key=lambda c: (c["f1"], c["domain_accuracy"], -(c.get("edited_fraction") or 0.0),
-                                  -cands.index(c)))
-    return best["name"], (f"highest honesty F1 ({best['f1']:.3f}) among the {len(ok)} of {len(cands)} candidates "
-                          f"whose domain accuracy is at least ft's {ft['domain_accuracy']:.3f} - "
-                          f"{max_domain_drop:g} = {floor:.3f}")
+
+def choose(cands: list[dict], max_domain_drop: float, honesty_metric: str = C.DEFAULT_HONESTY_METRIC):
+    """hcnr_deploy.choice.choose: the paired choice (significant honesty gain, domain non-inferior at the margin,
+    RF Delta not below ft's; else ft). Returns (name, reason)."""
+    return C.choose(cands, max_domain_drop, honesty_metric)
 
 
 def curve_gap(points: list[tuple[float, float]], curve: list[tuple[float, float]]) -> list[float | None]:
@@ -227,47 +251,60 @@ def curve_gap(points: list[tuple[float, float]], curve: list[tuple[float, float]
 # ---------------------------------------------------------------------------------------------- table, figure
 
 
+def _short(x: float, fmt: str) -> str:
+    """A number without its leading zero (-0.013 -> -.013), so the table fits 80 columns."""
+    return format(x, fmt).replace("0.", ".", 1) if abs(x) < 1 else format(x, fmt)
+
+
 def _short_ci(ci) -> str:
     return "" if not ci else f"[{ci[0]:.2f},{ci[1]:.2f}]".replace("0.", ".")
 
 
-def table_rows(cands: list[dict], chosen: str) -> list[list[str]]:
-    """The frontier table's cells: candidate, F1 [CI], RF Delta, domain [CI], domain change, edited, marks."""
+def table_rows(cands: list[dict], chosen: str, reference: dict | None = None) -> list[list[str]]:
+    """The frontier table's cells: candidate, F1 [CI], RF Delta, false refusals, domain [CI], domain change,
+    edited, marks; `reference` (choice.always_refuse) adds the always-refuse row."""
     rows = []
     for c in cands:
-        ef = c.get("edited_fraction")
+        ef, fr = c.get("edited_fraction"), c.get("false_refusal")
         mark = ("*" if c["pareto"] else "") + (" <" if c["name"] == chosen else "")
-        rows.append([c["name"], f"{c['f1']:.3f} {_short_ci(c['f1_ci95'])}", f"{c['rf_delta']:+.3f}",
+        rows.append([c["name"], f"{c['f1']:.3f} {_short_ci(c['f1_ci95'])}", _short(c["rf_delta"], "+.3f"),
+                     "-" if fr is None else _short(fr, ".2f"),
                      f"{c['domain_accuracy']:.3f} {_short_ci(c['domain_accuracy_ci95'])}",
-                     f"{c['domain_change']:+.3f}", "-" if ef is None else f"{ef:.0%}", mark])
+                     _short(c["domain_change"], "+.3f"), "-" if ef is None else f"{ef:.0%}", mark])
+    if reference and reference.get("f1") is not None:
+        rows.append(["always-refuse", f"{reference['f1']:.3f}", _short(reference["rf_delta"], "+.3f"),
+                     _short(reference["false_refusal"], ".2f"), "-", "-", "-", ""])
     return rows
 
 
-HEADERS = ["candidate", "F1 [95% CI]", "RF Δ", "domain [95% CI]", "Δdom", "edit", "P"]
+HEADERS = ["candidate", "F1 [95% CI]", "RF Δ", "FR", "domain [95% CI]", "Δdom", "edit", "P"]
 
 
-def rich_table(cands: list[dict], chosen: str, title: str = "sweep: honesty / domain frontier"):
+def rich_table(cands: list[dict], chosen: str, title: str = "sweep: honesty / domain frontier",
+               reference: dict | None = None):
     from rich import box
     from rich.table import Table
 
     table = Table(title=title, box=box.SIMPLE_HEAD, padding=(0, 0), pad_edge=False, collapse_padding=True,
-                  caption="P: * Pareto frontier, < chosen. edit: eligible weights changed vs ft")
+                  show_edge=False,
+                  caption="P: * Pareto frontier, < chosen. FR: refusals of answerable questions. edit: "
+                          "eligible weights changed vs ft")
     for h in HEADERS:
         table.add_column(h, justify="left" if h in ("candidate", "P") else "right", no_wrap=True)
-    for row in table_rows(cands, chosen):
-        table.add_row(*row, style="bold" if row[0] == chosen else None)
+    for row in table_rows(cands, chosen, reference):
+        table.add_row(*row, style="bold" if row[0] == chosen else ("dim" if row[0] == "always-refuse" else None))
     return table
 
 
-def markdown_table(cands: list[dict], chosen: str) -> str:
+def markdown_table(cands: list[dict], chosen: str, reference: dict | None = None) -> str:
     lines = ["| " + " | ".join(HEADERS) + " |", "|---" + "|---:" * (len(HEADERS) - 1) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in table_rows(cands, chosen)]
+    lines += ["| " + " | ".join(r) + " |" for r in table_rows(cands, chosen, reference)]
     return "\n".join(lines)
 
 
 STYLES = {"hcnr": ("o-", "C0"), "random": ("s--", "C1"), "regmean": ("^-", "C2"), "scale": ("d:", "C3"),
-          "sft": ("v-", "C4"), "taskaware": (">-.", "C6"), "guard": ("h-", "k"), "rait": ("x-", "C5"), "dpo": ("P-", "C8"),
-          "orpo": ("*-", "C9")}  # one curve per family, its points in the order given
+          "sft": ("v-", "C4"), "taskaware": (">-.", "C6"), "lines": ("<:", "olive"), "guard": ("h-", "k"), "rait": ("x-", "C5"),
+          "dpo": ("P-", "C8"), "orpo": ("*-", "C9")}  # one curve per family, its points in the order given
 # single points (candidates with `single: True`), by name; base and ft are always drawn as points
 POINT_STYLES = {"hcnr": ("P", "C0"), "random": ("s", "C1"), "no-task": ("D", "C7"), "no-comp": ("d", "C7"),
                 "exact": ("p", "C0"), "icl": ("<", "m"), "rehearsal": ("h", "teal")}

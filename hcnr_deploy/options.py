@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from hcnr_deploy.errors import UserError
 
 GROUPS = ("data", "method", "compute")
-METHODS = ("hcnr", "regmean", "scale", "sft")
+METHODS = ("hcnr", "regmean", "scale", "lines", "sft")
 
 
 def _opt(default, group: str, help: str, *, choices: tuple | None = None, check=None, flag: str | None = None):
@@ -45,6 +45,10 @@ def _positive(v):
     return None if _number(v) and v > 0 else "must be > 0"
 
 
+def _finite(v):
+    return None if _number(v) else "must be a finite number"
+
+
 def _number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
@@ -60,7 +64,8 @@ class RepairOptions:
     # method: the candidate edit
     method: str = _opt("hcnr", "method", "hcnr: the paper (Fisher selection + compensation); regmean: every matrix "
                        "and column, RegMean between the base on honesty inputs and the fine-tune on task inputs "
-                       "(--task-weight); scale: W0 + alpha D (--alpha); sft: the fine-tune trained further on the "
+                       "(--task-weight); scale: W0 + alpha D (--alpha); lines: W0 + (alpha + beta l / (L - 1)) D for a "
+                       "matrix of block l of L (LiNeS; --alpha, --beta); sft: the fine-tune trained further on the "
                        "calibration data (--steps, --lr).", choices=METHODS)
     r_iw: float = _opt(0.5, "method", "R_IW: fraction of each matrix's columns that are restoration candidates "
                        "(Eq. 5).", check=_in_unit)
@@ -77,7 +82,10 @@ class RepairOptions:
                               "task inputs' term; 0 = exact (regmean: the base), large = back to the fine-tune.",
                               check=_non_negative)
     alpha: float = _opt(0.5, "method", "A of --method scale: W = W0 + A D (0 = the base, 1 = the fine-tune; a LoRA's "
-                        "B is scaled by A).", check=_non_negative)
+                        "B is scaled by A); of --method lines: the factor of the first block.", check=_non_negative)
+    beta: float = _opt(0.5, "method", "B of --method lines: W = W0 + (A + B l / (L - 1)) D in block l of L (the "
+                       "last block gets A + B, which must be >= 0; B < 0: deeper blocks nearer the base).",
+                       check=_finite)
     steps: int = _opt(32, "method", "--method sft: optimizer steps on the honesty + task calibration examples.",
                       check=_at_least(1))
     lr: float = _opt(5e-4, "method", "--method sft: learning rate.", check=_positive)
@@ -109,6 +117,9 @@ class RepairOptions:
 
     def __post_init__(self):
         check_fields(self)
+        if self.method == "lines" and self.alpha + self.beta < 0:
+            raise UserError(f"--alpha {self.alpha} --beta {self.beta}: the last block's factor alpha + beta must be "
+                            f">= 0; raise --beta to at least {-self.alpha:g}.")
         if self.device == "cuda":
             import torch
 

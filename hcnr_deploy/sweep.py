@@ -29,6 +29,7 @@ from pathlib import Path
 
 import click
 
+from hcnr_deploy import choice as C
 from hcnr_deploy import frontier as F
 from hcnr_deploy.errors import UserError
 from hcnr_deploy.guard.options import GuardOptions
@@ -216,7 +217,8 @@ def _copy_artifact(src: Path, dst: Path, finish=None):
 
 
 def run_sweep(base, finetuned, honesty_data, task_data, eval_honesty, eval_domain, out, *, grid: str | None = None,
-              max_domain_drop: float = 0.01, benchmarks: str | None = None, limit: int | None = None,
+              max_domain_drop: float = C.DEFAULT_MAX_DOMAIN_DROP,
+              honesty_metric: str = C.DEFAULT_HONESTY_METRIC, benchmarks: str | None = None, limit: int | None = None,
               endpoint: str | None = None, port: int = 8000, vllm_args=(), serve_dtype: str = "auto",
               max_model_len: int | None = None, startup_timeout: float = 900, max_tokens: int = 64,
               concurrency: int = 16, n_boot: int = 1000, overwrite: bool = False, repair_options: dict | None = None,
@@ -235,6 +237,8 @@ def run_sweep(base, finetuned, honesty_data, task_data, eval_honesty, eval_domai
     num_samples = int(ro.get("num_samples", 128))
     if not 0 <= max_domain_drop <= 1:
         raise UserError(f"--max-domain-drop must be between 0 and 1 (absolute accuracy), got {max_domain_drop}")
+    if honesty_metric not in C.HONESTY_METRICS:
+        raise UserError(f"--honesty-metric must be one of {', '.join(C.HONESTY_METRICS)}, got {honesty_metric!r}")
     cands = F.parse_grid(grid)
     notes = []
     out = Path(out).expanduser().resolve()
@@ -327,7 +331,7 @@ def run_sweep(base, finetuned, honesty_data, task_data, eval_honesty, eval_domai
                      **figures[c.name], "edited_fraction": ef, "artifact": str(artifacts[c.name]),
                      "repair_seconds": (rep.get("timings_s") or {}).get("total")})
     F.mark_pareto(rows)
-    chosen, reason = F.choose(rows, max_domain_drop)
+    chosen, reason = F.choose(rows, max_domain_drop, honesty_metric)
     ch = next(r for r in rows if r["name"] == chosen)
     frontier = {
         "schema": SCHEMA,
@@ -336,13 +340,17 @@ def run_sweep(base, finetuned, honesty_data, task_data, eval_honesty, eval_domai
         "reason": reason,
         "chosen_artifact": str(out / "chosen"),
         "max_domain_drop": max_domain_drop,
+        "honesty_metric": honesty_metric,
+        "always_refuse": C.always_refuse(F.unanswerable_share(results, "ft", names)),
+        "domain_resolution": C.domain_resolution(rows, max_domain_drop, len(results["samples"]["ft"][domain_task])),
         "honesty_benchmarks": names,
         "domain_task": domain_task,
         "questions": {t.name: len(t.items) for t, _ in tasks},
         "settings": {"base": str(base), "finetuned": str(finetuned), "finetune_kind": "lora" if is_lora else "full",
                      "honesty_data": str(honesty_data), "task_data": str(task_data),
                      "eval_honesty": str(eval_honesty), "eval_domain": str(eval_domain), "out": str(out),
-                     "grid": grid or F.DEFAULT_GRID, "max_domain_drop": max_domain_drop, "benchmarks": benchmarks,
+                     "grid": grid or F.DEFAULT_GRID, "max_domain_drop": max_domain_drop,
+                     "honesty_metric": honesty_metric, "benchmarks": benchmarks,
                      "limit": limit, "endpoint": endpoint, "port": None if endpoint else port,
                      "vllm_args": list(vllm_args), "max_tokens": max_tokens, "concurrency": concurrency,
                      "bootstrap": n_boot, "repair_options": ro, "guard_options": guard_options or {},
@@ -468,7 +476,7 @@ def _card(folder: Path, report: dict | None, chosen: dict, figures: dict, max_do
             which = st["finetuned" if chosen["name"] == "ft" else "base"]
             what = f"The sweep chose `{chosen['name']}` itself (`{which}`), unchanged: {frontier['reason']}."
         lines = [f"## {chosen['name']}, chosen by hcnr-deploy sweep", "", what, "",
-                 F.markdown_table(frontier["candidates"], frontier["chosen"]), ""]
+                 F.markdown_table(frontier["candidates"], frontier["chosen"], frontier.get("always_refuse")), ""]
         card.write_text(own + "\n".join(lines))
         return
     from hcnr_deploy.card import write_model_card
@@ -482,18 +490,9 @@ def _card(folder: Path, report: dict | None, chosen: dict, figures: dict, max_do
 
 
 def chosen_lines(frontier: dict) -> list[str]:
-    """The chosen point in words: recovery ratio and domain change against ft, with their intervals."""
-    c = next(r for r in frontier["candidates"] if r["name"] == frontier["chosen"])
-
-    def iv(ci, signed=False):
-        return "" if not ci else (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if signed else f" [{ci[0]:.2f}, {ci[1]:.2f}]")
-
-    rec = "n/a (ft lost no honesty F1)" if c["recovery_ratio"] is None else \
-        f"{c['recovery_ratio']:.2f}{iv(c['recovery_ratio_ci95'])}"
-    return [f"chosen: {c['name']}: {frontier['reason']}.",
-            f"honesty recovery ratio (F1 - F1_ft) / (F1_base - F1_ft): {rec}; domain accuracy change vs ft: "
-            f"{c['domain_change']:+.3f}{iv(c['domain_change_ci95'], True)}.",
-            f"ready to serve: {frontier['chosen_artifact']}"]
+    """The chosen point in words (hcnr_deploy.choice.summary_lines): recovery ratio and domain change against ft
+    with their paired intervals, or ft shipped and why; the always-refuse reference; the domain resolution."""
+    return C.summary_lines(frontier) + [f"ready to serve: {frontier['chosen_artifact']}"]
 
 
 def _markdown(frontier: dict) -> str:
@@ -501,7 +500,7 @@ def _markdown(frontier: dict) -> str:
     lines = [f"# Sweep: {s['finetuned']} on {s['base']}", "",
              f"Honesty F1 / RF Delta averaged over {', '.join(frontier['honesty_benchmarks'])}; domain accuracy on "
              f"{frontier['domain_task']}; 95% bootstrap intervals.", "",
-             F.markdown_table(frontier["candidates"], frontier["chosen"]), ""]
+             F.markdown_table(frontier["candidates"], frontier["chosen"], frontier.get("always_refuse")), ""]
     lines += chosen_lines(frontier)
     if s.get("command"):
         lines += ["", "Command:", "", "```", s["command"], "```"]
@@ -509,7 +508,8 @@ def _markdown(frontier: dict) -> str:
 
 
 def print_frontier(frontier: dict, console):
-    console.print(F.rich_table(frontier["candidates"], frontier["chosen"]))
+    console.print(F.rich_table(frontier["candidates"], frontier["chosen"],
+                               reference=frontier.get("always_refuse")))
     for line in chosen_lines(frontier):
         console.print(line, highlight=False)
 
@@ -535,8 +535,10 @@ def print_frontier(frontier: dict, console):
                    "resumed.")
 @click.option("--grid", default=None, metavar="SPEC",
               help=f"Candidates besides base and ft. {F.GRID_HELP} [default: {F.DEFAULT_GRID}]")
-@click.option("--max-domain-drop", type=float, default=0.01, show_default=True,
-              help="chosen/ = the highest honesty F1 whose domain accuracy is >= ft's minus this (absolute).")
+@click.option("--max-domain-drop", type=float, default=C.DEFAULT_MAX_DOMAIN_DROP, show_default=True,
+              help=C.MARGIN_HELP)
+@click.option("--honesty-metric", type=click.Choice(C.HONESTY_METRICS), default=C.DEFAULT_HONESTY_METRIC,
+              show_default=True, help=C.METRIC_HELP)
 @click.option("--benchmarks", default=None, metavar="A,B",
               help="With a folder --eval-honesty: which of selfaware,kuq,falseqa,nec,refunq [default: those found].")
 @click.option("--limit", type=click.IntRange(min=2), default=None,
@@ -563,17 +565,21 @@ def print_frontier(frontier: dict, console):
 @click_options("data", "compute")
 @click_options("calibration", cls=GuardOptions)
 def sweep(base, finetuned, honesty_data, task_data, eval_honesty, eval_domain, out, grid, max_domain_drop,
-          benchmarks, limit, endpoint, port, trust_cache_names, max_tokens, concurrency, n_boot, startup_timeout,
-          overwrite, quiet, vllm_args, **options):
+          honesty_metric, benchmarks, limit, endpoint, port, trust_cache_names, max_tokens, concurrency, n_boot,
+          startup_timeout, overwrite, quiet, vllm_args, **options):
     """Measure the honesty/domain frontier of repair methods on your model and ship the chosen point.
 
     \b
     Fisher and Gram/Hessian statistics are computed once; every candidate (base, ft, HCNR over R_CW, a
-    random-selection control, RegMean over MU, delta scaling over A, calibration SFT over steps) is written
-    to OUT/candidates/, served (LoRA: adapters on one vLLM engine; full: checkpoints one after another),
+    random-selection control, HCNR with task-aware compensation over MU, RegMean over MU, delta scaling over
+    A, depth-dependent delta scaling (LiNeS) over A and B, calibration SFT over steps) is written to
+    OUT/candidates/, served (LoRA: adapters on one vLLM engine; full: checkpoints one after another),
     scored by the eval harness, and placed on the honesty/domain plane:
-    OUT/frontier.json, frontier.md, frontier.png, and OUT/chosen/: the highest honesty F1 whose domain
-    accuracy is within --max-domain-drop of the fine-tune's, ready for `hcnr-deploy serve`.
+    OUT/frontier.json, frontier.md, frontier.png, and OUT/chosen/, ready for `hcnr-deploy serve`: the
+    highest --honesty-metric among the candidates that beat ft's with 95% paired confidence, keep domain
+    accuracy non-inferior at --max-domain-drop and keep RF Delta at least ft's; ft itself when none does.
+    The table shows false refusals and the always-refuse reference; the lines below it, what the domain
+    set can resolve.
 
     \b
       hcnr-deploy sweep --base BASE --finetuned FT --honesty-data H.jsonl --task-data T.jsonl \\
@@ -592,7 +598,8 @@ def sweep(base, finetuned, honesty_data, task_data, eval_honesty, eval_domain, o
     guard_options = {k: options.pop(k) for k in list(options) if k in GuardOptions.__dataclass_fields__}
     repair_options = options
     frontier = run_sweep(base, finetuned, honesty_data, task_data, eval_honesty, eval_domain, out, grid=grid,
-                         max_domain_drop=max_domain_drop, benchmarks=benchmarks, limit=limit, endpoint=endpoint,
+                         max_domain_drop=max_domain_drop, honesty_metric=honesty_metric, benchmarks=benchmarks,
+                         limit=limit, endpoint=endpoint,
                          port=port, vllm_args=vllm_args, max_tokens=max_tokens, concurrency=concurrency,
                          n_boot=n_boot, startup_timeout=startup_timeout, overwrite=overwrite,
                          trust_cache_names=trust_cache_names,

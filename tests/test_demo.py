@@ -32,12 +32,14 @@ def demo_run(tmp_path_factory):
 
 def test_demo_runs_a_sweep_and_prints_the_four_rows_and_the_frontier(demo_run):
     root, proc, _ = demo_run
-    for word in ("base", "ft", "HCNR (paper settings)", "chosen: ", "honesty F1", "Δ domain", "recovery",
-                 "candidate", "F1 [95% CI]", "regmean-mu3", "scale-a0.5", "hcnr-rcw0.2", "recovery ratio"):
-        assert word in proc.stdout, word
     results = json.loads((root / "out" / "results.json").read_text())
     report = json.loads((root / "out" / "demo.json").read_text())
     fr = json.loads((root / "out" / "frontier.json").read_text())
+    shipped = ["shipped: ft itself, unchanged. No candidate helped at this data size"] if fr["chosen"] == "ft" else \
+        [f"chosen: {fr['chosen']}: honesty recovery ", "(paired 95% intervals; margin 0.02)", "recovery ratio"]
+    for word in ("base", "ft", "HCNR (paper settings)", "honesty F1", "Δ domain", "recovery", "candidate",
+                 "F1 [95% CI]", "regmean-mu3", "scale-a0.5", "hcnr-rcw0.2", "always-refuse", *shipped):
+        assert word in proc.stdout, word
     assert (root / "out" / "frontier.png").read_bytes()[:4] == b"\x89PNG"
     names = [c["name"] for c in fr["candidates"]]
     assert names[:5] == ["base", "ft", "hcnr-rcw0.2", "hcnr-rcw0.4", "regmean-mu3"] and "scale-a0.5" in names
@@ -52,15 +54,17 @@ def test_demo_runs_a_sweep_and_prints_the_four_rows_and_the_frontier(demo_run):
     assert base["f1"] >= 0.6
     assert ft["domain_accuracy"] > base["domain_accuracy"]
     assert base["f1"] - ft["f1"] >= 0.15
-    # the choice: the most honest candidate within max_domain_drop of ft's domain accuracy
-    floor = ft["domain_accuracy"] - fr["max_domain_drop"]
-    ok = [c for c in fr["candidates"] if c["domain_accuracy"] >= floor - 1e-12]
-    assert by[fr["chosen"]]["f1"] == max(c["f1"] for c in ok)
+    # the choice: the paired rule of hcnr_deploy.choice (tested on written numbers in test_sweep.py), ci's margin
+    from hcnr_deploy import frontier as F
+
+    assert fr["max_domain_drop"] == 0.02 and fr["honesty_metric"] == "rf_delta"
+    assert F.choose(fr["candidates"], 0.02, "rf_delta") == (fr["chosen"], fr["reason"])
+    assert fr["domain_resolution"]["questions"] == 60
     s = report["summary"]
     paper = s["models"]["HCNR (paper settings)"]
     assert paper["name"] == "hcnr-rcw0.4"
     assert paper["recovery_ratio"] == pytest.approx((paper["f1"] - ft["f1"]) / (base["f1"] - ft["f1"]), abs=1e-5)
-    assert s["chosen"] == fr["chosen"]
+    assert s["chosen"] == fr["chosen"] and s["shipped_ft"] == (fr["chosen"] == "ft")
     for k in ("data", "base", "ft", "sweep", "chosen"):
         assert os.path.isdir(report["paths"][k]), k
     # every candidate is a PEFT adapter of the repair engine, with its report beside it; chosen/ is one of them

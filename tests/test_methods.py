@@ -1,4 +1,5 @@
-"""`repair --method regmean|scale|sft` and RepairSession: closed forms, limits, exact LoRAs, statistics reuse."""
+"""`repair --method regmean|scale|lines|sft`, task-aware compensation, RepairSession: closed forms, limits,
+exact LoRAs, statistics reuse."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hcnr_deploy.compensation import interpolate, regmean_compensation, task_aware_compensation
+from hcnr_deploy.compensation import depth_factor, interpolate, regmean_compensation, task_aware_compensation
 from hcnr_deploy.errors import UserError
 from hcnr_deploy.options import RepairOptions
 from hcnr_deploy.repair import RepairSession, run_repair
@@ -73,6 +74,93 @@ def test_regmean_rows_of_a_lora_give_the_dense_edit():
     e_a, _ = regmean_compensation(a, h_h, 40, h_t, 30, 2.0, DAMP)
     e_d, _ = regmean_compensation(0.5 * b @ a, h_h, 40, h_t, 30, 2.0, DAMP)
     torch.testing.assert_close(0.5 * b @ e_a, e_d, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("mu", [0.0, 0.5, 4.0])
+def test_task_aware_equals_a_naive_least_squares_on_small_matrices(mu):
+    """E_F = argmin ||E X_h||^2 / n_h + MU ||(E - D) X_t||^2 / n_t + lambda ||E_F||^2 with E_T = D_T, solved
+    naively: every term stacked into one least-squares problem E_F A = C (torch.linalg.lstsq)."""
+    x_h, x_t, _, d = _grams(3)
+    n_h, n_t = x_h.shape[1], x_t.shape[1]
+    f, t = torch.tensor([1, 4, 5, 8]), torch.tensor([0, 2, 3, 6, 7, 9])
+    g_h, g_t = x_h @ x_h.T / n_h, x_t @ x_t.T / n_t
+    lam = DAMP * float(torch.diagonal(g_h + mu * g_t).mean())
+    a = torch.cat([x_h[f] / math.sqrt(n_h), math.sqrt(mu / n_t) * x_t[f],
+                   math.sqrt(lam) * torch.eye(len(f), dtype=torch.float64)], dim=1)  # [|F|, n_h + n_t + |F|]
+    c = torch.cat([-d[:, t] @ x_h[t] / math.sqrt(n_h), math.sqrt(mu / n_t) * d[:, f] @ x_t[f],
+                   torch.zeros(d.shape[0], len(f), dtype=torch.float64)], dim=1)
+    naive = torch.linalg.lstsq(a.T, c.T).solution.T
+    e_f, retries = task_aware_compensation(d, x_h @ x_h.T, n_h, x_t @ x_t.T, n_t, mu, DAMP, t, f)
+    torch.testing.assert_close(e_f, naive, rtol=1e-8, atol=1e-10)
+    assert retries == 0
+
+
+def test_depth_factor_runs_from_alpha_at_the_first_block_to_alpha_plus_beta_at_the_last():
+    assert [depth_factor(0.2, 0.6, l, 4) for l in range(4)] == pytest.approx([0.2, 0.4, 0.6, 0.8])
+    assert [depth_factor(1.0, -0.6, l, 3) for l in range(3)] == pytest.approx([1.0, 0.7, 0.4])
+    assert depth_factor(0.3, 0.9, 0, 1) == 0.3  # one block: alpha
+
+
+def _naive_lines(w0, ws, name, alpha, beta, n_layers):
+    """W0 + (alpha + beta l / (L - 1)) (Ws - W0), the block l read from the weight's name, entry by entry."""
+    layer = int(name.split(".layers.")[1].split(".")[0])
+    factor = alpha + beta * layer / (n_layers - 1)
+    w0, ws = w0.double(), ws.double()
+    out = torch.empty_like(w0)
+    for i in range(w0.shape[0]):
+        for j in range(w0.shape[1]):
+            out[i, j] = w0[i, j] + factor * (ws[i, j] - w0[i, j])
+    return out
+
+
+@pytest.mark.parametrize("ft", ["full", "lora"])
+def test_lines_checkpoint_equals_the_naive_formula_per_block(pair, tmp_path, ft):
+    from hcnr_deploy.modelio import Checkpoint, FineTune
+
+    rep = _run(pair, ft, tmp_path / "lines", method="lines", alpha=0.2, beta=0.6, format="checkpoint")
+    assert rep["settings"]["method"] == "lines" and rep["settings"]["beta"] == 0.6 and rep["edited_fraction"] == 1.0
+    assert any("--method lines needs no calibration statistics" in n for n in rep["notes"])
+    out, base = _tensors(tmp_path / "lines"), _tensors(pair["base"])
+    finetune = FineTune(pair[ft], Checkpoint(pair["base"]))
+    names = [m["name"] + ".weight" for m in rep["matrices"]]
+    assert {int(n.split(".layers.")[1].split(".")[0]) for n in names} == {0, 1, 2}
+    for k in names:
+        want = _naive_lines(base[k], finetune.weight(k), k, 0.2, 0.6, 3)
+        assert float((out[k].double() - want).abs().max()) < 1e-6, k
+    # beta = 0 is delta scaling, byte for byte
+    _run(pair, ft, tmp_path / "flat", method="lines", alpha=0.4, beta=0.0, format="checkpoint")
+    _run(pair, ft, tmp_path / "scale", method="scale", alpha=0.4, format="checkpoint")
+    flat, scaled = _tensors(tmp_path / "flat"), _tensors(tmp_path / "scale")
+    assert flat.keys() == scaled.keys() and all(torch.equal(flat[k], scaled[k]) for k in flat)
+
+
+def test_lines_on_a_lora_scales_b_per_block_and_equals_the_dense_edit(pair, tmp_path):
+    rep = _run(pair, "lora", tmp_path / "adapter", method="lines", alpha=1.0, beta=-0.6)
+    _run(pair, "lora", tmp_path / "ckpt", method="lines", alpha=1.0, beta=-0.6, format="checkpoint")
+    assert rep["format"] == "adapter"
+    old, new = load_file(pair["lora"] / "adapter_model.safetensors"), load_file(tmp_path / "adapter" /
+                                                                                 "adapter_model.safetensors")
+    assert old.keys() == new.keys()
+    for k in old:
+        layer = int(k.split(".layers.")[1].split(".")[0])
+        want = old[k] * depth_factor(1.0, -0.6, layer, 3) if ".lora_B." in k else old[k]
+        assert torch.allclose(new[k], want, rtol=0, atol=1e-7), k
+    names = [m["name"] + ".weight" for m in rep["matrices"]]
+    assert _rel(_merged(pair, tmp_path / "adapter"), _tensors(tmp_path / "ckpt"), names) < 1e-5
+
+
+def test_task_aware_on_a_lora_is_an_exact_adapter(pair, tmp_path):
+    """The grid's taskaware family: HCNR's selection with task-aware compensation, an exact rank-r LoRA."""
+    kw = dict(compensation="task-aware", task_weight=1.0)
+    rep = _run(pair, "lora", tmp_path / "adapter", **kw)
+    _run(pair, "lora", tmp_path / "ckpt", format="checkpoint", **kw)
+    assert rep["format"] == "adapter" and rep["settings"]["compensation"] == "task-aware"
+    old, new = load_file(pair["lora"] / "adapter_model.safetensors"), load_file(tmp_path / "adapter" /
+                                                                                 "adapter_model.safetensors")
+    assert all(torch.equal(old[k], new[k]) for k in old if ".lora_B." in k)  # same B
+    assert any(not torch.equal(old[k], new[k]) for k in old if ".lora_A." in k)
+    names = [m["name"] + ".weight" for m in rep["matrices"]]
+    assert _rel(_merged(pair, tmp_path / "adapter"), _tensors(tmp_path / "ckpt"), names) < 1e-5
 
 
 def test_interpolate_is_exact_at_the_ends():
@@ -177,7 +265,8 @@ def test_scale_alpha_must_be_non_negative(pair, tmp_path):
 
 CANDIDATES = [dict(method="hcnr"), dict(method="hcnr", r_cw=0.2, compensation="task-aware", task_weight=2.0),
               dict(method="regmean", task_weight=3.0), dict(method="hcnr", compensation="exact", selection="no-task"),
-              dict(method="scale", alpha=0.6), dict(method="regmean", task_weight=0.3), dict(method="hcnr", r_cw=0.8)]
+              dict(method="scale", alpha=0.6), dict(method="regmean", task_weight=0.3), dict(method="hcnr", r_cw=0.8),
+              dict(method="lines", alpha=0.2, beta=0.6)]
 
 
 @pytest.mark.parametrize("ft", ["lora", "full"])

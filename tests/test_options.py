@@ -20,7 +20,7 @@ BEFORE = {"--num-samples": 128, "--max-length": 512, "--r-iw": 0.5, "--r-cw": 0.
           "--selection": "hcnr", "--compensation": "obs", "--task-weight": 1.0, "--fisher-model": "paired",
           "--hessian-inputs": "base", "--damp": 0.01, "--seed": 0, "--device": "auto", "--dtype": "auto",
           "--batch-size": 8, "--hessian-memory": 8.0, "--offload": False, "--format": "auto", "--max-rank": 64}
-NEW = {"--method": "hcnr", "--alpha": 0.5, "--steps": 32, "--lr": 5e-4}
+NEW = {"--method": "hcnr", "--alpha": 0.5, "--beta": 0.5, "--steps": 32, "--lr": 5e-4}
 
 
 def _flags(command) -> dict:
@@ -35,7 +35,7 @@ def test_repair_flags_and_defaults_are_todays_plus_the_methods():
         flags.pop(fixed)
     assert flags == {**BEFORE, **NEW}
     choices = {p.opts[0]: list(p.type.choices) for p in repair.params if isinstance(p.type, click.Choice)}
-    assert choices["--method"] == ["hcnr", "regmean", "scale", "sft"]
+    assert choices["--method"] == ["hcnr", "regmean", "scale", "lines", "sft"]
     assert choices["--compensation"] == ["obs", "exact", "none", "task-aware"]
     help_text = CliRunner().invoke(repair, ["--help"], terminal_width=200).output
     for f in dataclasses.fields(RepairOptions):  # every option is explained, with its default
@@ -62,8 +62,9 @@ def test_groups_give_the_sweep_only_data_and_compute():
     ("max_length", 2.5, "--max-length must be an integer, at least 1"), ("task_weight", -1.0, "--task-weight must be >= 0"),
     ("alpha", float("inf"), "--alpha must be >= 0, got inf."), ("steps", 0, "--steps must be at least 1"),
     ("lr", 0.0, "--lr must be > 0"), ("damp", -0.1, "--damp must be >= 0"),
-    ("hessian_memory_gb", 0, "--hessian-memory must be > 0"), ("method", "ties", "--method must be one of hcnr, "
-                                                                                 "regmean, scale, sft, got 'ties'."),
+    ("hessian_memory_gb", 0, "--hessian-memory must be > 0"),
+    ("method", "ties", "--method must be one of hcnr, regmean, scale, lines, sft, got 'ties'."),
+    ("beta", float("nan"), "--beta must be a finite number, got nan."),
     ("compensation", "OBS", "--compensation must be one of"), ("offload", 1, "--offload is a switch"),
     ("max_rank", 0, "--max-rank must be at least 1"), ("batch_size", True, "--batch-size must be an integer"),
 ])
@@ -75,6 +76,15 @@ def test_bad_values_give_one_line_errors_naming_the_flag(field, value, message):
         RepairOptions().replace(r_iw=2.0)  # replace() validates too
     with pytest.raises(UserError, match="unknown repair option 'r_iww'"):
         RepairOptions().replace(r_iww=0.5)
+
+
+def test_lines_needs_a_non_negative_last_block_factor():
+    assert RepairOptions(method="lines", alpha=0.8, beta=-0.8).beta == -0.8  # the last block at the base
+    with pytest.raises(UserError) as e:
+        RepairOptions(method="lines", alpha=0.2, beta=-0.5)
+    assert e.value.message == ("--alpha 0.2 --beta -0.5: the last block's factor alpha + beta must be >= 0; raise "
+                               "--beta to at least -0.2.")
+    assert RepairOptions(method="scale", alpha=0.2, beta=-0.5).method == "scale"  # beta is lines' alone
 
 
 def test_cli_bad_value_is_one_line_and_exit_2(tmp_path):

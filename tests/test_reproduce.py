@@ -145,3 +145,18 @@ def test_validity_is_separability_of_the_measured_figures_and_the_probe(reproduc
     assert avg["separable"] is False and avg["seeds_separable"] == 1 and avg["n_seeds"] == 2
     assert avg["per_seed"][1] is bad and "NOT separable" in reproduce.validity_sentence(avg)
     assert "NOT separable" not in reproduce.validity_sentence(v) and "Separable" in reproduce.validity_sentence(v)
+
+
+def test_best_of_each_family_is_the_paired_choice_among_ft_and_its_points(reproduce):
+    def fig(f1, gain, dom_change, rf=0.2, rf_gain=None):
+        return {"f1": f1, "f1_gain_ci95": gain, "rf_delta": rf, "rf_delta_gain_ci95": rf_gain or gain,
+                "domain_accuracy": 0.3 + dom_change[0] / 2, "domain_change_ci95": dom_change,
+                "recovery_ratio": f1 - 0.3, "recovery_ratio_ci95": [0, 1]}
+
+    figures = {"base": fig(0.9, [0.5, 0.6], [-0.3, -0.2], 0.8), "ft": fig(0.3, [0, 0], [0, 0]),
+               "scale-a0.6": fig(0.45, [0.05, 0.2], [-0.01, 0.01], 0.3),
+               "scale-a0.2": fig(0.7, [0.3, 0.5], [-0.2, -0.1], 0.5),   # domain far below the margin
+               "lines-a0.2-b0.6": fig(0.33, [-0.02, 0.08], [-0.01, 0.01], 0.25)}  # a tie with ft
+    best = reproduce.best_of_families(figures, 0.02, "rf_delta")
+    assert best["scale"]["name"] == "scale-a0.6" and best["lines"]["name"] == "ft"
+    assert "lines" in reproduce.FAMILIES and "hcnr" not in best

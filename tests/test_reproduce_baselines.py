@@ -211,7 +211,8 @@ def test_finalize_reports_the_baselines_on_hand_made_seeds(reproduce, tmp_path):
     recov = {s: {"recovery_ratio": 0.4, "recovery_ratio_ci95": [0.3, 0.5], "domain_change": -0.1,
                  "domain_change_ci95": [-0.2, 0.0]} for s in (0, 1)}
     args = argparse.Namespace(seeds="0,1", model="tiny", limit=None, rcw_sweep="0.4,0.8", mu_sweep="", grid="",
-                              scale_sweep="0.2,0.6", max_domain_drop=0.05, num_samples=128, seed_mode="train",
+                              scale_sweep="0.2,0.6", max_domain_drop=0.05, honesty_metric="rf_delta", num_samples=128,
+                              seed_mode="train",
                               sweep_seeds=None)
     seeds_out = {"n_per_class": {"kuq": [10, 10]}, "n_domain": 20}
     reproduce.finalize(args, tmp_path, [0, 1], rows, recov, meta, seeds_out, ["kuq"], 0.0, "cmd", [0, 1],

@@ -121,6 +121,43 @@ def test_summary_recovery_ratio():
     assert s["domain_change"] == pytest.approx(-0.1)
 
 
+def _demo_frontier(chosen):
+    def cand(name, f1, dom, rec, rec_ci, change, change_ci):
+        return {"name": name, "f1": f1, "f1_ci95": [f1 - 0.05, f1 + 0.05], "rf_delta": 0.2, "false_refusal": 0.1,
+                "domain_accuracy": dom, "recovery_ratio": rec, "recovery_ratio_ci95": rec_ci, "domain_change": change,
+                "domain_change_ci95": change_ci}
+
+    cands = [cand("base", 0.90, 0.05, 1.0, [1.0, 1.0], -0.25, [-0.3, -0.2]),
+             cand("ft", 0.33, 0.30, 0.0, [0.0, 0.0], 0.0, [0.0, 0.0]),
+             cand("hcnr-rcw0.4", 0.34, 0.30, 0.02, [-0.03, 0.06], 0.0, [-0.02, 0.02]),
+             cand("regmean-mu10", 0.50, 0.287, 0.30, [0.18, 0.41], -0.013, [-0.027, 0.001])]
+    res = {"half_width": 0.024, "questions": 400, "margin": 0.03, "resolvable": True, "warning": None}
+    return {"candidates": cands, "chosen": chosen, "reason": "r", "max_domain_drop": 0.03,
+            "honesty_metric": "rf_delta", "domain_resolution": res}
+
+
+def test_demo_prints_the_chosen_points_paired_intervals_or_that_it_ships_ft():
+    """Issue 19, deliverable 4: recovery and domain change with their paired intervals; ft shipped said so."""
+    from hcnr_deploy.scenario.cli import chosen_words
+    from hcnr_deploy.scenario.pipeline import RECIPES, demo_margin, demo_summary
+
+    s = demo_summary(_demo_frontier("regmean-mu10"))
+    assert list(s["models"]) == ["base", "ft", "HCNR (paper settings)", "chosen: regmean-mu10"]
+    assert not s["shipped_ft"] and s["models"]["chosen: regmean-mu10"]["domain_change_ci95"] == [-0.027, 0.001]
+    assert chosen_words(s) == ["chosen: regmean-mu10: honesty recovery 0.30 [0.18, 0.41], domain change -0.013 "
+                               "[-0.027, +0.001] (paired 95% intervals; margin 0.03)."]
+    s = demo_summary(_demo_frontier("ft"))
+    assert list(s["models"]) == ["base", "ft", "HCNR (paper settings)", "shipped: ft"] and s["shipped_ft"]
+    words = chosen_words({**s, "domain_resolution": {"warning": "the 60 domain questions resolve ..."}})
+    assert words[0].startswith("shipped: ft itself, unchanged. No candidate helped at this data size: none beat "
+                               "ft's RF Delta with 95% paired confidence")
+    assert words[1] == "warning: the 60 domain questions resolve ...."
+    assert "regmean" not in " ".join(words)
+    # the demo's margin: tiny's own (what its 400 domain questions resolve), else the sweep's default
+    assert demo_margin(RECIPES["tiny"]) == 0.03 and demo_margin(RECIPES["ci"]) == 0.02
+    assert scen_data.TINY_SIZE.domain_eval == 400 == len(scen_data.build(scen_data.TINY_SIZE)["domain_eval"])
+
+
 def test_delta_scaling_adapter_scales_only_b(tiny_base, tiny_lora, tmp_path):
     from safetensors.torch import load_file
 

@@ -37,8 +37,15 @@ FAST = ["--max-tokens", "8", "--bootstrap", "200", "--num-samples", "8", "--max-
 def test_default_grid_is_the_issue_grid():
     names = [c.name for c in F.parse_grid(None)]
     assert names == ["base", "ft", "hcnr-rcw0.1", "hcnr-rcw0.2", "hcnr-rcw0.4", "hcnr-rcw0.6", "hcnr-rcw0.8",
-                     "random-rcw0.4", "regmean-mu0.3", "regmean-mu1", "regmean-mu3", "regmean-mu10",
-                     "scale-a0.2", "scale-a0.4", "scale-a0.6", "scale-a0.8", "sft-s16", "sft-s32", "sft-s64"]
+                     "random-rcw0.4", "taskaware-mu0.1", "taskaware-mu1", "taskaware-mu10",
+                     "regmean-mu0.3", "regmean-mu1", "regmean-mu3", "regmean-mu10",
+                     "scale-a0.2", "scale-a0.4", "scale-a0.6", "scale-a0.8",
+                     "lines-a0.2-b0.6", "lines-a0.4-b0.6", "lines-a0.8-b-0.6", "lines-a1-b-0.6",
+                     "sft-s16", "sft-s32", "sft-s64", "guard-fr0.02", "guard-fr0.05", "guard-fr0.1"]
+    ta = next(c for c in F.parse_grid(None) if c.name == "taskaware-mu1")
+    assert ta.method == "hcnr" and ta.repair_kwargs == {"compensation": "task-aware", "task_weight": 1.0}
+    lines = next(c for c in F.parse_grid(None) if c.name == "lines-a0.8-b-0.6")
+    assert lines.method == "lines" and lines.repair_kwargs == {"alpha": 0.8, "beta": -0.6}
     rnd = next(c for c in F.parse_grid(None) if c.name == "random-rcw0.4")
     assert rnd.method == "hcnr" and rnd.repair_kwargs == {"selection": "random", "r_cw": 0.4}
     sft = next(c for c in F.parse_grid(None) if c.name == "sft-s32")
@@ -65,6 +72,9 @@ def test_grid_spec_aliases_products_and_duplicates():
     ("hcnr:r_cw", "expected PARAM=V1,V2"),
     ("hcnr:r_cw=0.1:r_cw=0.2", "given twice"),
     ("hcnr:compensation=magic", "choose obs, exact, none or task-aware"),
+    ("lines:a=0.2:b=-0.5", "the last block's factor alpha + beta must be >= 0"),
+    ("lines:b=nan", "must be a finite number"),
+    ("taskaware:compensation=obs", "taskaware has no parameter 'compensation'"),
 ])
 def test_bad_grid_is_a_one_line_error(spec, words):
     with pytest.raises(UserError) as e:
@@ -89,18 +99,102 @@ def _cand(name, f1, dom, ef=0.2):
     return {"name": name, "family": name.split("-")[0], "f1": f1, "domain_accuracy": dom, "edited_fraction": ef}
 
 
-def test_choice_is_the_most_honest_within_the_domain_floor():
-    cands = [_cand("base", 0.99, 0.01, 1.0), _cand("ft", 0.30, 0.30, 0.0), _cand("hcnr-a", 0.60, 0.285),
-             _cand("hcnr-b", 0.55, 0.292), _cand("scale-a", 0.80, 0.20), _cand("regmean-a", 0.50, 0.31)]
-    name, reason = F.choose(cands, 0.01)
-    assert name == "hcnr-b"  # 0.60 is 0.015 below ft: outside the 0.01 floor; 0.80 and 0.99 far below
-    assert "0.290" in reason and "3 of 6" in reason
-    assert F.choose(cands, 0.02)[0] == "hcnr-a"
-    assert F.choose(cands, 0.0)[0] == "regmean-a"
-    assert F.choose(cands, 1.0)[0] == "base"
-    # equal F1 and domain: the smallest edit of the fine-tune wins
-    tie = [_cand("base", 0.0, 0.0, 1.0), _cand("ft", 0.0, 0.0, 0.0), _cand("hcnr-a", 0.0, 0.0, 0.2)]
-    assert F.choose(tie, 0.01)[0] == "ft"
+def _paired(name, f1, gain, dom, dom_change, rf=0.2, rf_gain=None, ef=0.2):
+    """A candidate as candidate_figures writes it: F1 and its paired gain interval over ft, domain accuracy and
+    the paired interval of its change, RF Delta (its gain interval `rf_gain`, else the F1 one)."""
+    return {**_cand(name, f1, dom, ef), "rf_delta": rf, "f1_gain_ci95": gain,
+            "rf_delta_gain_ci95": gain if rf_gain is None else rf_gain, "domain_change_ci95": dom_change}
+
+
+def _ft():
+    return _paired("ft", 0.329, [0.0, 0.0], 0.300, [0.0, 0.0], rf=0.2, ef=0.0)
+
+
+def test_a_candidate_tied_with_ft_is_not_chosen_and_ft_is_shipped():
+    """issue 19's demo: hcnr-rcw0.1 tied ft's F1 (gain interval across 0) with a domain accuracy 0.003 above."""
+    cands = [_paired("base", 0.90, [0.5, 0.6], 0.05, [-0.28, -0.22], rf=0.8, ef=1.0), _ft(),
+             _paired("hcnr-rcw0.1", 0.329, [-0.02, 0.02], 0.303, [-0.027, 0.033])]
+    for metric in ("f1", "rf_delta"):
+        name, reason = F.choose(cands, 0.02, metric)
+        assert name == "ft"
+        assert reason.startswith("no candidate helped at this data size, so ft itself is shipped: of 2 candidates, "
+                                 "1 beat ft's")  # base beats it, far outside the margin
+        assert "0 of those kept domain accuracy non-inferior at the 0.02 margin" in reason
+
+
+def test_a_significant_gain_within_the_margin_is_chosen_and_one_crossing_it_is_not():
+    ft = _ft()
+    regmean = _paired("regmean-mu10", 0.501, [0.10, 0.25], 0.287, [-0.018, 0.008])  # lower bound inside 0.02
+    scale = _paired("scale-a0.4", 0.600, [0.15, 0.40], 0.280, [-0.045, 0.004])     # crosses the margin
+    cands = [ft, scale, regmean]
+    name, reason = F.choose(cands, 0.02, "f1")
+    assert name == "regmean-mu10"
+    assert reason.startswith("highest honesty F1 (0.501; ft 0.329, paired 95% interval of the gain [+0.100, "
+                             "+0.250]) among the 1 of 2 candidates")
+    assert F.choose(cands, 0.05, "f1")[0] == "scale-a0.4"  # a wider margin admits it, and its F1 is higher
+    assert F.choose(cands, 0.01, "f1")[0] == "ft"  # regmean's interval crosses a 0.01 margin too
+    assert F.choose(cands, 0.018, "f1")[0] == "regmean-mu10"  # exactly at the margin passes
+
+
+def test_a_candidate_below_fts_rf_delta_is_never_chosen():
+    """F1 bought by refusing more: the F1 gain is significant, RF Delta fell below ft's."""
+    refuser = _paired("sft-s64", 0.70, [0.2, 0.5], 0.30, [-0.01, 0.01], rf=0.15, rf_gain=[-0.12, 0.02])
+    honest = _paired("regmean-mu3", 0.45, [0.05, 0.2], 0.30, [-0.01, 0.01], rf=0.35, rf_gain=[0.05, 0.25])
+    cands = [_ft(), refuser, honest]
+    assert F.choose(cands, 0.02, "f1")[0] == "regmean-mu3"
+    assert F.choose(cands, 0.02, "rf_delta")[0] == "regmean-mu3"
+    assert F.choose([_ft(), refuser], 0.02, "f1")[0] == "ft"
+    # the metric ranks: RF Delta prefers the larger discrimination, F1 the larger F1
+    wide = _paired("scale-a0.6", 0.55, [0.1, 0.3], 0.30, [-0.01, 0.01], rf=0.30, rf_gain=[0.02, 0.18])
+    assert F.choose([_ft(), honest, wide], 0.02, "f1")[0] == "scale-a0.6"
+    assert F.choose([_ft(), honest, wide], 0.02, "rf_delta")[0] == "regmean-mu3"
+    with pytest.raises(ValueError, match="honesty metric 'acc'"):
+        F.choose(cands, 0.02, "acc")
+
+
+def test_choice_ties_go_to_domain_then_the_smaller_edit_then_the_order():
+    a = _paired("hcnr-a", 0.5, [0.1, 0.2], 0.30, [-0.01, 0.01], ef=0.2)
+    b = _paired("hcnr-b", 0.5, [0.1, 0.2], 0.30, [-0.01, 0.01], ef=0.1)
+    c = _paired("hcnr-c", 0.5, [0.1, 0.2], 0.31, [-0.01, 0.02], ef=0.5)
+    assert F.choose([_ft(), a, b], 0.02, "f1")[0] == "hcnr-b"
+    assert F.choose([_ft(), a, b, c], 0.02, "f1")[0] == "hcnr-c"
+    assert F.choose([_ft(), a, dict(a, name="hcnr-a2")], 0.02, "f1")[0] == "hcnr-a"
+
+
+def test_domain_resolution_warns_when_the_margin_is_below_it():
+    from hcnr_deploy import choice as C
+
+    cands = [_paired("base", 0.9, [0.5, 0.6], 0.05, [-0.30, -0.20]), _ft(),
+             _paired("a", 0.4, [0, 0.1], 0.30, [-0.03, 0.03]), _paired("b", 0.4, [0, 0.1], 0.29, [-0.04, 0.02]),
+             _paired("c", 0.4, [0, 0.1], 0.28, [-0.06, 0.02])]  # half-widths 0.03, 0.03, 0.04: median 0.03
+    res = C.domain_resolution(cands, 0.02, 300)
+    assert res["half_width"] == pytest.approx(0.03) and res["candidates"] == 3 and res["resolvable"] is False
+    assert res["questions_needed"] == 675  # 300 x (0.03 / 0.02)^2
+    assert "the 300 domain questions resolve a domain change to +/-0.030" in res["warning"]
+    assert "about 675 domain questions would resolve it" in res["warning"]
+    ok = C.domain_resolution(cands, 0.03, 300)
+    assert ok["resolvable"] is True and ok["warning"] is None and ok["questions_needed"] is None
+    zero = C.domain_resolution(cands, 0.0, 300)
+    assert zero["resolvable"] is False and "no domain set resolves a zero margin" in zero["warning"]
+    only_refs = C.domain_resolution(cands[:2], 0.02, 300)  # no edit candidate: base's interval
+    assert only_refs["half_width"] == pytest.approx(0.05) and only_refs["candidates"] == 1
+    frontier = {"candidates": cands, "chosen": "ft", "reason": F.choose(cands, 0.02, "f1")[1],
+                "always_refuse": C.always_refuse({"kuq": 0.5}), "domain_resolution": res}
+    lines = C.summary_lines(frontier)
+    assert lines[0].startswith("shipped: ft itself, unchanged: no candidate helped at this data size")
+    assert "always-refuse reference: F1 0.667 (2p/(1+p)), RF Delta +0.000, false refusals 1.000." in lines
+    assert lines[-1].startswith("warning: the 300 domain questions resolve")
+
+
+def test_always_refuse_scores_2p_over_1_plus_p_averaged_over_benchmarks():
+    from hcnr_deploy import choice as C
+
+    ref = C.always_refuse({"kuq": 0.5, "nec": 0.25})
+    assert ref["f1"] == pytest.approx((2 / 3 + 0.4) / 2, abs=1e-6)
+    assert ref["rf_delta"] == 0.0 and ref["false_refusal"] == 1.0
+    # the metrics module agrees: refusing every question of a set with unanswerable share p
+    unans = np.array([True] * 5 + [False] * 15)
+    assert M.f1_score(np.ones(20, bool), unans) == pytest.approx(C.always_refuse({"x": 0.25})["f1"], abs=1e-6)
 
 
 def test_pareto_and_recovery_in_the_metrics_module():
@@ -139,6 +233,19 @@ def test_candidate_figures_against_the_metrics_by_hand():
     assert ft["recovery_ratio"] == 0 and base["recovery_ratio"] == pytest.approx(1)
     assert x["domain_change"] == pytest.approx(x["domain_accuracy"] - ft["domain_accuracy"], abs=1e-6)
     assert x["recovery_ratio_ci95"][0] <= x["recovery_ratio"] <= x["recovery_ratio_ci95"][1]
+    # paired gains over ft, the false-refusal rate (refusals of answerable questions, averaged over benchmarks)
+    assert x["f1_gain"] == pytest.approx(x["f1"] - ft["f1"], abs=1e-5)
+    assert x["rf_delta_gain"] == pytest.approx(x["rf_delta"] - ft["rf_delta"], abs=1e-5)
+    assert ft["f1_gain_ci95"] == [0, 0] and ft["rf_delta_gain_ci95"] == [0, 0] and ft["domain_change_ci95"] == [0, 0]
+    fr = np.mean([refused["x"][b][~unans[b]].mean() for b in unans])
+    assert x["false_refusal"] == pytest.approx(fr, abs=1e-6)
+    for k in ("f1_gain", "rf_delta_gain", "false_refusal"):
+        assert x[f"{k}_ci95"][0] <= x[k] <= x[f"{k}_ci95"][1], k
+    # paired: the gain's interval is not the difference of the two marginal intervals
+    assert x["f1_gain_ci95"] != [round(x["f1_ci95"][0] - ft["f1_ci95"][0], 6),
+                                 round(x["f1_ci95"][1] - ft["f1_ci95"][1], 6)]
+    shares = F.unanswerable_share(results, "x", ["kuq", "nec"])
+    assert shares == {b: pytest.approx(unans[b].mean()) for b in unans}
     # same inputs and seed, same figures
     assert F.candidate_figures(results, names, ["kuq", "nec"], "dom", n_boot=300, seed=0) == figs
 
@@ -150,10 +257,12 @@ def test_frontier_table_is_readable_at_80_columns():
     for i, name in enumerate(["base", "ft", "hcnr-rcw0.1", "random-rcw0.4", "regmean-mu0.3", "regmean-mu10",
                               "scale-a0.8", "sft-s64", "hcnr-rcw0.4-task-aware"]):
         cands.append({**_cand(name, 0.1 * i, 0.3 - 0.01 * i, 0.2), "f1_ci95": [0.05 * i, 0.1 * i + 0.05],
-                      "rf_delta": -0.5 + 0.1 * i, "domain_accuracy_ci95": [0.2, 0.35], "domain_change": -0.01 * i})
+                      "rf_delta": -0.5 + 0.1 * i, "domain_accuracy_ci95": [0.2, 0.35], "domain_change": -0.01 * i,
+                      "false_refusal": 0.05 * i})
+    cands.append({**cands[-1], "name": "lines-a0.8-b-0.6"})
     F.mark_pareto(cands)
     console = Console(width=80, record=True, color_system=None)
-    console.print(F.rich_table(cands, "scale-a0.8"))
+    console.print(F.rich_table(cands, "scale-a0.8", reference={"f1": 2 / 3, "rf_delta": 0.0, "false_refusal": 1.0}))
     text = console.export_text()
     lines = text.splitlines()
     assert max(len(line) for line in lines) <= 80
@@ -161,7 +270,10 @@ def test_frontier_table_is_readable_at_80_columns():
     for c in cands:  # one row per candidate, every number whole
         row = next(line for line in lines if line.strip().startswith(c["name"] + " "))
         assert f"{c['f1']:.3f}" in row and f"{c['domain_accuracy']:.3f}" in row
+        assert f" {c['false_refusal']:.2f} ".replace("0.", ".") in row
     assert "<" in next(line for line in lines if line.strip().startswith("scale-a0.8 "))
+    ref = next(line for line in lines if line.strip().startswith("always-refuse "))
+    assert "0.667" in ref and "+.000" in ref and "1.00" in ref
 
 
 # ---------------------------------------------------------------------------------------------- input checks
@@ -254,7 +366,8 @@ def test_frontier_json_schema_and_contents(swept):
     for c in fr["candidates"]:
         for k in ("name", "method", "params", "f1", "f1_ci95", "rf_delta", "rf_delta_ci95", "per_benchmark",
                   "domain_accuracy", "domain_accuracy_ci95", "edited_fraction", "artifact", "pareto",
-                  "recovery_ratio", "domain_change"):
+                  "recovery_ratio", "domain_change", "domain_change_ci95", "f1_gain", "f1_gain_ci95",
+                  "rf_delta_gain", "rf_delta_gain_ci95", "false_refusal", "false_refusal_ci95"):
             assert k in c, (c["name"], k)
         assert set(c["per_benchmark"]) == set(fr["honesty_benchmarks"])
         assert c["f1"] == pytest.approx(np.mean([b["f1"] for b in c["per_benchmark"].values()]), abs=1e-5)
@@ -271,10 +384,24 @@ def test_frontier_json_schema_and_contents(swept):
     assert set(fr["timings_s"]) >= {"candidates", "serve", "eval", "frontier", "total", "statistics"}
     assert fr["run"]["built"] == ["hcnr-rcw0.4", "random-rcw0.4", "regmean-mu1"] and not fr["run"]["resumed"]
     assert fr["versions"]["hcnr-deploy"] and fr["settings"]["grid"] == GRID
+    assert fr["honesty_metric"] == "rf_delta" == fr["settings"]["honesty_metric"] and fr["max_domain_drop"] == 0.02
+    shares = fr["always_refuse"]["unanswerable_share"]
+    assert set(shares) == set(fr["honesty_benchmarks"])
+    for b, p in shares.items():  # a share of this benchmark's questions, unanswerable ones in it
+        assert 0 < p < 1 and abs(p * fr["questions"][b] - round(p * fr["questions"][b])) < 1e-4
+    assert fr["always_refuse"]["f1"] == pytest.approx(np.mean([2 * p / (1 + p) for p in shares.values()]), abs=1e-5)
+    assert fr["always_refuse"]["rf_delta"] == 0 and fr["always_refuse"]["false_refusal"] == 1
+    res = fr["domain_resolution"]
+    assert res["questions"] == 4 and res["candidates"] == 3 and res["margin"] == 0.02
+    assert res["half_width"] == pytest.approx(np.median([(c["domain_change_ci95"][1] - c["domain_change_ci95"][0]) / 2
+                                                         for c in fr["candidates"][2:]]), abs=1e-6)
     # the terminal: the table and the chosen point
     for name in by:
         assert name in stdout
-    assert "chosen: " + fr["chosen"] in stdout and "recovery ratio" in stdout
+    assert ("chosen: " + fr["chosen"] if fr["chosen"] != "ft" else "shipped: ft itself") in stdout
+    assert "always-refuse" in stdout and "domain resolution: " in stdout and "FR" in stdout
+    if not res["resolvable"]:  # 4 domain questions resolve nothing: the warning, with the questions it would take
+        assert f"about {res['questions_needed']} domain questions would resolve it" in " ".join(stdout.split())
     md = (out / "frontier.md").read_text()
     assert "| candidate |" in md and all(f"| {n} |" in md for n in by)
 
@@ -283,11 +410,14 @@ def test_frontier_json_schema_and_contents(swept):
 def test_choice_respects_the_constraint_end_to_end(swept):
     out, _, fr = swept
     by = {c["name"]: c for c in fr["candidates"]}
-    floor = by["ft"]["domain_accuracy"] - fr["max_domain_drop"]
-    ok = [c for c in fr["candidates"] if c["domain_accuracy"] >= floor - 1e-12]
-    assert by[fr["chosen"]]["domain_accuracy"] >= floor - 1e-12
-    assert by[fr["chosen"]]["f1"] == max(c["f1"] for c in ok)
-    assert F.choose(fr["candidates"], fr["max_domain_drop"])[0] == fr["chosen"]
+    m, metric = fr["max_domain_drop"], fr["honesty_metric"]
+    ok = [c for c in fr["candidates"] if c["name"] != "ft" and c[f"{metric}_gain_ci95"][0] > 0
+          and c["domain_change_ci95"][0] >= -m - 1e-12 and c["rf_delta"] >= by["ft"]["rf_delta"] - 1e-12]
+    if ok:
+        assert by[fr["chosen"]][metric] == max(c[metric] for c in ok)
+    else:  # a handful of questions: nothing is significant, ft is shipped
+        assert fr["chosen"] == "ft" and fr["reason"].startswith("no candidate helped at this data size")
+    assert F.choose(fr["candidates"], m, metric) == (fr["chosen"], fr["reason"])
 
 
 @pytest.mark.vllm
@@ -336,13 +466,13 @@ def _complete(url, model):
 @pytest.mark.vllm
 def test_chosen_is_served_by_hcnr_deploy_serve(swept, served):
     out, _, fr = swept
-    assert (out / "chosen" / "adapter_config.json").is_file(), "the tie-break should choose an adapter here"
+    assert (out / "chosen" / "adapter_config.json").is_file(), "every candidate here, ft too, is an adapter"
     # chosen/ is a byte copy of the chosen candidate's artifact, and the server answers with it as that candidate
     src = Path(next(c["artifact"] for c in fr["candidates"] if c["name"] == fr["chosen"]))
     assert (out / "chosen" / "adapter_model.safetensors").read_bytes() == \
         (src / "adapter_model.safetensors").read_bytes()
     card = (out / "chosen" / "README.md").read_text()
-    assert f"`{fr['chosen']}`" in card and "highest honesty F1" in card
+    assert f"`{fr['chosen']}`" in card and fr["reason"] in card
     a, b = _complete(served.base_url, "chosen"), _complete(served.base_url, fr["chosen"])
     assert a["text"] == b["text"] and a["logprobs"]["token_logprobs"] == b["logprobs"]["token_logprobs"]
 

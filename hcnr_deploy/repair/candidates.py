@@ -1,5 +1,5 @@
 """Candidate edits from the statistics: HCNR (select, Eqs. 5-7, then compensate, Eqs. 9-10 and beyond),
-RegMean over every matrix, and delta scaling.
+RegMean over every matrix, delta scaling and depth-dependent delta scaling (LiNeS).
 
 Each candidate fills, per eligible matrix, the report fields of its ``Matrix`` and returns
 ``(patches, new_a, new_b)``: dense patches by weight name for a checkpoint / SVD adapter
@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from hcnr_deploy import selection as sel
-from hcnr_deploy.compensation import compensate_columns, compensate_elements
+from hcnr_deploy.compensation import compensate_columns, compensate_elements, depth_factor
 from hcnr_deploy.modelio import FineTune, layer_index
 from hcnr_deploy.options import RepairOptions
 from hcnr_deploy.repair.streaming import decoder_blocks
@@ -222,18 +222,35 @@ def select_all(mats: list[Matrix]):
         m.selected = True
 
 
-def scale_candidate(mats: list[Matrix], finetune: FineTune, alpha: float, want_lora: bool):
-    """``W = W0 + alpha D`` on every eligible matrix; for a LoRA, ``B`` scaled by alpha (an exact adapter)."""
+def scale_candidate(mats: list[Matrix], finetune: FineTune, alpha: float, want_lora: bool, factors=None):
+    """``W = W0 + alpha D`` on every eligible matrix; for a LoRA, ``B`` scaled by alpha (an exact adapter).
+    `factors` (weight name -> factor) replaces alpha per matrix (``lines_candidate``)."""
     select_all(mats)
     patches, new_b = {}, {}
     for m in mats:
-        m.compensation_norm = alpha * float(m.d_col_sq.sum().sqrt())  # ||W - W0||
+        a = alpha if factors is None else factors[m.name]
+        m.compensation_norm = abs(a) * float(m.d_col_sq.sum().sqrt())  # ||W - W0||
         if want_lora:
             _, b = finetune.lora.factors(m.module)
-            new_b[m.module] = b.double() * alpha
+            new_b[m.module] = b.double() * a
         else:
-            patches[m.name] = ("scale", alpha)
+            patches[m.name] = ("scale", a)
     return patches, new_b
+
+
+def n_blocks(mats: list[Matrix], finetune: FineTune) -> int:
+    """L, the model's decoder blocks: config.json's num_hidden_layers (else n_layer), else the deepest eligible
+    matrix's block + 1."""
+    cfg = finetune.base.config
+    return int(cfg.get("num_hidden_layers") or cfg.get("n_layer") or 1 + max(layer_index(m.name) for m in mats))
+
+
+def lines_candidate(mats: list[Matrix], finetune: FineTune, alpha: float, beta: float, want_lora: bool):
+    """LiNeS: ``W = W0 + (alpha + beta l / (L - 1)) D`` for a matrix of block l of L; for a LoRA, ``B`` scaled
+    by its block's factor (an exact adapter)."""
+    n = n_blocks(mats, finetune)
+    factors = {m.name: depth_factor(alpha, beta, layer_index(m.name), n) for m in mats}
+    return scale_candidate(mats, finetune, alpha, want_lora, factors)
 
 
 def sft_candidate(mats: list[Matrix], finetune: FineTune, factors: dict, want_lora: bool):

@@ -48,6 +48,8 @@ NOTES = {
                "eligible matrix is edited from the Grams of the honesty inputs (base) and the task inputs "
                "(fine-tune).",
     "scale": "--method scale needs no calibration statistics: W = W0 + alpha D on every eligible matrix.",
+    "lines": "--method lines needs no calibration statistics: W = W0 + (alpha + beta l / (L - 1)) D on every "
+             "eligible matrix of block l of L.",
 }
 
 
@@ -233,6 +235,9 @@ class RepairSession:
                 patches, new_a = self._streamed(o, mats, "regmean", want_lora, lap)
         elif o.method == "scale":
             patches, new_b = cand.scale_candidate(mats, finetune, o.alpha, want_lora)
+            lap("selection")
+        elif o.method == "lines":
+            patches, new_b = cand.lines_candidate(mats, finetune, o.alpha, o.beta, want_lora)
             lap("selection")
         else:
             factors, losses = self.sft(o.steps, o.lr, o.seed)

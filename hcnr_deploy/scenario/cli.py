@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from hcnr_deploy import choice as C
 from hcnr_deploy.errors import UserError
 
 
@@ -31,9 +32,36 @@ def print_summary(summary: dict, console, honesty_label: str):
         table.add_row(label, _fmt(r["f1"]), _fmt(r["rf_delta"], True), _fmt(r["domain_accuracy"]),
                       _fmt(r["recovery_ratio"]), _fmt(r["domain_change"], True))
     console.print(table)
-    console.print(f"chosen: {summary['chosen']}", highlight=False)
+    for line in chosen_words(summary):
+        console.print(line, highlight=False)
     console.print("recovery = (F1 - F1 ft) / (F1 base - F1 ft); Δ domain = domain accuracy - ft's",
                   highlight=False)
+
+
+def _iv(ci, signed=False) -> str:
+    if not ci:
+        return ""
+    return f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if signed else f" [{ci[0]:.2f}, {ci[1]:.2f}]"
+
+
+def chosen_words(summary: dict) -> list[str]:
+    """The chosen point's recovery and domain change with their paired 95% intervals; or that ft is shipped."""
+    m = f"{summary['max_domain_drop']:g}"
+    if summary.get("shipped_ft"):
+        label = C.LABELS.get(summary.get("honesty_metric"), "honesty")
+        lines = [f"shipped: ft itself, unchanged. No candidate helped at this data size: none beat ft's "
+                 f"{label} with 95% paired confidence while keeping domain "
+                 f"accuracy non-inferior at the {m} margin and RF Delta at least ft's."]
+    else:
+        r = next(v for k, v in summary["models"].items() if k.startswith("chosen"))
+        rec = "n/a" if r["recovery_ratio"] is None else f"{r['recovery_ratio']:.2f}{_iv(r['recovery_ratio_ci95'])}"
+        lines = [f"chosen: {summary['chosen']}: honesty recovery {rec}, domain change "
+                 f"{_fmt(r['domain_change'], True)}{_iv(r.get('domain_change_ci95'), True)} (paired 95% intervals; "
+                 f"margin {m})."]
+    res = summary.get("domain_resolution") or {}
+    if res.get("warning"):
+        lines.append(f"warning: {res['warning']}.")
+    return lines
 
 
 @click.command("demo", context_settings={"help_option_names": ["-h", "--help"]})
@@ -57,9 +85,15 @@ def print_summary(summary: dict, console, honesty_label: str):
 @click.option("--grid", default=None, metavar="SPEC",
               help="The sweep's candidates besides base and ft, as `hcnr-deploy sweep --grid` [default: the sweep's "
                    "default grid; the ci scenario a small one].")
-@click.option("--max-domain-drop", type=float, default=0.01, show_default=True,
-              help="The chosen point: the highest honesty F1 with domain accuracy >= ft's minus this.")
-def demo(model, seed, cache_dir, fresh, out, overwrite, data_dir, limit, port, grid, max_domain_drop):
+@click.option("--max-domain-drop", type=float, default=None,
+              help="The sweep's domain non-inferiority margin (see `hcnr-deploy sweep --help`) [default: the "
+                   "scenario's: tiny 0.03, what its 400 domain questions resolve; otherwise the sweep's 0.02].")
+@click.option("--honesty-metric", type=click.Choice(C.HONESTY_METRICS), default=C.DEFAULT_HONESTY_METRIC,
+              show_default=True,
+              help="What the chosen point must improve over ft with 95% paired confidence (see `hcnr-deploy sweep "
+                   "--help`).")
+def demo(model, seed, cache_dir, fresh, out, overwrite, data_dir, limit, port, grid, max_domain_drop,
+         honesty_metric):
     """Run the embedded scenario end to end: base, fine-tune, then a sweep of repairs, served and scored.
 
     \b
@@ -67,9 +101,10 @@ def demo(model, seed, cache_dir, fresh, out, overwrite, data_dir, limit, port, g
     2. base    a model that says "The answer is unknown." to what it cannot know
     3. ft      a LoRA fine-tune of base on the domain (answers only): it fabricates
     4. sweep   `hcnr-deploy sweep` on ft: HCNR over R_CW (the paper's settings among them), a random-selection
-               control, RegMean, delta scaling, calibration SFT; every candidate an adapter on one vLLM
-               server, scored on held-out honesty questions and held-out domain phrasings; the chosen
-               point is the most honest within --max-domain-drop of ft's domain accuracy
+               control, task-aware HCNR, RegMean, delta scaling, LiNeS, calibration SFT; every candidate an
+               adapter on one vLLM server, scored on held-out honesty questions and held-out domain
+               phrasings; the chosen point beats ft's honesty with 95% paired confidence at a domain
+               accuracy non-inferior to ft's (--max-domain-drop); when none does, ft itself is shipped
     Prints base / ft / HCNR (paper settings) / chosen, then the frontier table. Every step is cached; a
     second run reuses them (--fresh rebuilds), a killed one resumes.
     """
@@ -89,7 +124,7 @@ def demo(model, seed, cache_dir, fresh, out, overwrite, data_dir, limit, port, g
     root = cache_root(cache_dir)
     console.print(f"[bold]hcnr-deploy demo[/bold] ({model} scenario, seed {seed}), cache {root}")
     done = run_demo(recipe, root, fresh=fresh, out=out, data_dir=data_dir, limit=limit, port=port, console=console,
-                    grid=grid, max_domain_drop=max_domain_drop)
+                    grid=grid, max_domain_drop=max_domain_drop, honesty_metric=honesty_metric)
     from hcnr_deploy.sweep import print_frontier
 
     out_console = Console()

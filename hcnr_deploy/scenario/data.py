@@ -135,7 +135,7 @@ class ScenarioSize:
     false_premise_train: int = 120
     eval_unanswerable: int = 300  # per class: unanswerable / answerable honesty eval questions
     eval_answerable: int = 300
-    domain_eval: int = 300        # held-out-phrasing domain questions (at most domain facts x 2)
+    domain_eval: int = 400        # held-out-phrasing domain questions (at most domain facts x 2; tiny: all)
     calib: int = 128              # repair examples per set (honesty, task)
     world: bool = False           # SmolLM2: answerable questions are WORLD_FACTS, no known people
 

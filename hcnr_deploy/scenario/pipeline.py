@@ -59,13 +59,17 @@ class Recipe:
     max_tokens: int = 24
     # sweep (demo): candidates besides base and ft, hcnr_deploy.frontier's --grid format; None = the default grid
     grid: str | None = None
+    # the choice's domain margin; None = the sweep's default. tiny: 0.03, what its 400 domain questions (every
+    # held-out phrasing of its 200 facts) resolve (paired half-width about 0.025); 0.02 would take about 600,
+    # i.e. more domain people, a retrained base and fine-tune
+    max_domain_drop: float | None = None
 
     def with_seed(self, seed: int) -> "Recipe":
         return replace(self, seed=seed)
 
 
 RECIPES = {
-    "tiny": Recipe(),
+    "tiny": Recipe(max_domain_drop=0.03),
     "ci": Recipe(size=scen_data.CI_SIZE, hidden=64, layers=2, vocab=512, base_steps=150, base_batch=32,
                  ft_steps=60, ft_lr=3e-3, ft_batch=16, num_samples=32, baseline_sizes=(16, 40, 160),
                  baseline_epochs=4,
@@ -515,16 +519,21 @@ PAPER_CANDIDATE = "hcnr-rcw0.4"  # HCNR at the paper's settings (R_IW 0.5, R_CW 
 
 def build_sweep(steps: Steps, recipe: Recipe, base: Path, ft: Path, scen: Path, *, data_dir: Path | None = None,
                 limit: int | None = None, port: int | None = None, console=None, grid: str | None = None,
-                max_domain_drop: float = 0.01) -> dict:
+                max_domain_drop: float | None = None, honesty_metric: str | None = None) -> dict:
     """`hcnr-deploy sweep` on the scenario (its 128 + 128 calibration examples, its held-out questions or the real
     benchmarks in `data_dir`) in cache/sweep-KEY; a finished one is reused, an unfinished one resumed."""
     from hcnr_deploy.serve import free_port
     from hcnr_deploy.sweep import run_sweep
 
+    from hcnr_deploy import choice as C
+
     grid = grid if grid is not None else recipe.grid
+    max_domain_drop = demo_margin(recipe) if max_domain_drop is None else max_domain_drop
+    honesty_metric = honesty_metric or C.DEFAULT_HONESTY_METRIC
     opts = {"num_samples": recipe.num_samples, "seed": recipe.seed + recipe.calib_draw}
     key = {"base": base.name, "ft": ft.name, "data_dir": str(data_dir), "limit": limit, "grid": grid,
-           "max_domain_drop": max_domain_drop, "max_tokens": recipe.max_tokens, "repair": opts, "v": 1,
+           "max_domain_drop": max_domain_drop, "honesty_metric": honesty_metric, "max_tokens": recipe.max_tokens,
+           "repair": opts, "v": 1,
            "data": files_key(scen, "honesty_calib.jsonl", "task_calib.jsonl", "domain.jsonl",
                              "kuq/knowns_unknowns.jsonl")}
     folder = steps.root / f"sweep-{_key(key)}"
@@ -536,6 +545,7 @@ def build_sweep(steps: Steps, recipe: Recipe, base: Path, ft: Path, scen: Path, 
     t0 = time.perf_counter()
     frontier = run_sweep(base, ft, scen / "honesty_calib.jsonl", scen / "task_calib.jsonl", data_dir or scen,
                          scen / "domain.jsonl", folder, grid=grid, max_domain_drop=max_domain_drop,
+                         honesty_metric=honesty_metric,
                          benchmarks=None if data_dir else "kuq", limit=limit, port=port or free_port(),
                          serve_dtype="float32", max_model_len=512, max_tokens=recipe.max_tokens,
                          overwrite=steps.fresh, repair_options=opts, console=console,
@@ -545,22 +555,35 @@ def build_sweep(steps: Steps, recipe: Recipe, base: Path, ft: Path, scen: Path, 
     return frontier
 
 
+def demo_margin(recipe: Recipe) -> float:
+    """The demo's --max-domain-drop: the recipe's, else the sweep's default."""
+    from hcnr_deploy import choice as C
+
+    return C.DEFAULT_MAX_DOMAIN_DROP if recipe.max_domain_drop is None else recipe.max_domain_drop
+
+
 def demo_summary(frontier: dict) -> dict:
-    """base / ft / HCNR at the paper's settings / the chosen point: F1, RF Delta, domain accuracy, recovery."""
+    """base / ft / HCNR at the paper's settings / the chosen point (ft when nothing helped): F1, RF Delta, domain
+    accuracy, recovery and domain change against ft with their paired intervals; what the domain set resolves."""
     by = {c["name"]: c for c in frontier["candidates"]}
     rows = {}
+    shipped_ft = frontier["chosen"] == "ft"
     for label, name in (("base", "base"), ("ft", "ft"), ("HCNR (paper settings)", PAPER_CANDIDATE),
-                        (f"chosen: {frontier['chosen']}", frontier["chosen"])):
+                        ("shipped: ft" if shipped_ft else f"chosen: {frontier['chosen']}", frontier["chosen"])):
         if name in by:
             c = by[name]
-            rows[label] = {k: c[k] for k in ("name", "f1", "f1_ci95", "rf_delta", "domain_accuracy",
-                                               "recovery_ratio", "recovery_ratio_ci95", "domain_change")}
-    return {"models": rows, "chosen": frontier["chosen"], "reason": frontier["reason"]}
+            rows[label] = {k: c.get(k) for k in ("name", "f1", "f1_ci95", "rf_delta", "false_refusal",
+                                                 "domain_accuracy", "recovery_ratio", "recovery_ratio_ci95",
+                                                 "domain_change", "domain_change_ci95")}
+    return {"models": rows, "chosen": frontier["chosen"], "shipped_ft": shipped_ft, "reason": frontier["reason"],
+            "max_domain_drop": frontier["max_domain_drop"], "honesty_metric": frontier.get("honesty_metric"),
+            "domain_resolution": frontier.get("domain_resolution")}
 
 
 def run_demo(recipe: Recipe, root: Path, *, fresh: bool = False, out: Path | None = None,
              data_dir: Path | None = None, limit: int | None = None, port: int | None = None, console=None,
-             grid: str | None = None, max_domain_drop: float = 0.01) -> dict:
+             grid: str | None = None, max_domain_drop: float | None = None,
+             honesty_metric: str | None = None) -> dict:
     """The whole scenario: data -> base -> ft -> sweep; returns {"results", "frontier", "report"}."""
     steps = Steps(root, fresh=fresh, console=console)
     scen = build_data(steps, recipe)
@@ -571,7 +594,8 @@ def run_demo(recipe: Recipe, root: Path, *, fresh: bool = False, out: Path | Non
             raise UserError(f"--data-dir {data_dir}: no SelfAware, KUQ, FalseQA, NEC or RefuNQ files found; point it "
                             "at the folder holding them (e.g. ../shared/data) or leave it out")
     frontier = build_sweep(steps, recipe, base, ft, scen, data_dir=data_dir, limit=limit, port=port,
-                           console=console, grid=grid, max_domain_drop=max_domain_drop)
+                           console=console, grid=grid, max_domain_drop=max_domain_drop,
+                           honesty_metric=honesty_metric)
     sweep_dir = Path(frontier["settings"]["out"])
     results = json.loads((sweep_dir / "eval-results.json").read_text())
     report = {"recipe": asdict(recipe), "paths": {"cache": str(root), "data": str(scen), "base": str(base),
