@@ -159,7 +159,7 @@ def main(argv=None):
                       "calibration_benchmarks": args.calibration_benchmarks} if real else {})
     sweep_out = args.out / "sweep"
     (sweep_out / "frontier.json").unlink(missing_ok=True)  # a rerun resumes: finished candidates and answers reused
-    extra = {} if args.max_domain_drop is None else {"max_domain_drop": args.max_domain_drop}
+    extra = {"max_domain_drop": P.demo_margin(recipe) if args.max_domain_drop is None else args.max_domain_drop}
     frontier = run_sweep(base, ft, scen / "honesty_calib.jsonl", scen / "task_calib.jsonl", honesty,
                          scen / "domain.jsonl", sweep_out, grid=args.grid, benchmarks=benchmarks, limit=limit,
                          max_tokens=recipe.max_tokens, serve_dtype="float32", max_model_len=1024,
