@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from hcnr_deploy.options import RepairOptions, click_options
+from hcnr_deploy.options import RepairOptions, check_applicable, click_options
 
 
 @click.command("repair", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -36,11 +36,19 @@ def repair(base, finetuned, honesty_data, task_data, out, overwrite, quiet, **op
     from hcnr_deploy.repair import run_repair
 
     opts = RepairOptions(**options)  # validated: a bad value is a one-line error naming its flag
+    check_applicable(opts.method, given_options(click.get_current_context(), options))
     console = Console(stderr=True, quiet=quiet)
     report = run_repair(base, finetuned, honesty_data, task_data, out, overwrite=overwrite, progress=not quiet,
                         console=console, **opts.settings())
     if not quiet:
         print_summary(report, Console())
+
+
+def given_options(ctx: click.Context, names) -> set[str]:
+    """The options set by the user (command line, environment or a recipe file), not left at their defaults."""
+    from click.core import ParameterSource
+
+    return {n for n in names if ctx.get_parameter_source(n) not in (None, ParameterSource.DEFAULT)}
 
 
 def print_summary(report: dict, console):

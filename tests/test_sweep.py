@@ -64,12 +64,34 @@ def test_grid_spec_aliases_products_and_duplicates():
     ("sft:steps=2.5", "not a valid int"),
     ("hcnr:r_cw", "expected PARAM=V1,V2"),
     ("hcnr:r_cw=0.1:r_cw=0.2", "given twice"),
-    ("hcnr:compensation=magic", "choose obs, exact, none or task-aware"),
+    ("hcnr:compensation=magic", "must be one of obs, exact, none, task-aware, got 'magic'"),
+    ("sft:lr=0", "must be > 0, got 0.0"),          # the options model's check (the grid's own allowed lr=0)
+    ("regmean:mu=inf", "must be >= 0, got inf"),
 ])
 def test_bad_grid_is_a_one_line_error(spec, words):
     with pytest.raises(UserError) as e:
         F.parse_grid(spec)
     assert words in e.value.format_message() and "\n" not in e.value.format_message()
+
+
+def test_grid_values_are_checked_by_the_options_model():
+    """One source of truth: a grid value passes exactly when RepairOptions accepts it for that option."""
+    from hcnr_deploy.options import check_value
+
+    for family, (_, _, specs) in F.METHODS.items():
+        for key, (typ, _) in specs.items():
+            for text in (["obs", "exact", "magic"] if typ is str else ["0", "-1", "0.5", "1", "1.5", "3", "nan"]):
+                try:
+                    value = typ(text)
+                except ValueError:
+                    continue
+                accepted = check_value(key, value) is None
+                try:
+                    F.parse_grid(f"{family}:{key}={text}")
+                    parsed = True
+                except UserError:
+                    parsed = False
+                assert parsed == accepted, (family, key, text)
 
 
 def test_bad_grid_on_the_command_line_exits_2_before_any_work(tiny_base, tiny_lora, tmp_path):
