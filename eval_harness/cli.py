@@ -10,14 +10,15 @@ import click
 from eval_harness.benchmarks import HONESTY_BENCHMARKS
 from eval_harness.prompts import APIS
 from eval_harness.refusal import DETECTORS
+from hcnr_deploy.envvars import API_KEY_ENVVARS, API_KEY_HELP
 
 
 @click.command("eval", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.option("--endpoint", "endpoints", multiple=True, required=True, metavar="URL | NAME=URL",
               help="OpenAI-compatible base URL (http://host:8000 gets /v1 appended). Repeat as NAME=URL to send "
                    "model NAME to its own server.")
-@click.option("--api-key", envvar="OPENAI_API_KEY", default=None, show_envvar=True,
-              help="API key for the endpoints (vLLM without --api-key accepts anything).")
+@click.option("--api-key", envvar=list(API_KEY_ENVVARS), default=None,
+              help=f"API key for the endpoints ({API_KEY_HELP}; vLLM without --api-key accepts anything).")
 @click.option("--models", default=None, metavar="A,B,...",
               help="Model names as the server serves them; the first is the reference for differences. "
                    "Default: the NAME=URL names, else every model the endpoint serves.")

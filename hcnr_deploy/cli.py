@@ -52,6 +52,9 @@ def main():
 
     \b
       hcnr-deploy repair --base BASE --finetuned FT --honesty-data H.jsonl --task-data T.jsonl --out OUT
+      hcnr-deploy sweep  --base BASE --finetuned FT --honesty-data H.jsonl --task-data T.jsonl \\
+                         --eval-honesty DATA --eval-domain D.jsonl --out SWEEP   (then serve SWEEP/chosen)
+      hcnr-deploy probe  --model FT --reference BASE --data-dir DATA --out PROBE
       hcnr-deploy serve  --base BASE --adapter ft=FT --adapter repaired=OUT
       hcnr-deploy eval   --endpoint http://127.0.0.1:8000/v1 --models base,ft,repaired
       hcnr-deploy demo   (the whole story on an embedded scenario)

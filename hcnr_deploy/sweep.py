@@ -30,6 +30,7 @@ from pathlib import Path
 import click
 
 from hcnr_deploy import frontier as F
+from hcnr_deploy.envvars import API_KEY_ENVVARS, API_KEY_HELP
 from hcnr_deploy.errors import UserError
 from hcnr_deploy.options import click_options
 
@@ -220,7 +221,7 @@ def run_sweep(base, finetuned, honesty_data, task_data, eval_honesty, eval_domai
               max_model_len: int | None = None, startup_timeout: float = 900, max_tokens: int = 64,
               concurrency: int = 16, n_boot: int = 1000, overwrite: bool = False, repair_options: dict | None = None,
               console=None, progress: bool = True, command: str | None = None,
-              trust_cache_names: bool = False) -> dict:
+              trust_cache_names: bool = False, api_key: str | None = None) -> dict:
     """The whole sweep; returns the frontier dict written to `out`/frontier.json. See the module docstring."""
     from rich.console import Console
 
@@ -279,12 +280,12 @@ def run_sweep(base, finetuned, honesty_data, task_data, eval_honesty, eval_domai
     cache = out / "eval-cache.sqlite"
     eval_kwargs = dict(benchmarks=names, data_dir=data_dir, domain=[Path(eval_domain)], limit=limit, seed=seed,
                        max_tokens=max_tokens, concurrency=concurrency, n_boot=n_boot, cache=cache, console=console,
-                       progress=progress, log_samples=True,
+                       progress=progress, log_samples=True, api_key=api_key,
                        **({"trust_cache_names": True} if trust_cache_names else {}))
     results, serve_s, eval_s, runs = _serve_and_score(
         served, artifacts, is_lora, eval_kwargs, endpoint=endpoint, port=port, vllm_args=list(vllm_args),
         serve_dtype=serve_dtype, max_model_len=max_model_len, startup_timeout=startup_timeout, log_dir=out / "logs",
-        console=console)
+        console=console, api_key=api_key)
     timings["serve"], timings["eval"] = serve_s, eval_s
     _write_json(out / "eval-results.json", {k: v for k, v in results.items() if k != "samples"})
 
@@ -316,7 +317,8 @@ def run_sweep(base, finetuned, honesty_data, task_data, eval_honesty, eval_domai
                      "eval_honesty": str(eval_honesty), "eval_domain": str(eval_domain), "out": str(out),
                      "grid": grid or F.DEFAULT_GRID, "max_domain_drop": max_domain_drop, "benchmarks": benchmarks,
                      "limit": limit, "endpoint": endpoint, "port": None if endpoint else port,
-                     "vllm_args": list(vllm_args), "max_tokens": max_tokens, "concurrency": concurrency,
+                     "vllm_args": list(vllm_args), "serve_dtype": serve_dtype, "max_tokens": max_tokens,
+                     "concurrency": concurrency,
                      "bootstrap": n_boot, "repair_options": ro, "command": command},
         "versions": _versions(),
         "run": {"resumed": resumed, "built": built, "reused": reused, "requests": runs},
@@ -381,7 +383,7 @@ def _progress(console, enabled: bool):
 
 
 def _serve_and_score(names, artifacts, is_lora, eval_kwargs, *, endpoint, port, vllm_args, serve_dtype,
-                     max_model_len, startup_timeout, log_dir, console):
+                     max_model_len, startup_timeout, log_dir, console, api_key=None):
     """Results of the eval harness for every name (samples merged when checkpoints are served one by one)."""
     from eval_harness import evaluate
     from hcnr_deploy.serve import serve_models
@@ -400,7 +402,7 @@ def _serve_and_score(names, artifacts, is_lora, eval_kwargs, *, endpoint, port, 
         t0 = time.perf_counter()
         with console.status(f"starting vLLM ({', '.join([*(['base'] if base_name else []), *adapters, *checkpoints])[:60]})..."):
             ctx = serve_models(artifacts["base"] if base_name else None, adapters, checkpoints, port=port,
-                               max_model_len=max_model_len, dtype=serve_dtype, extra_args=vllm_args,
+                               max_model_len=max_model_len, dtype=serve_dtype, extra_args=vllm_args, api_key=api_key,
                                log_dir=log_dir, timeout=startup_timeout)
             servers = ctx.__enter__()
         try:
@@ -509,6 +511,11 @@ def print_frontier(frontier: dict, console):
                    "starting vLLM here.")
 @click.option("--port", type=int, default=8000, show_default=True,
               help="Port of the vLLM server(s) started here (checkpoints: this one and the next).")
+@click.option("--api-key", envvar=list(API_KEY_ENVVARS), default=None,
+              help=f"Bearer key of --endpoint, and required by the servers started here ({API_KEY_HELP}).")
+@click.option("--serve-dtype", default="auto", show_default=True,
+              type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
+              help="vLLM's dtype for the candidates (--dtype is the repair's working dtype).")
 @click.option("--trust-cache-names", is_flag=True,
               help="With --endpoint on another machine (weights not readable here): let the response cache trust "
                    "served names, so a rerun resends nothing (see `hcnr-deploy eval --help`).")
@@ -525,7 +532,8 @@ def print_frontier(frontier: dict, console):
 @click.argument("vllm_args", nargs=-1, type=click.UNPROCESSED, metavar="[-- VLLM_ARGS...]")
 @click_options("data", "compute")
 def sweep(base, finetuned, honesty_data, task_data, eval_honesty, eval_domain, out, grid, max_domain_drop,
-          benchmarks, limit, endpoint, port, trust_cache_names, max_tokens, concurrency, n_boot, startup_timeout,
+          benchmarks, limit, endpoint, port, api_key, serve_dtype, trust_cache_names, max_tokens, concurrency, n_boot,
+          startup_timeout,
           overwrite, quiet, vllm_args, **repair_options):
     """Measure the honesty/domain frontier of repair methods on your model and ship the chosen point.
 
@@ -553,7 +561,8 @@ def sweep(base, finetuned, honesty_data, task_data, eval_honesty, eval_domain, o
     console = Console(stderr=True, quiet=quiet)
     frontier = run_sweep(base, finetuned, honesty_data, task_data, eval_honesty, eval_domain, out, grid=grid,
                          max_domain_drop=max_domain_drop, benchmarks=benchmarks, limit=limit, endpoint=endpoint,
-                         port=port, vllm_args=vllm_args, max_tokens=max_tokens, concurrency=concurrency,
+                         port=port, vllm_args=vllm_args, serve_dtype=serve_dtype, api_key=api_key,
+                         max_tokens=max_tokens, concurrency=concurrency,
                          n_boot=n_boot, startup_timeout=startup_timeout, overwrite=overwrite,
                          trust_cache_names=trust_cache_names,
                          repair_options=repair_options, console=console, progress=not quiet,
