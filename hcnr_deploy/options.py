@@ -140,9 +140,10 @@ class RepairOptions:
     def command_args(self) -> list[str]:
         """Every option of the method spelled out as ``hcnr-deploy repair`` flags (switches only when on)."""
         args = []
+        ignored = {f.name for f in ignored_by(self.method)}
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            if f.metadata["methods"] is not None and self.method not in f.metadata["methods"]:
+            if f.name in ignored:
                 continue
             if isinstance(v, bool):
                 args += [flag_of(f)] if v else []
@@ -168,14 +169,20 @@ def check_value(name: str, value) -> str | None:
     return value_problem(next(f for f in dataclasses.fields(RepairOptions) if f.name == name), value)
 
 
+def ignored_by(method: str) -> list[dataclasses.Field]:
+    """The options --method `method` does not use."""
+    return [f for f in dataclasses.fields(RepairOptions)
+            if f.metadata["methods"] is not None and method not in f.metadata["methods"]]
+
+
 def check_applicable(method: str, given) -> None:
     """An option given explicitly (`given`: option names) that --method `method` does not use is a one-line error:
     a silently ignored setting would let a run differ from what its command line says."""
-    for f in dataclasses.fields(RepairOptions):
-        methods = f.metadata["methods"]
-        if f.name in given and methods is not None and method not in methods:
+    for f in ignored_by(method):
+        if f.name in given:
             raise UserError(f"{flag_of(f)} does not apply to --method {method} (only to "
-                            f"{', '.join('--method ' + m for m in methods)}); drop it or choose that method.")
+                            f"{', '.join('--method ' + m for m in f.metadata['methods'])}); drop it or choose that "
+                            f"method.")
 
 
 def flag_of(f: dataclasses.Field) -> str:

@@ -33,6 +33,7 @@ from hcnr_deploy import frontier as F
 from hcnr_deploy.envvars import API_KEY_ENVVARS, API_KEY_HELP
 from hcnr_deploy.errors import UserError
 from hcnr_deploy.options import click_options
+from hcnr_deploy.recipe import config_option, effective_recipe, from_api, write_recipe
 
 SCHEMA = "hcnr-deploy.sweep/1"
 EVAL_DEFAULTS = dict(max_tokens=64, concurrency=16, n_boot=1000)
@@ -221,7 +222,7 @@ def run_sweep(base, finetuned, honesty_data, task_data, eval_honesty, eval_domai
               max_model_len: int | None = None, startup_timeout: float = 900, max_tokens: int = 64,
               concurrency: int = 16, n_boot: int = 1000, overwrite: bool = False, repair_options: dict | None = None,
               console=None, progress: bool = True, command: str | None = None,
-              trust_cache_names: bool = False, api_key: str | None = None) -> dict:
+              trust_cache_names: bool = False, api_key: str | None = None, recipe: dict | None = None) -> dict:
     """The whole sweep; returns the frontier dict written to `out`/frontier.json. See the module docstring."""
     from rich.console import Console
 
@@ -256,6 +257,8 @@ def run_sweep(base, finetuned, honesty_data, task_data, eval_honesty, eval_domai
         tasks, _, _ = eval_tasks(eval_honesty, eval_domain, benchmarks, limit, seed, Path(tmp))
         check_overlap(tasks, {"honesty": Path(honesty_data), "task": Path(task_data)}, num_samples)
     resumed = prepare_dir(out, key, overwrite)
+    if recipe is not None:
+        write_recipe(out, recipe)
     tasks, data_dir, names = eval_tasks(eval_honesty, eval_domain, benchmarks, limit, seed, out)
     domain_task = next(t.name for t, _ in tasks if t.kind == "domain")
     console.print(f"[bold]hcnr-deploy sweep[/]: {len(cands)} candidates ({'LoRA: one vLLM engine' if is_lora else 'full fine-tune: one server per checkpoint'}), "
@@ -531,6 +534,7 @@ def print_frontier(frontier: dict, console):
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars; only the table.")
 @click.argument("vllm_args", nargs=-1, type=click.UNPROCESSED, metavar="[-- VLLM_ARGS...]")
 @click_options("data", "compute")
+@config_option
 def sweep(base, finetuned, honesty_data, task_data, eval_honesty, eval_domain, out, grid, max_domain_drop,
           benchmarks, limit, endpoint, port, api_key, serve_dtype, trust_cache_names, max_tokens, concurrency, n_boot,
           startup_timeout,
@@ -550,6 +554,7 @@ def sweep(base, finetuned, honesty_data, task_data, eval_honesty, eval_domain, o
           --eval-honesty ../shared/data --eval-domain domain.jsonl --out sweep/ --limit 300
       hcnr-deploy sweep ... --grid "hcnr:r_cw=0.2,0.4; regmean:mu=1,3; scale:a=0.5" -- --gpu-memory-utilization 0.8
 
+    OUT/recipe.yaml holds every option: `--config OUT/recipe.yaml --out NEW` repeats the sweep.
     A killed sweep rerun with the same options rebuilds no finished candidate and sends only the requests
     whose answers are not in OUT/eval-cache.sqlite. Everything after `--` goes to vLLM.
     """
@@ -557,7 +562,9 @@ def sweep(base, finetuned, honesty_data, task_data, eval_honesty, eval_domain, o
 
     import shlex
 
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so a killed sweep stops its servers, cleans temp dirs
+    ctx = click.get_current_context()
+    if not from_api(ctx):
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so a killed sweep stops its servers, cleans temps
     console = Console(stderr=True, quiet=quiet)
     frontier = run_sweep(base, finetuned, honesty_data, task_data, eval_honesty, eval_domain, out, grid=grid,
                          max_domain_drop=max_domain_drop, benchmarks=benchmarks, limit=limit, endpoint=endpoint,
@@ -566,5 +573,13 @@ def sweep(base, finetuned, honesty_data, task_data, eval_honesty, eval_domain, o
                          n_boot=n_boot, startup_timeout=startup_timeout, overwrite=overwrite,
                          trust_cache_names=trust_cache_names,
                          repair_options=repair_options, console=console, progress=not quiet,
-                         command=shlex.join(["hcnr-deploy", "sweep", *sys.argv[2:]]))
-    print_frontier(frontier, Console())
+                         command=None if from_api(ctx) else shlex.join(["hcnr-deploy", "sweep", *sys.argv[2:]]),
+                         recipe=effective_recipe(ctx))
+    if not from_api(ctx):
+        print_frontier(frontier, Console())
+    return frontier
+
+
+from hcnr_deploy.api import make_callable  # noqa: E402  (`from hcnr_deploy import sweep; sweep(base=...)`)
+
+make_callable(__name__)

@@ -31,7 +31,8 @@ def test_repair_flags_and_defaults_are_todays_plus_the_methods():
     from hcnr_deploy.cli_repair import repair
 
     flags = _flags(repair)
-    for fixed in ("--base", "--finetuned", "--honesty-data", "--task-data", "--out", "--overwrite", "--quiet"):
+    for fixed in ("--base", "--finetuned", "--honesty-data", "--task-data", "--out", "--overwrite", "--quiet",
+                  "--config"):
         flags.pop(fixed)
     assert flags == {**BEFORE, **NEW}
     choices = {p.opts[0]: list(p.type.choices) for p in repair.params if isinstance(p.type, click.Choice)}
