@@ -17,6 +17,7 @@ SUBCOMMANDS = {
     "serve": ("hcnr_deploy.serve", "serve"),
     "eval": ("eval_harness.cli", "eval_cmd"),
     "demo": ("hcnr_deploy.scenario.cli", "demo"),
+    "data": ("hcnr_deploy.benchdata.cli", "data"),
 }
 
 HELP = {
@@ -26,6 +27,7 @@ HELP = {
     "serve": "Serve base, fine-tuned and repaired models behind vLLM's OpenAI API.",
     "eval": "Score OpenAI-compatible models on honesty benchmarks.",
     "demo": "Run the embedded base / fine-tune / repair / serve / eval scenario.",
+    "data": "Fetch the honesty benchmarks, split them, build honesty calibration data (fetch, split, honesty).",
 }
 
 
@@ -58,6 +60,7 @@ def main():
       hcnr-deploy serve  --base BASE --adapter ft=FT --adapter repaired=OUT
       hcnr-deploy eval   --endpoint http://127.0.0.1:8000/v1 --models base,ft,repaired
       hcnr-deploy demo   (the whole story on an embedded scenario)
+      hcnr-deploy data   fetch | split --out SPLIT | honesty --data-dir SPLIT/calibration --out H.jsonl
     """
 
 
