@@ -88,7 +88,9 @@ def load_tasks(benchmarks, data_dir, domain, limit, seed) -> list[tuple[Benchmar
     if not names and not domain:
         raise UserError("nothing to evaluate: give --benchmarks and/or --domain")
     if names and data_dir is None:
-        raise UserError("--data-dir is required for the honesty benchmarks (or set HCNR_DATA_DIR)")
+        from hcnr_deploy.benchdata.userdir import data_dir_or_default
+
+        data_dir = data_dir_or_default(None)  # the user data folder (`hcnr-deploy data fetch`)
     tasks = []
     for name in names:
         b = load_benchmark(name, Path(data_dir))

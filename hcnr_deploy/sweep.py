@@ -237,6 +237,10 @@ def run_sweep(base, finetuned, honesty_data, task_data, eval_honesty, eval_domai
     if not 0 <= max_domain_drop <= 1:
         raise UserError(f"--max-domain-drop must be between 0 and 1 (absolute accuracy), got {max_domain_drop}")
     cands = F.parse_grid(grid)
+    if eval_honesty is None:
+        from hcnr_deploy.benchdata.userdir import data_dir_or_default
+
+        eval_honesty = data_dir_or_default(None)
     notes = []
     out = Path(out).expanduser().resolve()
     base_dir = resolve_model_dir(base, "--base")
@@ -492,9 +496,10 @@ def print_frontier(frontier: dict, console):
               help="Calibration JSONL of honesty examples (as for repair).")
 @click.option("--task-data", required=True, type=click.Path(dir_okay=False),
               help="Calibration JSONL of task examples (as for repair).")
-@click.option("--eval-honesty", required=True, type=click.Path(exists=True, path_type=Path), metavar="DIR_OR_JSONL",
+@click.option("--eval-honesty", default=None, type=click.Path(exists=True, path_type=Path), metavar="DIR_OR_JSONL",
               help="Held-out honesty questions: a folder of benchmark files (read as `eval --data-dir` reads it, "
-                   "see --benchmarks) or one KUQ-format JSONL ({\"question\", \"answer\", \"unknown\"}).")
+                   "see --benchmarks; e.g. a `data split`'s evaluation/) or one KUQ-format JSONL ({\"question\", "
+                   "\"answer\", \"unknown\"}) [default: the user data folder, see `hcnr-deploy data fetch`].")
 @click.option("--eval-domain", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Held-out domain questions: the eval harness's domain JSONL ({\"question\", \"answers\"} or "
                    "{\"question\", \"choices\", \"answer\"}).")

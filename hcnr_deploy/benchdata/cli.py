@@ -37,6 +37,33 @@ def _resolve(data_dir):
     return data_dir_or_default(data_dir)
 
 
+@data.command("fetch", context_settings=CTX)
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where to put them [default: the user data folder: $HCNR_DATA_DIR, else "
+                   "$XDG_DATA_HOME/hcnr-deploy/benchmarks, else ~/.local/share/hcnr-deploy/benchmarks].")
+@click.option("--benchmarks", default=None, metavar="A,B",
+              help="Which of selfaware,kuq,falseqa,nec,refunq [default: all].")
+@click.option("--mirror", envvar="HCNR_DATA_MIRROR", default=None, metavar="URL",
+              help="Base URL holding the GitHub files under their raw paths (OWNER/REPO/COMMIT/PATH), instead of "
+                   "https://raw.githubusercontent.com (env HCNR_DATA_MIRROR). KUQ follows HF_ENDPOINT.")
+def fetch(data_dir, benchmarks, mirror):
+    """Download SelfAware, KUQ, FalseQA, NEC and RefuNQ from their public sources, sha256-checked.
+
+    \b
+    SelfAware and UnknownBench from GitHub at pinned commits (checksums pinned); KUQ from the Hugging Face
+    hub (amayuelas/KUQ, through huggingface_hub: HF_ENDPOINT, HF_TOKEN, HF_HUB_OFFLINE; its checksum is
+    recorded at the first download, not pinned). `eval`, `sweep`, `probe` and `data split` read this folder
+    when no --data-dir is given. Files already there and intact are kept.
+    """
+    from hcnr_deploy.benchdata.fetch import fetch as run_fetch
+    from hcnr_deploy.benchdata.userdir import user_data_dir
+
+    folder = data_dir or user_data_dir()
+    click.echo(f"data folder: {folder}")
+    run_fetch(folder, benchmarks, mirror, console=click.echo)
+    click.echo(f"ready: {folder}" + ("" if data_dir else " (read by eval, sweep, probe and data split by default)"))
+
+
 @data.command("split", context_settings=CTX)
 @_data_dir_option("Benchmark folder to split (SelfAware, KUQ, FalseQA, NEC, RefuNQ files, any sub-folders).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="New folder: calibration/, evaluation/, "
