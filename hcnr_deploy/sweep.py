@@ -294,7 +294,10 @@ def run_sweep(base, finetuned, honesty_data, task_data, eval_honesty, eval_domai
         serve_dtype=serve_dtype, max_model_len=max_model_len, startup_timeout=startup_timeout, log_dir=out / "logs",
         console=console, api_key=api_key)
     timings["serve"], timings["eval"] = serve_s, eval_s
-    _write_json(out / "eval-results.json", {k: v for k, v in results.items() if k != "samples"})
+    _write_json(out / "eval-results.json", {k: v for k, v in results.items() if k != "samples" and k[0] != "_"})
+    from eval_harness.lmeval import write_lmeval
+
+    write_lmeval(results, out / "lm-eval", results.get("_identities"))  # lm-evaluation-harness's layout
 
     # 4. frontier
     t0 = time.perf_counter()
@@ -428,6 +431,7 @@ def _serve_and_score(names, artifacts, is_lora, eval_kwargs, *, endpoint, port, 
         else:
             merged["results"].update(res["results"])
             merged["samples"].update(res["samples"])
+            merged.setdefault("_identities", {}).update(res.get("_identities") or {})
     return merged, round(serve_s, 3), round(eval_s, 3), runs
 
 
