@@ -268,6 +268,22 @@ def swept(sweep_inputs):
 
 
 @pytest.mark.vllm
+def test_sweep_writes_its_recipe_and_lm_eval_results(swept, sweep_inputs):
+    import yaml
+
+    out, _, fr = swept
+    recipe = yaml.safe_load((out / "recipe.yaml").read_text())
+    assert recipe["grid"] == GRID and recipe["eval_honesty"] == str(sweep_inputs["data"]) and "out" not in recipe
+    assert recipe["vllm_args"] == ["--dtype", "float32", "--max-model-len", "512", "--enforce-eager"]
+    for c in fr["candidates"]:
+        lm = json.loads((out / "lm-eval" / c["name"] / "results_hcnr-deploy.json").read_text())
+        assert lm["model_name"] == c["name"] and set(lm["results"]) >= set(fr["honesty_benchmarks"])
+        assert lm["results"]["nec"]["f1,none"] == pytest.approx(c["per_benchmark"]["nec"]["f1"], abs=1e-5)
+        assert lm["chat_template_sha"]  # the candidates' folders are readable here
+        assert (out / "lm-eval" / c["name"] / "samples_nec_hcnr-deploy.jsonl").is_file()
+
+
+@pytest.mark.vllm
 def test_frontier_json_schema_and_contents(swept):
     out, stdout, fr = swept
     assert fr["schema"] == "hcnr-deploy.sweep/1"

@@ -14,7 +14,6 @@ the downloads fail) the error is one line naming each missing file, where it com
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import urllib.error
@@ -22,6 +21,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from eval_harness.benchmarks import file_sha256 as sha256_of
 from hcnr_deploy.errors import UserError
 
 GITHUB_RAW = "https://raw.githubusercontent.com"
@@ -61,14 +61,6 @@ SOURCES = (
 
 class Unreachable(Exception):
     """A source could not be reached (offline, refused, not found)."""
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def offline() -> bool:
