@@ -10,14 +10,16 @@ import click
 from eval_harness.benchmarks import HONESTY_BENCHMARKS
 from eval_harness.prompts import APIS
 from eval_harness.refusal import DETECTORS
+from hcnr_deploy.envvars import API_KEY_ENVVARS, API_KEY_HELP
+from hcnr_deploy.recipe import from_api
 
 
 @click.command("eval", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.option("--endpoint", "endpoints", multiple=True, required=True, metavar="URL | NAME=URL",
               help="OpenAI-compatible base URL (http://host:8000 gets /v1 appended). Repeat as NAME=URL to send "
                    "model NAME to its own server.")
-@click.option("--api-key", envvar="OPENAI_API_KEY", default=None, show_envvar=True,
-              help="API key for the endpoints (vLLM without --api-key accepts anything).")
+@click.option("--api-key", envvar=list(API_KEY_ENVVARS), default=None,
+              help=f"API key for the endpoints ({API_KEY_HELP}; vLLM without --api-key accepts anything).")
 @click.option("--models", default=None, metavar="A,B,...",
               help="Model names as the server serves them; the first is the reference for differences. "
                    "Default: the NAME=URL names, else every model the endpoint serves.")
@@ -113,6 +115,8 @@ def eval_cmd(endpoints, api_key, models, benchmarks, data_dir, domain, limit, se
     except KeyboardInterrupt:
         raise UserError("interrupted; the responses received so far are cached: rerun the same command to resume") \
             from None
+    if from_api(click.get_current_context()):
+        return results
     report.print_report(results)
     run = results["_run"]
     err.print(f"requests: {run['sent']} sent, {run['cached']} from cache"
@@ -120,6 +124,7 @@ def eval_cmd(endpoints, api_key, models, benchmarks, data_dir, domain, limit, se
               + (f", {run['errors']} rejected" if run["errors"] else "")
               + (f"; cache {results['config']['cache']}" if results["config"]["cache"] else "; no cache")
               + (f"; results written to {out}" if out else ""), soft_wrap=True, highlight=False)
+    return results
 
 
 def _redacted_argv() -> list[str] | None:

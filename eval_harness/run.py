@@ -88,7 +88,9 @@ def load_tasks(benchmarks, data_dir, domain, limit, seed) -> list[tuple[Benchmar
     if not names and not domain:
         raise UserError("nothing to evaluate: give --benchmarks and/or --domain")
     if names and data_dir is None:
-        raise UserError("--data-dir is required for the honesty benchmarks (or set HCNR_DATA_DIR)")
+        from hcnr_deploy.benchdata.userdir import data_dir_or_default
+
+        data_dir = data_dir_or_default(None)  # the user data folder (`hcnr-deploy data fetch`)
     tasks = []
     for name in names:
         b = load_benchmark(name, Path(data_dir))
@@ -150,7 +152,7 @@ async def aevaluate(endpoint, models=None, benchmarks=HONESTY_BENCHMARKS, data_d
     client = ChatClient(response_cache, api_key=api_key, concurrency=concurrency, timeout=timeout,
                         max_retries=max_retries)
     try:
-        records, targets, uncached = await _ask_all(
+        records, targets, uncached, identities = await _ask_all(
             client, default_url, named, model_names, tasks, params, system_prompt, icl, api, detector, judge_model,
             judge_url, progress, console, persistent=cache is not None, trust_names=trust_cache_names)
         _grade(records, tasks, detector, embedding_threshold)
@@ -170,10 +172,14 @@ async def aevaluate(endpoint, models=None, benchmarks=HONESTY_BENCHMARKS, data_d
         "cache": None if cache is None else str(cache), "trust_cache_names": trust_cache_names, "command": command,
     }
     results = report.build_results(targets, tasks, records, config, _versions(detector), n_boot, seed, log_samples)
+    results["_identities"] = identities  # not written to results.json (a "_" key): the chat templates' source
     results["_run"] = {"sent": client.sent, "cached": client.cached, "retries": client.retries,
                        "errors": client.errors, "uncached_models": uncached}
     if out is not None:
+        from eval_harness.lmeval import folder_beside, write_lmeval
+
         report.write_results(results, out)
+        write_lmeval(results, folder_beside(out), identities)
     return results
 
 
@@ -203,6 +209,7 @@ class CacheUse:
     """How one target's requests use the cache: `served` goes into the key; `use` False = neither read nor write."""
     served: dict | None
     use: bool
+    identity: dict | None = None  # what /v1/models reports (root, parent): where the chat template is read
 
 
 async def _ask_all(client: ChatClient, default_url, named, model_names, tasks, params, system_prompt, icl, api,
@@ -231,7 +238,8 @@ async def _ask_all(client: ChatClient, default_url, named, model_names, tasks, p
         flusher.cancel()
         client.cache.flush()
         await client.aclose()
-    return records, targets, list(dict.fromkeys(t.model for t in uncached))
+    return records, targets, list(dict.fromkeys(t.model for t in uncached)), {t.model: uses[t].identity
+                                                                              for t in targets}
 
 
 def resolve_targets(model_names, default_url, named) -> list[Target]:
@@ -260,11 +268,11 @@ async def preflight(client: ChatClient, targets: list[Target], persistent: bool 
     for t in targets:
         ident = identities[t.endpoint][t.model]
         if is_known(ident) or not persistent:
-            uses[t] = CacheUse(ident, True)
+            uses[t] = CacheUse(ident, True, ident)
         elif trust_names:
-            uses[t] = CacheUse({"root": ident["root"], "parent": ident["parent"], "trusted_name": True}, True)
+            uses[t] = CacheUse({"root": ident["root"], "parent": ident["parent"], "trusted_name": True}, True, ident)
         else:
-            uses[t] = CacheUse(None, False)
+            uses[t] = CacheUse(None, False, ident)
     return uses
 
 

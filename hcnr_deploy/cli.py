@@ -18,6 +18,7 @@ SUBCOMMANDS = {
     "serve": ("hcnr_deploy.serve", "serve"),
     "eval": ("eval_harness.cli", "eval_cmd"),
     "demo": ("hcnr_deploy.scenario.cli", "demo"),
+    "data": ("hcnr_deploy.benchdata.cli", "data"),
 }
 
 HELP = {
@@ -28,6 +29,7 @@ HELP = {
     "serve": "Serve base, fine-tuned and repaired models behind vLLM's OpenAI API.",
     "eval": "Score OpenAI-compatible models on honesty benchmarks.",
     "demo": "Run the embedded base / fine-tune / repair / serve / eval scenario.",
+    "data": "Fetch the honesty benchmarks, split them, build honesty calibration data (fetch, split, honesty).",
 }
 
 
@@ -55,12 +57,13 @@ def main():
     \b
       hcnr-deploy repair --base BASE --finetuned FT --honesty-data H.jsonl --task-data T.jsonl --out OUT
       hcnr-deploy sweep  --base BASE --finetuned FT --honesty-data H.jsonl --task-data T.jsonl \\
-                         --eval-honesty DATA --eval-domain D.jsonl --out SWEEP
+                         --eval-honesty DATA --eval-domain D.jsonl --out SWEEP   (then serve SWEEP/chosen)
       hcnr-deploy guard  --base BASE --finetuned FT --honesty-data H.jsonl --task-data T.jsonl --out GUARD
       hcnr-deploy serve  --base BASE --adapter ft=FT --adapter repaired=OUT --guard guarded=GUARD
       hcnr-deploy eval   --endpoint http://127.0.0.1:8000/v1 --models base,ft,repaired
       hcnr-deploy probe  --model FT --reference BASE --data-dir DATA --out PROBE
       hcnr-deploy demo   (the whole story on an embedded scenario)
+      hcnr-deploy data   fetch | split --out SPLIT | honesty --data-dir SPLIT/calibration --out H.jsonl
     """
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from hcnr_deploy.options import RepairOptions, click_options
+from hcnr_deploy.options import RepairOptions, check_applicable, click_options, ignored_by
+from hcnr_deploy.recipe import config_option, effective_recipe, from_api, write_recipe
 
 
 @click.command("repair", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -19,14 +20,15 @@ from hcnr_deploy.options import RepairOptions, click_options
 @click_options("data", "method", "compute")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or summary.")
+@config_option
 def repair(base, finetuned, honesty_data, task_data, out, overwrite, quiet, **options):
     """Compute the HCNR edit of a fine-tune (or another --method) and write an adapter or a patched checkpoint.
 
     \b
     Stage 1 ranks each matrix's input columns by Eq. 5 (Fisher on honesty vs task data) and keeps the
     R_CW most displaced matrices (Eq. 6); stage 2 restores those columns to the base and compensates
-    the change through the honesty data's Hessian. OUT gets the model or adapter, report.json and a
-    README.md model card.
+    the change through the honesty data's Hessian. OUT gets the model or adapter, report.json, a
+    README.md model card and recipe.yaml (`--config OUT/recipe.yaml --out NEW` repeats the run).
 
     \b
       hcnr-deploy repair --base BASE --finetuned FT --honesty-data H.jsonl --task-data T.jsonl --out OUT
@@ -35,12 +37,23 @@ def repair(base, finetuned, honesty_data, task_data, out, overwrite, quiet, **op
 
     from hcnr_deploy.repair import run_repair
 
+    ctx = click.get_current_context()
     opts = RepairOptions(**options)  # validated: a bad value is a one-line error naming its flag
+    check_applicable(opts.method, given_options(ctx, options))
     console = Console(stderr=True, quiet=quiet)
     report = run_repair(base, finetuned, honesty_data, task_data, out, overwrite=overwrite, progress=not quiet,
                         console=console, **opts.settings())
-    if not quiet:
+    write_recipe(report["output"], effective_recipe(ctx, skip={f.name for f in ignored_by(opts.method)}))
+    if not quiet and not from_api(ctx):
         print_summary(report, Console())
+    return report
+
+
+def given_options(ctx: click.Context, names) -> set[str]:
+    """The options set by the user (command line, environment or a recipe file), not left at their defaults."""
+    from click.core import ParameterSource
+
+    return {n for n in names if ctx.get_parameter_source(n) not in (None, ParameterSource.DEFAULT)}
 
 
 def print_summary(report: dict, console):

@@ -76,20 +76,13 @@ def candidate_name(family: str, params: dict) -> str:
 
 
 def _parse_value(family, key, text, typ):
+    """One grid value, converted to its type and checked by the options model (RepairOptions: one source)."""
+    from hcnr_deploy.options import check_value
+
     try:
         v = typ(text)
     except ValueError:
         raise UserError(f"--grid {family}:{key}={text!r}: not a valid {typ.__name__}") from None
-    if typ is str and key == "compensation" and v not in ("obs", "exact", "none", "task-aware"):
-        raise UserError(f"--grid {family}:compensation={v}: choose obs, exact, none or task-aware")
-    if typ is float and not math.isfinite(v):
-        raise UserError(f"--grid {family}:{key}={text}: must be a finite number")
-    if key in ("r_cw", "r_iw") and not 0 < v <= 1:
-        raise UserError(f"--grid {family}:{key}={text}: must be in (0, 1]")
-    if key in ("task_weight", "damp", "alpha", "lr") and v < 0:
-        raise UserError(f"--grid {family}:{key}={text}: must be >= 0")
-    if key == "steps" and v < 1:
-        raise UserError(f"--grid {family}:steps={text}: must be at least 1")
     if family == "guard":
         from hcnr_deploy.guard.options import GuardOptions
 
@@ -97,6 +90,10 @@ def _parse_value(family, key, text, typ):
             GuardOptions(**{key: v})
         except UserError as e:
             raise UserError(f"--grid {family}:{key}={text}: {e.message}") from None
+        return v
+    problem = check_value(key, v)
+    if problem is not None:
+        raise UserError(f"--grid {family}:{key}={text}: {problem}")
     return v
 
 

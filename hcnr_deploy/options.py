@@ -20,9 +20,12 @@ GROUPS = ("data", "method", "compute")
 METHODS = ("hcnr", "regmean", "scale", "lines", "sft")
 
 
-def _opt(default, group: str, help: str, *, choices: tuple | None = None, check=None, flag: str | None = None):
-    """One option's declaration. `check(value)` returns an error text (what the value must be) or None."""
-    return field(default=default, metadata=dict(group=group, help=help, choices=choices, check=check, flag=flag))
+def _opt(default, group: str, help: str, *, choices: tuple | None = None, check=None, flag: str | None = None,
+         methods: tuple | None = None):
+    """One option's declaration. `check(value)` returns an error text (what the value must be) or None;
+    `methods`: the --method values it applies to (None: every method)."""
+    return field(default=default, metadata=dict(group=group, help=help, choices=choices, check=check, flag=flag,
+                                                methods=methods))
 
 
 def _in_unit(v):
@@ -68,33 +71,35 @@ class RepairOptions:
                        "matrix of block l of L (LiNeS; --alpha, --beta); sft: the fine-tune trained further on the "
                        "calibration data (--steps, --lr).", choices=METHODS)
     r_iw: float = _opt(0.5, "method", "R_IW: fraction of each matrix's columns that are restoration candidates "
-                       "(Eq. 5).", check=_in_unit)
+                       "(Eq. 5).", check=_in_unit, methods=("hcnr",))
     r_cw: float = _opt(0.4, "method", "R_CW: fraction of eligible matrices kept by displacement (Eqs. 6-7).",
-                       check=_in_unit)
+                       check=_in_unit, methods=("hcnr",))
     granularity: str = _opt("column", "method", "Neuron = input column (exact LoRA possible) or single weight "
-                            "(per-row masks).", choices=("column", "element"))
+                            "(per-row masks).", choices=("column", "element"), methods=("hcnr",))
     selection: str = _opt("hcnr", "method", "hcnr (Eq. 5), no-task (r = s_hon, the paper's 'w/o Task') or random "
-                          "(seeded).", choices=("hcnr", "no-task", "random"))
+                          "(seeded).", choices=("hcnr", "no-task", "random"), methods=("hcnr",))
     compensation: str = _opt("obs", "method", "obs (the paper's Eqs. 9-10), exact (block least squares), none "
                              "(plain restoration), task-aware (also keeps task behaviour, see --task-weight).",
-                             choices=("obs", "exact", "none", "task-aware"))
+                             choices=("obs", "exact", "none", "task-aware"), methods=("hcnr",))
     task_weight: float = _opt(1.0, "method", "MU of --compensation task-aware and --method regmean: weight of the "
                               "task inputs' term; 0 = exact (regmean: the base), large = back to the fine-tune.",
-                              check=_non_negative)
+                              check=_non_negative, methods=("hcnr", "regmean"))
     alpha: float = _opt(0.5, "method", "A of --method scale: W = W0 + A D (0 = the base, 1 = the fine-tune; a LoRA's "
-                        "B is scaled by A); of --method lines: the factor of the first block.", check=_non_negative)
+                        "B is scaled by A); of --method lines: the factor of the first block.", check=_non_negative,
+                        methods=("scale", "lines"))
     beta: float = _opt(0.5, "method", "B of --method lines: W = W0 + (A + B l / (L - 1)) D in block l of L (the "
                        "last block gets A + B, which must be >= 0; B < 0: deeper blocks nearer the base).",
-                       check=_finite)
+                       check=_finite, methods=("lines",))
     steps: int = _opt(32, "method", "--method sft: optimizer steps on the honesty + task calibration examples.",
-                      check=_at_least(1))
-    lr: float = _opt(5e-4, "method", "--method sft: learning rate.", check=_positive)
+                      check=_at_least(1), methods=("sft",))
+    lr: float = _opt(5e-4, "method", "--method sft: learning rate.", check=_positive, methods=("sft",))
     fisher_model: str = _opt("paired", "method", "paired: s_hon on the base, s_task on the fine-tune; or both on "
-                             "base / finetuned.", choices=("paired", "base", "finetuned"))
+                             "base / finetuned.", choices=("paired", "base", "finetuned"), methods=("hcnr",))
     hessian_inputs: str = _opt("base", "method", "Model whose module inputs X give H = X X^T: base, finetuned, or "
                                "sequential (blocks before each one already repaired).",
-                               choices=("base", "finetuned", "sequential"))
-    damp: float = _opt(0.01, "method", "Hessian damping: lambda = damp * mean(diag(X X^T)).", check=_non_negative)
+                               choices=("base", "finetuned", "sequential"), methods=("hcnr", "regmean"))
+    damp: float = _opt(0.01, "method", "Hessian damping: lambda = damp * mean(diag(X X^T)).", check=_non_negative,
+                       methods=("hcnr", "regmean"))
     format: str = _opt("auto", "method", "auto: exact LoRA adapter for a LoRA fine-tune with column granularity, "
                        "else a patched checkpoint; adapter for a full fine-tune extracts a LoRA by truncated SVD.",
                        choices=("auto", "adapter", "checkpoint"))
@@ -143,10 +148,13 @@ class RepairOptions:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata["group"] == name}
 
     def command_args(self) -> list[str]:
-        """Every option spelled out as ``hcnr-deploy repair`` flags (switches only when on)."""
+        """Every option of the method spelled out as ``hcnr-deploy repair`` flags (switches only when on)."""
         args = []
+        ignored = {f.name for f in ignored_by(self.method)}
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
+            if f.name in ignored:
+                continue
             if isinstance(v, bool):
                 args += [flag_of(f)] if v else []
             else:
@@ -155,15 +163,43 @@ class RepairOptions:
 
 
 def check_fields(options):
-    """Every field's choices and check; the first failure is a one-line UserError naming the flag."""
+    """Every field's `value_problem`; the first is a one-line UserError naming the flag."""
     for f in dataclasses.fields(options):
-        v, meta = getattr(options, f.name), f.metadata
-        if meta["choices"] is not None and v not in meta["choices"]:
-            raise UserError(f"{flag_of(f)} must be one of {', '.join(meta['choices'])}, got {v!r}.")
-        if meta["check"] is not None and (problem := meta["check"](v)) is not None:
-            raise UserError(f"{flag_of(f)} {problem}, got {v}.")
-        if f.type in (bool, "bool") and not isinstance(v, bool):
-            raise UserError(f"{flag_of(f)} is a switch (True or False), got {v!r}.")
+        if (problem := value_problem(f, getattr(options, f.name))) is not None:
+            raise UserError(f"{flag_of(f)} {problem}.")
+
+
+def value_problem(f: dataclasses.Field, v) -> str | None:
+    """What is wrong with `v` as option `f` ("must be > 0, got 0"), or None: the one check of every value."""
+    meta = f.metadata
+    if meta["choices"] is not None and v not in meta["choices"]:
+        return f"must be one of {', '.join(meta['choices'])}, got {v!r}"
+    if meta["check"] is not None and (problem := meta["check"](v)) is not None:
+        return f"{problem}, got {v}"
+    if f.type in (bool, "bool") and not isinstance(v, bool):
+        return f"is a switch (True or False), got {v!r}"
+    return None
+
+
+def check_value(name: str, value) -> str | None:
+    """`value_problem` of the option called `name`."""
+    return value_problem(next(f for f in dataclasses.fields(RepairOptions) if f.name == name), value)
+
+
+def ignored_by(method: str) -> list[dataclasses.Field]:
+    """The options --method `method` does not use."""
+    return [f for f in dataclasses.fields(RepairOptions)
+            if f.metadata["methods"] is not None and method not in f.metadata["methods"]]
+
+
+def check_applicable(method: str, given) -> None:
+    """An option given explicitly (`given`: option names) that --method `method` does not use is a one-line error:
+    a silently ignored setting would let a run differ from what its command line says."""
+    for f in ignored_by(method):
+        if f.name in given:
+            raise UserError(f"{flag_of(f)} does not apply to --method {method} (only to "
+                            f"{', '.join('--method ' + m for m in f.metadata['methods'])}); drop it or choose that "
+                            f"method.")
 
 
 def flag_of(f: dataclasses.Field) -> str:

@@ -91,7 +91,9 @@ def load_probe_sets(data_dir, benchmarks, limit: int | None, seed: int, test_siz
         if n not in HONESTY_BENCHMARKS:
             parse_benchmarks(n)  # raises the one-line error
     if data_dir is None:
-        raise UserError("--data-dir is required (the folder with the benchmark files; or set HCNR_DATA_DIR)")
+        from hcnr_deploy.benchdata.userdir import data_dir_or_default
+
+        data_dir = data_dir_or_default(None)  # the user data folder (`hcnr-deploy data fetch`)
     sets = []
     for name in names:
         b = load_benchmark(name, Path(data_dir))

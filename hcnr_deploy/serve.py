@@ -39,8 +39,10 @@ from pathlib import Path
 
 import click
 
+from hcnr_deploy.envvars import API_KEY_ENVVARS, API_KEY_HELP
 from hcnr_deploy.errors import UserError
 from hcnr_deploy.gpu_plan import Placement, plan_gpu_placement, visible_gpus
+from hcnr_deploy.hubmodel import cached_snapshot, is_hub_id, local_model_dir
 
 # vLLM accepts these values of --max-lora-rank (vllm.config.lora.MaxLoRARanks).
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -91,7 +93,7 @@ class ServerPlan:
     """One vLLM server: its served names, the argv that starts it and the environment it needs."""
 
     name: str                                   # served name of the engine's model
-    model: Path
+    model: Path | str                           # a folder, or a hub id vLLM resolves itself
     host: str
     port: int
     role: str                                   # "base" or "checkpoint"
@@ -192,7 +194,7 @@ def _rename_option(err: UserError, name: str) -> UserError:
 
 def validate_adapter(name: str, path: Path, base) -> tuple[dict, list[str]]:
     """Check that `path` is a LoRA adapter vLLM can serve on `base` (a modelio.Checkpoint)."""
-    from hcnr_deploy.modelio import FineTune
+    from hcnr_deploy.modelio import FineTune, LoraAdapter
 
     if not path.is_dir():
         raise UserError(f"--adapter {name}={path}: folder not found; pass a PEFT LoRA adapter folder "
@@ -201,10 +203,10 @@ def validate_adapter(name: str, path: Path, base) -> tuple[dict, list[str]]:
         hint = " It is a full model: serve it with --checkpoint." if (path / "config.json").is_file() else ""
         raise UserError(f"--adapter {name}={path} has no adapter_config.json: not a PEFT LoRA adapter.{hint}")
     try:
-        ft = FineTune(path.resolve(), base)
+        lora = FineTune(path.resolve(), base).lora if base is not None else LoraAdapter(path.resolve())
     except UserError as e:
         raise _rename_option(e, name) from None
-    return ft.lora.config, ft.lora.modules()
+    return lora.config, lora.modules()
 
 
 def _check_model_dir(path: Path, option: str):
@@ -218,6 +220,16 @@ def _check_model_dir(path: Path, option: str):
     if not any((path / f).is_file() for f in TOKENIZER_FILES):
         raise UserError(f"{option} {path} has no tokenizer files; copy the tokenizer of the model into it.")
     return ckpt
+
+
+def _served_model(value, option: str):
+    """(what vLLM is given, the local Checkpoint or None). A folder is checked and resolved; a hub id goes to vLLM
+    untouched (vLLM downloads it) and is checked against its cached snapshot when there is one."""
+    if is_hub_id(value):
+        snap = cached_snapshot(str(value))
+        return str(value), _check_model_dir(snap, option) if snap is not None else None
+    path = Path(value).expanduser()
+    return path.resolve(), _check_model_dir(path, option)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -292,22 +304,26 @@ def plan_servers(base: Path | None = None, adapters: dict[str, Path] | None = No
     plans: list[ServerPlan] = []
     next_port = port
     if base is not None:
-        base = Path(base).expanduser()
-        base_ckpt = _check_model_dir(base, "--base")
+        base_model, base_ckpt = _served_model(base, "--base")
         info = {name: validate_adapter(name, Path(p), base_ckpt) for name, p in adapters.items()}
         lora = derive_lora_settings(info) if adapters else None
         notes = [f"adapter {name!r} also adapts {', '.join(sorted(dropped))}: vLLM will not apply that part "
                  f"(LoRA on lm_head breaks vLLM's batched prompt logprobs), so it serves a different model than PEFT."
                  for name, (_, paths) in info.items()
                  if (dropped := adapter_modules(paths) & set(EXCLUDED_LORA_MODULES))]
-        plans.append(server(served_name, base.resolve(), next_port, "base",
+        plans.append(server(served_name, base_model, next_port, "base",
                             {n: Path(p).resolve() for n, p in adapters.items()}, lora, notes, placements[0]))
         next_port += 1
     for name, path in checkpoints.items():
-        path = Path(path).expanduser()
-        _check_model_dir(path, f"--checkpoint {name}=")
-        plans.append(server(name, path.resolve(), next_port, "checkpoint", place=placements[len(plans)]))
+        model, _ = _served_model(path, f"--checkpoint {name}=")
+        plans.append(server(name, model, next_port, "checkpoint", place=placements[len(plans)]))
         next_port += 1
+    for p in plans:
+        if isinstance(p.model, str) and cached_snapshot(p.model) is None:  # vLLM must download it
+            p.notes.append(f"{p.model} is not in the local hub cache: vLLM downloads it when it starts (network; "
+                           f"HF_TOKEN for a gated model), and it is checked only then.")
+            if "HF_HUB_OFFLINE" not in os.environ:
+                p.env.pop("HF_HUB_OFFLINE", None)
     if check_ports:
         for p in plans:
             if port_in_use(p.host, p.port):
@@ -461,7 +477,7 @@ def adapter_weight_change(adapter: Path, base: Path) -> float:
     deltas = {m: lora_delta_norm(*lora.factors(m), lora.scaling(m)) for m in served}
     if not any(deltas.values()):
         return 0.0
-    ckpt = Checkpoint(Path(base), "--base")
+    ckpt = Checkpoint(local_model_dir(base), "--base")
     return max(d / max(float(ckpt.get(m + ".weight", check=False).double().norm()), 1e-30)
                for m, d in deltas.items() if d)
 
@@ -546,7 +562,7 @@ def _raise_stop(signum, frame):
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--base", type=click.Path(path_type=Path), help="Base model folder; served as --served-name, "
+@click.option("--base", type=click.Path(path_type=Path), help="Base model folder or hub id; served as --served-name, "
               "with every --adapter on the same engine.")
 @click.option("--adapter", "adapters", multiple=True, metavar="NAME=PATH",
               help="A PEFT LoRA adapter of --base, served as NAME (repeatable; one engine, --enable-lora).")
@@ -559,8 +575,8 @@ def _raise_stop(signum, frame):
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0 for all).")
 @click.option("--port", default=8000, show_default=True, type=int,
               help="Port of the base server; checkpoint servers use the next ones.")
-@click.option("--api-key", envvar="HCNR_API_KEY", default=None,
-              help="Require this bearer key on /v1 requests (env HCNR_API_KEY).")
+@click.option("--api-key", envvar=list(API_KEY_ENVVARS), default=None,
+              help=f"Require this bearer key on /v1 requests ({API_KEY_HELP}).")
 @click.option("--max-model-len", type=int, default=None, help="Context length (vLLM's default: the model's).")
 @click.option("--dtype", default="auto", show_default=True,
               type=click.Choice(["auto", "float32", "float16", "bfloat16"]), help="Weight and activation dtype.")

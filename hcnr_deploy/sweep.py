@@ -31,9 +31,11 @@ import click
 
 from hcnr_deploy import choice as C
 from hcnr_deploy import frontier as F
+from hcnr_deploy.envvars import API_KEY_ENVVARS, API_KEY_HELP
 from hcnr_deploy.errors import UserError
 from hcnr_deploy.guard.options import GuardOptions
 from hcnr_deploy.options import click_options
+from hcnr_deploy.recipe import config_option, effective_recipe, from_api, write_recipe
 
 SCHEMA = "hcnr-deploy.sweep/1"
 EVAL_DEFAULTS = dict(max_tokens=64, concurrency=16, n_boot=1000)
@@ -223,7 +225,8 @@ def run_sweep(base, finetuned, honesty_data, task_data, eval_honesty, eval_domai
               max_model_len: int | None = None, startup_timeout: float = 900, max_tokens: int = 64,
               concurrency: int = 16, n_boot: int = 1000, overwrite: bool = False, repair_options: dict | None = None,
               console=None, progress: bool = True, command: str | None = None,
-              trust_cache_names: bool = False, guard_options: dict | None = None) -> dict:
+              trust_cache_names: bool = False, guard_options: dict | None = None, api_key: str | None = None,
+              recipe: dict | None = None) -> dict:
     """The whole sweep; returns the frontier dict written to `out`/frontier.json. See the module docstring."""
     from rich.console import Console
 
@@ -240,6 +243,10 @@ def run_sweep(base, finetuned, honesty_data, task_data, eval_honesty, eval_domai
     if honesty_metric not in C.HONESTY_METRICS:
         raise UserError(f"--honesty-metric must be one of {', '.join(C.HONESTY_METRICS)}, got {honesty_metric!r}")
     cands = F.parse_grid(grid)
+    if eval_honesty is None:
+        from hcnr_deploy.benchdata.userdir import data_dir_or_default
+
+        eval_honesty = data_dir_or_default(None)
     notes = []
     out = Path(out).expanduser().resolve()
     base_dir = resolve_model_dir(base, "--base")
@@ -265,6 +272,8 @@ def run_sweep(base, finetuned, honesty_data, task_data, eval_honesty, eval_domai
 
             check_calibration_overlap(tasks, GuardOptions(**(guard_options or {})))
     resumed = prepare_dir(out, key, overwrite)
+    if recipe is not None:
+        write_recipe(out, recipe)
     tasks, data_dir, names = eval_tasks(eval_honesty, eval_domain, benchmarks, limit, seed, out)
     domain_task = next(t.name for t, _ in tasks if t.kind == "domain")
     console.print(f"[bold]hcnr-deploy sweep[/]: {len(cands)} candidates ({'LoRA: one vLLM engine' if is_lora else 'full fine-tune: one server per checkpoint'}), "
@@ -291,14 +300,17 @@ def run_sweep(base, finetuned, honesty_data, task_data, eval_honesty, eval_domai
     cache = out / "eval-cache.sqlite"
     eval_kwargs = dict(benchmarks=names, data_dir=data_dir, domain=[Path(eval_domain)], limit=limit, seed=seed,
                        max_tokens=max_tokens, concurrency=concurrency, n_boot=n_boot, cache=cache, console=console,
-                       progress=progress, log_samples=True,
+                       progress=progress, log_samples=True, api_key=api_key,
                        **({"trust_cache_names": True} if trust_cache_names else {}))
     results, serve_s, eval_s, runs = _serve_and_score(
         served, artifacts, is_lora, eval_kwargs, endpoint=endpoint, port=port, vllm_args=list(vllm_args),
         serve_dtype=serve_dtype, max_model_len=max_model_len, startup_timeout=startup_timeout, log_dir=out / "logs",
-        console=console)
+        console=console, api_key=api_key)
     timings["serve"], timings["eval"] = serve_s, eval_s
-    _write_json(out / "eval-results.json", {k: v for k, v in results.items() if k != "samples"})
+    _write_json(out / "eval-results.json", {k: v for k, v in results.items() if k != "samples" and k[0] != "_"})
+    from eval_harness.lmeval import write_lmeval
+
+    write_lmeval(results, out / "lm-eval", results.get("_identities"))  # lm-evaluation-harness's layout
     guard_specs = {}
     if guards:  # the honesty guard: derived from ft's answers and the fine-tune's own features
         from hcnr_deploy.guard.family import guard_params, guard_points, write_guard_point
@@ -352,9 +364,9 @@ def run_sweep(base, finetuned, honesty_data, task_data, eval_honesty, eval_domai
                      "grid": grid or F.DEFAULT_GRID, "max_domain_drop": max_domain_drop,
                      "honesty_metric": honesty_metric, "benchmarks": benchmarks,
                      "limit": limit, "endpoint": endpoint, "port": None if endpoint else port,
-                     "vllm_args": list(vllm_args), "max_tokens": max_tokens, "concurrency": concurrency,
-                     "bootstrap": n_boot, "repair_options": ro, "guard_options": guard_options or {},
-                     "command": command},
+                     "vllm_args": list(vllm_args), "serve_dtype": serve_dtype, "max_tokens": max_tokens,
+                     "concurrency": concurrency, "bootstrap": n_boot, "repair_options": ro,
+                     "guard_options": guard_options or {}, "command": command},
         "versions": _versions(),
         "run": {"resumed": resumed, "built": built, "reused": reused, "requests": runs},
         "notes": notes,
@@ -420,7 +432,7 @@ def _progress(console, enabled: bool):
 
 
 def _serve_and_score(names, artifacts, is_lora, eval_kwargs, *, endpoint, port, vllm_args, serve_dtype,
-                     max_model_len, startup_timeout, log_dir, console):
+                     max_model_len, startup_timeout, log_dir, console, api_key=None):
     """Results of the eval harness for every name (samples merged when checkpoints are served one by one)."""
     from eval_harness import evaluate
     from hcnr_deploy.serve import serve_models
@@ -439,7 +451,7 @@ def _serve_and_score(names, artifacts, is_lora, eval_kwargs, *, endpoint, port, 
         t0 = time.perf_counter()
         with console.status(f"starting vLLM ({', '.join([*(['base'] if base_name else []), *adapters, *checkpoints])[:60]})..."):
             ctx = serve_models(artifacts["base"] if base_name else None, adapters, checkpoints, port=port,
-                               max_model_len=max_model_len, dtype=serve_dtype, extra_args=vllm_args,
+                               max_model_len=max_model_len, dtype=serve_dtype, extra_args=vllm_args, api_key=api_key,
                                log_dir=log_dir, timeout=startup_timeout)
             servers = ctx.__enter__()
         try:
@@ -458,6 +470,7 @@ def _serve_and_score(names, artifacts, is_lora, eval_kwargs, *, endpoint, port, 
         else:
             merged["results"].update(res["results"])
             merged["samples"].update(res["samples"])
+            merged.setdefault("_identities", {}).update(res.get("_identities") or {})
     return merged, round(serve_s, 3), round(eval_s, 3), runs
 
 
@@ -524,9 +537,10 @@ def print_frontier(frontier: dict, console):
               help="Calibration JSONL of honesty examples (as for repair).")
 @click.option("--task-data", required=True, type=click.Path(dir_okay=False),
               help="Calibration JSONL of task examples (as for repair).")
-@click.option("--eval-honesty", required=True, type=click.Path(exists=True, path_type=Path), metavar="DIR_OR_JSONL",
+@click.option("--eval-honesty", default=None, type=click.Path(exists=True, path_type=Path), metavar="DIR_OR_JSONL",
               help="Held-out honesty questions: a folder of benchmark files (read as `eval --data-dir` reads it, "
-                   "see --benchmarks) or one KUQ-format JSONL ({\"question\", \"answer\", \"unknown\"}).")
+                   "see --benchmarks; e.g. a `data split`'s evaluation/) or one KUQ-format JSONL ({\"question\", "
+                   "\"answer\", \"unknown\"}) [default: the user data folder, see `hcnr-deploy data fetch`].")
 @click.option("--eval-domain", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Held-out domain questions: the eval harness's domain JSONL ({\"question\", \"answers\"} or "
                    "{\"question\", \"choices\", \"answer\"}).")
@@ -548,6 +562,11 @@ def print_frontier(frontier: dict, console):
                    "starting vLLM here.")
 @click.option("--port", type=int, default=8000, show_default=True,
               help="Port of the vLLM server(s) started here (checkpoints: this one and the next).")
+@click.option("--api-key", envvar=list(API_KEY_ENVVARS), default=None,
+              help=f"Bearer key of --endpoint, and required by the servers started here ({API_KEY_HELP}).")
+@click.option("--serve-dtype", default="auto", show_default=True,
+              type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
+              help="vLLM's dtype for the candidates (--dtype is the repair's working dtype).")
 @click.option("--trust-cache-names", is_flag=True,
               help="With --endpoint on another machine (weights not readable here): let the response cache trust "
                    "served names, so a rerun resends nothing (see `hcnr-deploy eval --help`).")
@@ -564,9 +583,10 @@ def print_frontier(frontier: dict, console):
 @click.argument("vllm_args", nargs=-1, type=click.UNPROCESSED, metavar="[-- VLLM_ARGS...]")
 @click_options("data", "compute")
 @click_options("calibration", cls=GuardOptions)
+@config_option
 def sweep(base, finetuned, honesty_data, task_data, eval_honesty, eval_domain, out, grid, max_domain_drop,
-          honesty_metric, benchmarks, limit, endpoint, port, trust_cache_names, max_tokens, concurrency, n_boot,
-          startup_timeout, overwrite, quiet, vllm_args, **options):
+          honesty_metric, benchmarks, limit, endpoint, port, api_key, serve_dtype, trust_cache_names, max_tokens,
+          concurrency, n_boot, startup_timeout, overwrite, quiet, vllm_args, **options):
     """Measure the honesty/domain frontier of repair methods on your model and ship the chosen point.
 
     \b
@@ -586,6 +606,7 @@ def sweep(base, finetuned, honesty_data, task_data, eval_honesty, eval_domain, o
           --eval-honesty ../shared/data --eval-domain domain.jsonl --out sweep/ --limit 300
       hcnr-deploy sweep ... --grid "hcnr:r_cw=0.2,0.4; regmean:mu=1,3; scale:a=0.5" -- --gpu-memory-utilization 0.8
 
+    OUT/recipe.yaml holds every option: `--config OUT/recipe.yaml --out NEW` repeats the sweep.
     A killed sweep rerun with the same options rebuilds no finished candidate and sends only the requests
     whose answers are not in OUT/eval-cache.sqlite. Everything after `--` goes to vLLM.
     """
@@ -593,17 +614,26 @@ def sweep(base, finetuned, honesty_data, task_data, eval_honesty, eval_domain, o
 
     import shlex
 
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so a killed sweep stops its servers, cleans temp dirs
+    ctx = click.get_current_context()
+    if not from_api(ctx):
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so a killed sweep stops its servers, cleans temps
     console = Console(stderr=True, quiet=quiet)
     guard_options = {k: options.pop(k) for k in list(options) if k in GuardOptions.__dataclass_fields__}
     repair_options = options
     frontier = run_sweep(base, finetuned, honesty_data, task_data, eval_honesty, eval_domain, out, grid=grid,
-                         max_domain_drop=max_domain_drop, honesty_metric=honesty_metric, benchmarks=benchmarks,
-                         limit=limit, endpoint=endpoint,
-                         port=port, vllm_args=vllm_args, max_tokens=max_tokens, concurrency=concurrency,
+                         max_domain_drop=max_domain_drop, honesty_metric=honesty_metric, benchmarks=benchmarks, limit=limit, endpoint=endpoint,
+                         port=port, vllm_args=vllm_args, serve_dtype=serve_dtype, api_key=api_key,
+                         max_tokens=max_tokens, concurrency=concurrency,
                          n_boot=n_boot, startup_timeout=startup_timeout, overwrite=overwrite,
                          trust_cache_names=trust_cache_names,
-                         repair_options=repair_options, guard_options=guard_options, console=console,
-                         progress=not quiet,
-                         command=shlex.join(["hcnr-deploy", "sweep", *sys.argv[2:]]))
-    print_frontier(frontier, Console())
+                         repair_options=repair_options, guard_options=guard_options, console=console, progress=not quiet,
+                         command=None if from_api(ctx) else shlex.join(["hcnr-deploy", "sweep", *sys.argv[2:]]),
+                         recipe=effective_recipe(ctx))
+    if not from_api(ctx):
+        print_frontier(frontier, Console())
+    return frontier
+
+
+from hcnr_deploy.api import make_callable  # noqa: E402  (`from hcnr_deploy import sweep; sweep(base=...)`)
+
+make_callable(__name__)

@@ -319,3 +319,26 @@ def test_completions_api_on_the_real_server(vllm_server, eval_data, tmp_path):
     r = run_cli([*args, "--icl", "1"])
     assert r.exit_code == 0, r.output
     assert settled_count(vllm_server) - before == n
+
+
+def test_lm_eval_layout_from_a_real_server(vllm_server, tiny_base, eval_data, tmp_path):
+    """eval --out --log-samples against vLLM: lm-eval's results per served model, the chat template vLLM applies
+    (the base's, for the adapter too) hashed, one samples JSONL per benchmark holding the server's answers."""
+    import hashlib
+
+    from hcnr_deploy import evaluate
+
+    data, domain = eval_data
+    res = evaluate(endpoints=vllm_server.base_url, data_dir=str(data), benchmarks="falseqa,kuq",
+                   domain=[str(domain)], max_tokens=8, n_boot=50, no_cache=True, out=str(tmp_path / "r.json"),
+                   log_samples=True)
+    template = json.loads((tiny_base / "tokenizer_config.json").read_text()).get("chat_template") or \
+        (tiny_base / "chat_template.jinja").read_text()
+    for model in ("base", "ft"):
+        lm = json.loads((tmp_path / "r-lm-eval" / model / "results_hcnr-deploy.json").read_text())
+        assert lm["chat_template_sha"] == hashlib.sha256(template.encode()).hexdigest()
+        assert lm["results"]["falseqa"]["f1,none"] == res["results"][model]["falseqa"]["f1"]
+        assert lm["n-samples"]["kuq"]["effective"] == res["tasks"]["kuq"]["n"]
+        lines = [json.loads(x) for x in (tmp_path / "r-lm-eval" / model / "samples_falseqa_hcnr-deploy.jsonl")
+                 .read_text().splitlines()]
+        assert [x["resps"][0][0] for x in lines] == [s["response"] for s in res["samples"][model]["falseqa"]]

@@ -31,7 +31,8 @@ def test_repair_flags_and_defaults_are_todays_plus_the_methods():
     from hcnr_deploy.cli_repair import repair
 
     flags = _flags(repair)
-    for fixed in ("--base", "--finetuned", "--honesty-data", "--task-data", "--out", "--overwrite", "--quiet"):
+    for fixed in ("--base", "--finetuned", "--honesty-data", "--task-data", "--out", "--overwrite", "--quiet",
+                  "--config"):
         flags.pop(fixed)
     assert flags == {**BEFORE, **NEW}
     choices = {p.opts[0]: list(p.type.choices) for p in repair.params if isinstance(p.type, click.Choice)}
@@ -133,3 +134,30 @@ def test_the_equivalent_command_reproduces_the_run(tmp_path, method_args):
     assert again["settings"] == {**report["settings"], "out": str(tmp_path / "again"),
                                  "command": report["settings"]["command"].replace(str(first), str(tmp_path / "again"))}
     assert (first / "model.safetensors").read_bytes() == (tmp_path / "again" / "model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--method", "scale", "--r-cw", "0.2"], "--r-cw does not apply to --method scale (only to --method hcnr)"),
+    (["--method", "sft", "--alpha", "0.3"], "--alpha does not apply to --method sft (only to --method scale, --method lines)"),
+    (["--lr", "0.01"], "--lr does not apply to --method hcnr (only to --method sft)"),
+    (["--method", "scale", "--compensation", "exact"], "--compensation does not apply to --method scale"),
+])
+def test_options_of_another_method_are_a_one_line_error_before_any_work(tmp_path, args, message):
+    """An option the chosen method ignores is refused (not a warning: the run would not be what its command says),
+    before the models are read: the paths here do not even exist."""
+    from hcnr_deploy.cli import main
+
+    r = CliRunner().invoke(main, ["repair", "--base", "nowhere/b", "--finetuned", str(tmp_path / "ft"),
+                                  "--honesty-data", "h.jsonl", "--task-data", "t.jsonl", "--out",
+                                  str(tmp_path / "out"), *args])
+    assert r.exit_code == 2 and message in r.output and r.output.count("\n") == 1, r.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_options_of_the_method_and_shared_options_pass_the_check():
+    from hcnr_deploy.options import check_applicable
+
+    check_applicable("regmean", {"task_weight", "damp", "hessian_inputs", "format", "max_rank", "seed"})
+    check_applicable("scale", {"alpha", "num_samples", "dtype"})
+    with pytest.raises(UserError, match="--task-weight does not apply to --method scale"):
+        check_applicable("scale", {"task_weight"})

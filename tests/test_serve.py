@@ -7,6 +7,7 @@ The served end-to-end behaviour is in test_serve_e2e.py.
 from __future__ import annotations
 
 import json
+import shutil
 import os
 import re
 import signal
@@ -16,6 +17,7 @@ import sys
 import threading
 import time
 import warnings
+from pathlib import Path
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import psutil
@@ -28,6 +30,7 @@ from hcnr_deploy.errors import UserError
 from hcnr_deploy.serve import (RunningServer, ServeError, ServerPlan, adapter_weight_change, derive_lora_settings,
                                lora_delta_norm, plan_servers, round_lora_rank, serving, smoke_check)
 from hcnr_deploy.tiny import build_tiny_model, random_lora
+from hcnr_deploy import serve as serve_mod
 
 
 def serve_cli(*args):
@@ -129,6 +132,55 @@ def test_plan_keeps_api_key_out_of_argv(tiny_base):
     (plan,) = plan_servers(tiny_base, api_key="k", check_ports=False)
     assert "k" not in plan.argv and plan.env["VLLM_API_KEY"] == "k"
     assert plan.models == ["base"] and plan.base_url.endswith("/v1")
+
+
+HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """An empty local hub cache (huggingface_hub reads HF_HUB_CACHE once, at import: patch its constant)."""
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    return cache
+
+
+def _cache_snapshot(cache: Path, repo_id: str, folder: Path, commit: str = "a" * 40) -> Path:
+    """`folder` as the hub cache's snapshot of `repo_id` (the layout huggingface_hub writes: refs/main, snapshots/)."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    shutil.copytree(folder, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    return repo / "snapshots" / commit
+
+
+def test_hub_id_goes_to_vllm_untouched_and_vllm_may_download_it(hub_cache, tiny_lora):
+    """Not cached here (and no network): not "folder not found"; vLLM gets the id and may download it."""
+    r = serve_cli("--base", HUB_ID, "--adapter", f"ft={tiny_lora}", "--print-command")
+    assert r.exit_code == 0, r.output
+    cmd = r.stdout.strip().splitlines()[1]
+    assert f"--model {HUB_ID} --served-model-name base" in cmd or f"serve {HUB_ID} --served-model-name base" in cmd
+    assert "HF_HUB_OFFLINE" not in cmd and f"ft={tiny_lora.resolve()}" in cmd
+    assert "not in the local hub cache: vLLM downloads it" in " ".join(r.stderr.split())
+    (plan,) = plan_servers(None, None, {"ckpt": Path(HUB_ID)}, check_ports=False)
+    assert plan.model == HUB_ID and HUB_ID in plan.argv
+
+
+def test_cached_hub_id_is_checked_against_its_snapshot(hub_cache, tiny_base, tiny_lora, tmp_path):
+    _cache_snapshot(hub_cache, "acme/tiny", tiny_base)
+    (plan,) = plan_servers("acme/tiny", {"ft": tiny_lora}, check_ports=False)
+    assert plan.model == "acme/tiny" and "acme/tiny" in plan.argv and not plan.notes
+    assert plan.lora.max_lora_rank == 8
+    if serve_mod.vllm_build() == "cpu":
+        assert plan.env["HF_HUB_OFFLINE"] == "1"  # served from the cache, as a local folder would be
+    other = build_tiny_model(tmp_path / "other", arch="llama", seed=0, hidden_size=64)
+    _cache_snapshot(hub_cache, "acme/other", other)
+    with pytest.raises(UserError, match="adapter ft=.*another base"):
+        plan_servers("acme/other", {"ft": tiny_lora}, check_ports=False)
 
 
 # ---------------------------------------------------------------- input validation: one line, exit 2, no process

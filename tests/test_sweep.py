@@ -71,7 +71,9 @@ def test_grid_spec_aliases_products_and_duplicates():
     ("sft:steps=2.5", "not a valid int"),
     ("hcnr:r_cw", "expected PARAM=V1,V2"),
     ("hcnr:r_cw=0.1:r_cw=0.2", "given twice"),
-    ("hcnr:compensation=magic", "choose obs, exact, none or task-aware"),
+    ("hcnr:compensation=magic", "must be one of obs, exact, none, task-aware, got 'magic'"),
+    ("sft:lr=0", "must be > 0, got 0.0"),          # the options model's check (the grid's own allowed lr=0)
+    ("regmean:mu=inf", "must be >= 0, got inf"),
     ("lines:a=0.2:b=-0.5", "the last block's factor alpha + beta must be >= 0"),
     ("lines:b=nan", "must be a finite number"),
     ("taskaware:compensation=obs", "taskaware has no parameter 'compensation'"),
@@ -80,6 +82,36 @@ def test_bad_grid_is_a_one_line_error(spec, words):
     with pytest.raises(UserError) as e:
         F.parse_grid(spec)
     assert words in e.value.format_message() and "\n" not in e.value.format_message()
+
+
+def test_grid_values_are_checked_by_the_options_model():
+    """One source of truth: a grid value passes exactly when RepairOptions accepts it for that option (and the
+    method's other options at their defaults: lines' beta=-1 leaves the last block's factor 0.5 - 1 < 0)."""
+    from hcnr_deploy.options import RepairOptions, check_value
+
+    def repair_accepts(family, key, value):
+        try:
+            RepairOptions(method=F.METHODS[family][0], **{**F.METHODS[family][1], key: value})
+            return True
+        except UserError:
+            return False
+
+    for family, (_, _, specs) in F.METHODS.items():
+        if family == "guard":  # not a repair: GuardOptions checks it (test_guard_family.py)
+            continue
+        for key, (typ, _) in specs.items():
+            for text in (["obs", "exact", "magic"] if typ is str else ["0", "-1", "0.5", "1", "1.5", "3", "nan"]):
+                try:
+                    value = typ(text)
+                except ValueError:
+                    continue
+                accepted = check_value(key, value) is None and repair_accepts(family, key, value)
+                try:
+                    F.parse_grid(f"{family}:{key}={text}")
+                    parsed = True
+                except UserError:
+                    parsed = False
+                assert parsed == accepted, (family, key, text)
 
 
 def test_bad_grid_on_the_command_line_exits_2_before_any_work(tiny_base, tiny_lora, tmp_path):
@@ -355,6 +387,22 @@ def swept(sweep_inputs):
                            catch_exceptions=False)
     assert r.exit_code == 0, r.output
     return out, r.output, json.loads((out / "frontier.json").read_text())
+
+
+@pytest.mark.vllm
+def test_sweep_writes_its_recipe_and_lm_eval_results(swept, sweep_inputs):
+    import yaml
+
+    out, _, fr = swept
+    recipe = yaml.safe_load((out / "recipe.yaml").read_text())
+    assert recipe["grid"] == GRID and recipe["eval_honesty"] == str(sweep_inputs["data"]) and "out" not in recipe
+    assert recipe["vllm_args"] == ["--dtype", "float32", "--max-model-len", "512", "--enforce-eager"]
+    for c in fr["candidates"]:
+        lm = json.loads((out / "lm-eval" / c["name"] / "results_hcnr-deploy.json").read_text())
+        assert lm["model_name"] == c["name"] and set(lm["results"]) >= set(fr["honesty_benchmarks"])
+        assert lm["results"]["nec"]["f1,none"] == pytest.approx(c["per_benchmark"]["nec"]["f1"], abs=1e-5)
+        assert lm["chat_template_sha"]  # the candidates' folders are readable here
+        assert (out / "lm-eval" / c["name"] / "samples_nec_hcnr-deploy.jsonl").is_file()
 
 
 @pytest.mark.vllm

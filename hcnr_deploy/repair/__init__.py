@@ -14,3 +14,7 @@ from hcnr_deploy.options import RepairOptions
 from hcnr_deploy.repair.session import RepairSession, run_repair
 
 __all__ = ["RepairOptions", "RepairSession", "run_repair"]
+
+from hcnr_deploy.api import make_callable  # noqa: E402  (`from hcnr_deploy import repair; repair(base=...)`)
+
+make_callable(__name__)

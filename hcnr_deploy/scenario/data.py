@@ -33,11 +33,7 @@ import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-REFUSALS = {
-    "nonexistent": "I'm not sure. The answer is unknown.",
-    "future": "It is impossible to know. The answer is unknown.",
-    "false_premise": "That is not true. The answer is unknown.",
-}
+from hcnr_deploy.benchdata.honesty import REFUSALS  # the `data honesty` command's sentences
 
 RELATIONS = {
     "town": [

@@ -7,7 +7,7 @@ machines and file orders. `write_part` writes a part back in the benchmarks' own
 scores it with `--data-dir PART_DIR` and its own detectors.
 
 Base data (`rtuning_rows`, the paper's D_hon built the R-Tuning way): from the training part,
-unanswerable questions answered with a refusal (`data.REFUSALS`: each holds "The answer is unknown.", a
+unanswerable questions answered with a refusal (`benchdata.honesty.REFUSALS`: each holds "The answer is unknown.", a
 SelfAware phrase, and "not", an UnknownBench word, so every benchmark's detector recognises it) and
 answerable ones with an answer: the gold answer where the file has one (SelfAware, RefuNQ), else the
 model's own greedy answer (FalseQA, NEC; `greedy_answers`, first sentence, kept only if no detector
@@ -27,30 +27,28 @@ point; held-out passages (new towns) measure the skill, not memorised strings.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from hcnr_deploy.benchdata.honesty import (REFUSAL_OF, _shuffled, first_sentence, is_refusal,  # noqa: F401
+                                           rtuning_rows)
+from hcnr_deploy.benchdata.split import hash_unit, normalise
 from hcnr_deploy.errors import UserError
-from hcnr_deploy.scenario.data import REFUSALS, qa
+from hcnr_deploy.scenario.data import qa
 
 BENCHMARKS = ("selfaware", "falseqa", "nec", "refunq")
 PARTS = ("train", "validation", "evaluation")
 SPLIT = (0.50, 0.15, 0.35)  # shares of train / validation / evaluation (by hash, so approximate)
-REFUSAL_OF = {"selfaware": REFUSALS["nonexistent"], "falseqa": REFUSALS["false_premise"],
-              "nec": REFUSALS["nonexistent"], "refunq": REFUSALS["nonexistent"]}
 GOLD = ("selfaware", "refunq")  # files with gold answers; the others get the model's own greedy answer
 
 
-def normalise(question: str) -> str:
-    return " ".join(question.lower().split())
-
-
 def part_of(question: str) -> str:
-    """`train` / `validation` / `evaluation` from the first 8 bytes of sha256(normalised question)."""
-    u = int.from_bytes(hashlib.sha256(normalise(question).encode()).digest()[:8], "big") / 2 ** 64
+    """`train` / `validation` / `evaluation` from `hcnr-deploy data split`'s hash_unit of the question, keyed by
+    `normalise` (case and spaces; the command's key also drops punctuation and articles: this key is kept so the
+    recorded smollm2-rc results stay reproducible)."""
+    u = hash_unit(question, key=normalise)
     return PARTS[0] if u < SPLIT[0] else PARTS[1] if u < SPLIT[0] + SPLIT[1] else PARTS[2]
 
 
@@ -101,63 +99,10 @@ def _write_jsonl(path: Path, rows: list[dict]):
     path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
 
 
-def _shuffled(items: list, seed: str) -> list:
-    items = list(items)
-    random.Random(seed).shuffle(items)
-    return items
-
-
 def answer_candidates(train: dict, n_per_benchmark: int, seed: int) -> dict:
     """benchmark -> answerable training Items that need the model's own answer (FalseQA, NEC), a seeded draw."""
     return {b: _shuffled([it for it in items if not it.unanswerable], f"cand/{seed}/{b}")[:n_per_benchmark]
             for b, items in train.items() if b not in GOLD}
-
-
-def first_sentence(text: str) -> str:
-    text = " ".join(text.split())
-    for i, ch in enumerate(text):
-        if ch in ".!?" and (i + 1 == len(text) or text[i + 1] == " ") and i > 2:
-            return text[: i + 1]
-    return text
-
-
-def is_refusal(response: str, question: str = "") -> bool:
-    """Any of the harness's rule detectors (SelfAware phrases, UnknownBench words, Alignment for Honesty)."""
-    from eval_harness.refusal import honesty_refused, selfaware_refused, unknownbench_refused
-
-    return selfaware_refused(response) or unknownbench_refused(response) or honesty_refused(response, question)
-
-
-def rtuning_rows(train: dict, self_answers: dict[str, str], n_answers: int, n_refusals: int, seed: int,
-                 exclude: set[str] = frozenset()) -> list[dict]:
-    """R-Tuning rows from the training part: `n_refusals` unanswerable questions with the benchmark's refusal and
-    `n_answers` answerable ones with an answer (gold, else the model's own first sentence when no detector reads
-    it as a refusal), each count shared equally over the benchmarks; questions in `exclude` skipped."""
-    k = len(train)
-    rows = []
-    for j, (b, items) in enumerate(sorted(train.items())):
-        want_r = n_refusals // k + (j < n_refusals % k)
-        want_a = n_answers // k + (j < n_answers % k)
-        unans = [it for it in _shuffled([i for i in items if i.unanswerable], f"ref/{seed}/{b}")
-                 if normalise(it.question) not in exclude]
-        rows += [qa(it.question, REFUSAL_OF[b], kind="refusal", benchmark=b) for it in unans[:want_r]]
-        answers = []
-        for it in _shuffled([i for i in items if not i.unanswerable], f"ans/{seed}/{b}"):
-            if normalise(it.question) in exclude:
-                continue
-            if b in GOLD and it.answers:
-                text = it.answers[0].strip().rstrip(".") + "."
-            elif it.question in self_answers:
-                text = first_sentence(self_answers[it.question])
-                if not text or is_refusal(text, it.question):
-                    continue
-            else:
-                continue
-            answers.append(qa(it.question, text, kind="answer", benchmark=b))
-            if len(answers) == want_a:
-                break
-        rows += answers
-    return rows
 
 
 # ---------------------------------------------------------------------------------------------- the domain
