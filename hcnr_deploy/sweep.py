@@ -48,9 +48,10 @@ def open_session(base, finetuned, honesty_data, task_data, repair_options: dict,
                          progress=progress)
 
 
-def _write_candidate(session, cand: F.Candidate, out: Path) -> dict:
-    """The one place a candidate's artifact is made: the session's `write` (atomic: out exists only when done)."""
-    return session.write(out, overwrite=False, method=cand.method, **cand.repair_kwargs)
+def _write_candidates(session, cands: list[F.Candidate], folder: Path) -> list[dict]:
+    """The one place candidates' artifacts are made: the session's `write_many` (one block-streamed stage 2 for
+    all of them; atomic: folder/NAME exists only when done)."""
+    return session.write_many([(folder / c.name, dict(method=c.method, **c.repair_kwargs)) for c in cands])
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -350,21 +351,18 @@ def build_candidates(cands: list[F.Candidate], folder: Path, base, finetuned, ho
         shutil.rmtree(stale, ignore_errors=True)
     out = {"artifacts": {}, "reports": {}, "built": [], "reused": [], "notes": [], "statistics": {}}
     session = None
+    missing = [c for c in cands if not (folder / c.name / "report.json").is_file()]
     with contextlib.ExitStack() as stack:
         bar = stack.enter_context(_progress(console, progress))
         task = bar.add_task("candidates", total=len(cands))
+        if missing:
+            bar.update(task, description=f"statistics + {len(missing)} candidates")
+            session = stack.enter_context(open_session(base, finetuned, honesty_data, task_data, repair_options,
+                                                       console=console, progress=False))
+            _write_candidates(session, missing, folder)
         for c in cands:
             path = folder / c.name
-            if not (path / "report.json").is_file():
-                if session is None:
-                    bar.update(task, description="statistics (once)")
-                    session = stack.enter_context(open_session(base, finetuned, honesty_data, task_data,
-                                                               repair_options, console=console, progress=False))
-                bar.update(task, description=f"candidate {c.name}")
-                _write_candidate(session, c, path)
-                out["built"].append(c.name)
-            else:
-                out["reused"].append(c.name)
+            out["built" if c in missing else "reused"].append(c.name)
             out["reports"][c.name] = json.loads((path / "report.json").read_text())
             out["artifacts"][c.name] = path
             bar.advance(task)
