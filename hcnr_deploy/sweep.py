@@ -30,6 +30,7 @@ from pathlib import Path
 import click
 
 from hcnr_deploy import frontier as F
+from hcnr_deploy.engine.plan_cli import plan_options, print_plan, require_unless_plan
 from hcnr_deploy.errors import UserError
 from hcnr_deploy.options import click_options
 
@@ -46,6 +47,11 @@ def open_session(base, finetuned, honesty_data, task_data, repair_options: dict,
 
     return RepairSession(base, finetuned, honesty_data, task_data, RepairOptions(**repair_options), console=console,
                          progress=progress)
+
+
+def _planned(cands: list[F.Candidate]) -> list[tuple[str, dict]]:
+    """(repair method, options) of the candidates the sweep builds, for the plan (engine/plan.py)."""
+    return [(c.method, c.repair_kwargs) for c in cands if c.family in F.METHODS]
 
 
 def _write_candidates(session, cands: list[F.Candidate], folder: Path) -> list[dict]:
@@ -255,6 +261,10 @@ def run_sweep(base, finetuned, honesty_data, task_data, eval_honesty, eval_domai
     with tempfile.TemporaryDirectory() as tmp:  # bad evaluation input fails before --out is touched
         tasks, _, _ = eval_tasks(eval_honesty, eval_domain, benchmarks, limit, seed, Path(tmp))
         check_overlap(tasks, {"honesty": Path(honesty_data), "task": Path(task_data)}, num_samples)
+    from hcnr_deploy.engine.plan import check_fits
+    from hcnr_deploy.options import RepairOptions
+
+    check_fits(base_dir, ft_dir, RepairOptions(**ro), _planned(cands), sweep=True)  # before anything is loaded
     resumed = prepare_dir(out, key, overwrite)
     tasks, data_dir, names = eval_tasks(eval_honesty, eval_domain, benchmarks, limit, seed, out)
     domain_task = next(t.name for t, _ in tasks if t.kind == "domain")
@@ -481,18 +491,18 @@ def print_frontier(frontier: dict, console):
 @click.command("sweep", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.option("--base", required=True, help="Base (pre-fine-tuning) model: HF folder or hub id.")
 @click.option("--finetuned", required=True, help="The fine-tune: a full HF model folder or a PEFT LoRA adapter.")
-@click.option("--honesty-data", required=True, type=click.Path(dir_okay=False),
-              help="Calibration JSONL of honesty examples (as for repair).")
-@click.option("--task-data", required=True, type=click.Path(dir_okay=False),
-              help="Calibration JSONL of task examples (as for repair).")
-@click.option("--eval-honesty", required=True, type=click.Path(exists=True, path_type=Path), metavar="DIR_OR_JSONL",
-              help="Held-out honesty questions: a folder of benchmark files (read as `eval --data-dir` reads it, "
+@click.option("--honesty-data", type=click.Path(dir_okay=False),
+              help="[required] Calibration JSONL of honesty examples (as for repair).")
+@click.option("--task-data", type=click.Path(dir_okay=False),
+              help="[required] Calibration JSONL of task examples (as for repair).")
+@click.option("--eval-honesty", type=click.Path(exists=True, path_type=Path), metavar="DIR_OR_JSONL",
+              help="[required] Held-out honesty questions: a folder of benchmark files (read as `eval --data-dir` reads it, "
                    "see --benchmarks) or one KUQ-format JSONL ({\"question\", \"answer\", \"unknown\"}).")
-@click.option("--eval-domain", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Held-out domain questions: the eval harness's domain JSONL ({\"question\", \"answers\"} or "
+@click.option("--eval-domain", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="[required] Held-out domain questions: the eval harness's domain JSONL ({\"question\", \"answers\"} or "
                    "{\"question\", \"choices\", \"answer\"}).")
-@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Sweep folder: candidates/, eval cache, frontier.{json,md,png}, chosen/. An unfinished one is "
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              help="[required] Sweep folder: candidates/, eval cache, frontier.{json,md,png}, chosen/. An unfinished one is "
                    "resumed.")
 @click.option("--grid", default=None, metavar="SPEC",
               help=f"Candidates besides base and ft. {F.GRID_HELP} [default: {F.DEFAULT_GRID}]")
@@ -522,9 +532,10 @@ def print_frontier(frontier: dict, console):
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars; only the table.")
 @click.argument("vllm_args", nargs=-1, type=click.UNPROCESSED, metavar="[-- VLLM_ARGS...]")
 @click_options("data", "compute")
+@plan_options
 def sweep(base, finetuned, honesty_data, task_data, eval_honesty, eval_domain, out, grid, max_domain_drop,
           benchmarks, limit, endpoint, port, trust_cache_names, max_tokens, concurrency, n_boot, startup_timeout,
-          overwrite, quiet, vllm_args, **repair_options):
+          overwrite, quiet, vllm_args, plan, plan_json, **repair_options):
     """Measure the honesty/domain frontier of repair methods on your model and ship the chosen point.
 
     \b
@@ -547,6 +558,13 @@ def sweep(base, finetuned, honesty_data, task_data, eval_honesty, eval_domain, o
 
     import shlex
 
+    require_unless_plan(plan, honesty_data=honesty_data, task_data=task_data, eval_honesty=eval_honesty,
+                        eval_domain=eval_domain, out=out)
+    if plan:
+        from hcnr_deploy.options import RepairOptions
+
+        return print_plan(base, finetuned, RepairOptions(**repair_options), _planned(F.parse_grid(grid)), plan_json,
+                          f"plan: sweep {base}")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so a killed sweep stops its servers, cleans temp dirs
     console = Console(stderr=True, quiet=quiet)
     frontier = run_sweep(base, finetuned, honesty_data, task_data, eval_honesty, eval_domain, out, grid=grid,

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from hcnr_deploy.data import encode, load_jsonl
+from hcnr_deploy.engine.plan import check_fits
 from hcnr_deploy.errors import UserError
 from hcnr_deploy.modelio import Checkpoint, FineTune, load_model, load_tokenizer, resolve_model_dir
 from hcnr_deploy.options import RepairOptions
@@ -382,5 +383,6 @@ def run_repair(base, finetuned, honesty_data, task_data, out, *, overwrite=False
     base_dir = resolve_model_dir(base, "--base")
     ft_dir = resolve_model_dir(finetuned, "--finetuned")
     check_out(out, overwrite, ("--base", base_dir), ("--finetuned", ft_dir))  # before any loading
+    check_fits(base_dir, ft_dir, opts, [(opts.method, opts.settings())])
     with RepairSession(base, finetuned, honesty_data, task_data, opts, console, progress) as session:
         return session.write(out, overwrite=overwrite, command=command)
