@@ -31,6 +31,7 @@ import click
 
 from hcnr_deploy import frontier as F
 from hcnr_deploy.engine.plan_cli import plan_options, print_plan, require_unless_plan
+from hcnr_deploy.sweep_build import is_unscored, print_unscored, unscored_frontier
 from hcnr_deploy.errors import UserError
 from hcnr_deploy.options import click_options
 
@@ -177,7 +178,7 @@ def prepare_dir(out: Path, key: dict, overwrite: bool) -> bool:
             shutil.rmtree(out)
         elif overwrite:
             shutil.rmtree(out)
-        elif (out / "frontier.json").is_file():
+        elif (out / "frontier.json").is_file() and not is_unscored(out):
             raise UserError(f"--out {out} holds a finished sweep; choose a new folder or pass --overwrite")
         else:
             old = json.loads(state.read_text()).get("key", {})
@@ -227,8 +228,9 @@ def run_sweep(base, finetuned, honesty_data, task_data, eval_honesty, eval_domai
               max_model_len: int | None = None, startup_timeout: float = 900, max_tokens: int = 64,
               concurrency: int = 16, n_boot: int = 1000, overwrite: bool = False, repair_options: dict | None = None,
               console=None, progress: bool = True, command: str | None = None,
-              trust_cache_names: bool = False) -> dict:
-    """The whole sweep; returns the frontier dict written to `out`/frontier.json. See the module docstring."""
+              trust_cache_names: bool = False, build_only: bool = False) -> dict:
+    """The whole sweep; returns the frontier dict written to `out`/frontier.json. See the module docstring.
+    `build_only`: stop after the candidates are built (sweep_build.py)."""
     from rich.console import Console
 
     from hcnr_deploy.modelio import FineTune, Checkpoint, resolve_model_dir
@@ -284,6 +286,13 @@ def run_sweep(base, finetuned, honesty_data, task_data, eval_honesty, eval_domai
     cands = [c for c in cands if c.name in artifacts]
     if reused:
         console.print(f"[dim]reused {len(reused)} finished candidate(s): {', '.join(reused)}[/dim]")
+    if build_only:
+        timings.update(statistics=stats_timings, total=round(time.perf_counter() - t_start, 3))
+        frontier = unscored_frontier(SCHEMA, cands, artifacts, reports, {"resumed": resumed, "built": built,
+                                     "reused": reused}, {"repair_options": ro, "grid": grid or F.DEFAULT_GRID,
+                                                         "command": command}, timings)
+        _write_json(out / "frontier.json", frontier)
+        return frontier
 
     # 2 + 3. serve and score
     served = [c.name for c in cands]
@@ -480,6 +489,8 @@ def _markdown(frontier: dict) -> str:
 
 
 def print_frontier(frontier: dict, console):
+    if frontier.get("unscored"):
+        return print_unscored(frontier, console)
     console.print(F.rich_table(frontier["candidates"], frontier["chosen"]))
     for line in chosen_lines(frontier):
         console.print(line, highlight=False)
@@ -492,17 +503,17 @@ def print_frontier(frontier: dict, console):
 @click.option("--base", required=True, help="Base (pre-fine-tuning) model: HF folder or hub id.")
 @click.option("--finetuned", required=True, help="The fine-tune: a full HF model folder or a PEFT LoRA adapter.")
 @click.option("--honesty-data", type=click.Path(dir_okay=False),
-              help="[required] Calibration JSONL of honesty examples (as for repair).")
+              help="Calibration JSONL of honesty examples (as for repair).")
 @click.option("--task-data", type=click.Path(dir_okay=False),
-              help="[required] Calibration JSONL of task examples (as for repair).")
+              help="Calibration JSONL of task examples (as for repair).")
 @click.option("--eval-honesty", type=click.Path(exists=True, path_type=Path), metavar="DIR_OR_JSONL",
-              help="[required] Held-out honesty questions: a folder of benchmark files (read as `eval --data-dir` reads it, "
+              help="Held-out honesty questions: a folder of benchmark files (read as `eval --data-dir` reads it, "
                    "see --benchmarks) or one KUQ-format JSONL ({\"question\", \"answer\", \"unknown\"}).")
 @click.option("--eval-domain", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="[required] Held-out domain questions: the eval harness's domain JSONL ({\"question\", \"answers\"} or "
+              help="Held-out domain questions: the eval harness's domain JSONL ({\"question\", \"answers\"} or "
                    "{\"question\", \"choices\", \"answer\"}).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
-              help="[required] Sweep folder: candidates/, eval cache, frontier.{json,md,png}, chosen/. An unfinished one is "
+              help="Sweep folder: candidates/, eval cache, frontier.{json,md,png}, chosen/. An unfinished one is "
                    "resumed.")
 @click.option("--grid", default=None, metavar="SPEC",
               help=f"Candidates besides base and ft. {F.GRID_HELP} [default: {F.DEFAULT_GRID}]")
@@ -530,12 +541,14 @@ def print_frontier(frontier: dict, console):
               help="Seconds to wait for a vLLM server's /health.")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it holds a finished sweep (or anything else).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars; only the table.")
+@click.option("--build-only", is_flag=True, help="Build every candidate and stop before serving (frontier.json lists "
+              "them unscored); rerun without it, here or where the folder is copied, to serve and score them.")
 @click.argument("vllm_args", nargs=-1, type=click.UNPROCESSED, metavar="[-- VLLM_ARGS...]")
 @click_options("data", "compute")
 @plan_options
 def sweep(base, finetuned, honesty_data, task_data, eval_honesty, eval_domain, out, grid, max_domain_drop,
           benchmarks, limit, endpoint, port, trust_cache_names, max_tokens, concurrency, n_boot, startup_timeout,
-          overwrite, quiet, vllm_args, plan, plan_json, **repair_options):
+          overwrite, quiet, build_only, vllm_args, plan, plan_json, **repair_options):
     """Measure the honesty/domain frontier of repair methods on your model and ship the chosen point.
 
     \b
@@ -571,7 +584,7 @@ def sweep(base, finetuned, honesty_data, task_data, eval_honesty, eval_domain, o
                          max_domain_drop=max_domain_drop, benchmarks=benchmarks, limit=limit, endpoint=endpoint,
                          port=port, vllm_args=vllm_args, max_tokens=max_tokens, concurrency=concurrency,
                          n_boot=n_boot, startup_timeout=startup_timeout, overwrite=overwrite,
-                         trust_cache_names=trust_cache_names,
+                         trust_cache_names=trust_cache_names, build_only=build_only,
                          repair_options=repair_options, console=console, progress=not quiet,
                          command=shlex.join(["hcnr-deploy", "sweep", *sys.argv[2:]]))
     print_frontier(frontier, Console())

@@ -350,7 +350,8 @@ class _Job:
     """One candidate between ``_prepare`` and ``_finish``: its options, matrices, edits and stage timings."""
 
     def __init__(self, out, o, fmt, want_lora, mats, granularity, stats):
-        self.out, self.o, self.fmt, self.want_lora, self.mats, self.granularity = out, o, fmt, want_lora, mats, granularity
+        self.out, self.o, self.fmt, self.want_lora = out, o, fmt, want_lora
+        self.mats, self.granularity = mats, granularity
         self.stats = stats
         self.timings: dict[str, float] = {}
         self.used: list[str] = []
