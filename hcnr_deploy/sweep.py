@@ -55,10 +55,19 @@ def _planned(cands: list[F.Candidate]) -> list[tuple[str, dict]]:
     return [(c.method, c.repair_kwargs) for c in cands if c.family in F.METHODS]
 
 
-def _write_candidates(session, cands: list[F.Candidate], folder: Path) -> list[dict]:
+def _write_candidates(session, cands: list[F.Candidate], folder: Path) -> list[str]:
     """The one place candidates' artifacts are made: the session's `write_many` (one block-streamed stage 2 for
-    all of them; atomic: folder/NAME exists only when done)."""
-    return session.write_many([(folder / c.name, dict(method=c.method, **c.repair_kwargs)) for c in cands])
+    the training-free ones; atomic: folder/NAME exists only when done), then each sft candidate, which is skipped
+    with a note (returned) when it cannot train here (e.g. --offload, out of memory), never aborting the sweep."""
+    jobs = lambda cs: [(folder / c.name, dict(method=c.method, **c.repair_kwargs)) for c in cs]  # noqa: E731
+    session.write_many(jobs([c for c in cands if c.method != "sft"]))
+    notes = []
+    for c in (c for c in cands if c.method == "sft"):
+        try:
+            session.write_many(jobs([c]))
+        except (UserError, MemoryError, RuntimeError) as e:  # torch's OutOfMemoryError is a RuntimeError
+            notes.append(f"{c.name} skipped: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+    return notes
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -378,9 +387,11 @@ def build_candidates(cands: list[F.Candidate], folder: Path, base, finetuned, ho
             bar.update(task, description=f"statistics + {len(missing)} candidates")
             session = stack.enter_context(open_session(base, finetuned, honesty_data, task_data, repair_options,
                                                        console=console, progress=False))
-            _write_candidates(session, missing, folder)
+            out["notes"] += _write_candidates(session, missing, folder)
         for c in cands:
             path = folder / c.name
+            if not (path / "report.json").is_file():  # an sft candidate skipped with a note
+                continue
             out["built" if c in missing else "reused"].append(c.name)
             out["reports"][c.name] = json.loads((path / "report.json").read_text())
             out["artifacts"][c.name] = path

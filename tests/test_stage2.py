@@ -93,3 +93,23 @@ def test_each_blocks_grams_are_freed_before_the_next_block(pair, tmp_path, monke
                       (tmp_path / "c", dict(method="scale", alpha=0.5))])
         assert s.stats.counts["hessian"] == 1
     assert sorted({i for i, _ in seen}) == [0, 1, 2]
+
+
+def test_a_sweep_skips_an_sft_candidate_that_cannot_train_with_a_note(pair, tmp_path, monkeypatch):
+    """Issue 20 item 7: an sft candidate that fails (here: out of memory, raised by a stand-in trainer) is skipped
+    with a note; the candidates built before it stay built and the sweep goes on."""
+    import hcnr_deploy.sft
+    from hcnr_deploy import frontier as F
+    from hcnr_deploy.sweep import build_candidates
+
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(hcnr_deploy.sft, "sft_snapshots", oom)
+    r = pair["root"]
+    cands = [c for c in F.parse_grid("sft:steps=1; scale:a=0.5; regmean:mu=1") if c.family in F.METHODS]
+    out = build_candidates(cands, tmp_path / "c", pair["base"], pair["lora"], r / "hon.jsonl", r / "task.jsonl",
+                           SMALL)
+    assert out["built"] == ["scale-a0.5", "regmean-mu1"] and "sft-s1" not in out["artifacts"]
+    assert out["notes"] == ["sft-s1 skipped: CUDA out of memory. Tried to allocate 2.00 GiB"]
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["regmean-mu1", "scale-a0.5"]
