@@ -45,6 +45,10 @@ SHAPES = {
     # Llama-3.1-8B's block width with a small vocabulary, for --per-block (the depth set there)
     "llama3-8b-width": dict(arch="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=2,
                             num_attention_heads=32, num_key_value_heads=8, vocab_size=512, tie_word_embeddings=False),
+    "llama-2k-width": dict(arch="llama", hidden_size=2048, intermediate_size=5632, num_hidden_layers=4,
+                           num_attention_heads=16, num_key_value_heads=4, vocab_size=512, tie_word_embeddings=False),
+    "llama-1k-width": dict(arch="llama", hidden_size=1024, intermediate_size=4096, num_hidden_layers=4,
+                           num_attention_heads=16, num_key_value_heads=4, vocab_size=512, tie_word_embeddings=False),
     "tiny": dict(arch="llama", hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                  num_attention_heads=2, num_key_value_heads=1, vocab_size=512, tie_word_embeddings=False),
 }
@@ -305,11 +309,11 @@ def per_block(args, work: Path) -> list[dict]:
         ft = build_lora(base, d / "ft", args.rank, dtype)
         shape = Shape.from_config(json.loads((base / "config.json").read_text()))
         common = dict(base=str(base), finetuned=str(ft), honesty_data=str(hon), task_data=str(task))
-        for kind in ("repair", "sweep"):
-            cands = [("hcnr", {})] if kind == "repair" else jobs
+        for kind in args.kinds:
+            cands = [(args.repair_kw.get("method", "hcnr"), args.repair_kw)] if kind == "repair" else jobs
             load0 = os.getloadavg()[0]
             if kind == "repair":
-                wall, rss, _ = run_child({**common, **opts, "out": str(d / "repair")})
+                wall, rss, _ = run_child({**common, **opts, **args.repair_kw, "out": str(d / "repair")})
             else:
                 wall, rss, _ = run_child({**common, "options": opts, "jobs": [
                     (str(d / f"cand{k}"), {"method": m, **kw}) for k, (m, kw) in enumerate(cands)]}, SESSION_CHILD)
@@ -318,10 +322,10 @@ def per_block(args, work: Path) -> list[dict]:
             rows.append({"kind": kind, "blocks": blocks, "peak_bytes": rss, "plan_host_bytes": p["host_bytes"],
                          "plan_error": round(p["host_bytes"] / rss - 1, 3), "block_bytes": p["block_bytes"],
                          "wall_s": round(wall, 1), "load_average": [load0, os.getloadavg()[0]],
-                         "candidates": len(cands)})
+                         "candidates": len(cands), "repair_options": args.repair_kw if kind == "repair" else None})
             print(f"  {kind:6s} {blocks} blocks: peak {rss / 2**30:.2f} GiB, plan {p['host_bytes'] / 2**30:.2f} GiB "
                   f"({rows[-1]['plan_error']:+.1%}), {wall:.0f} s, load {load0:.1f}", flush=True)
-    for kind in ("repair", "sweep"):
+    for kind in args.kinds:
         r = [x for x in rows if x["kind"] == kind]
         if len(r) >= 2:
             growth = (r[-1]["peak_bytes"] - r[0]["peak_bytes"]) / (r[-1]["blocks"] - r[0]["blocks"]) / r[0][
@@ -358,6 +362,8 @@ def main():
                    "a session writing --sweep-grid, at each of --blocks, with the plan beside each")
     p.add_argument("--blocks", type=lambda t: [int(x) for x in t.split(",")], default=[2, 4])
     p.add_argument("--sweep-grid", default=None, help="default: the default grid's training-free candidates")
+    p.add_argument("--kinds", type=lambda t: t.split(","), default=["repair", "sweep"])
+    p.add_argument("--repair-kw", type=json.loads, default={}, help='e.g. \'{"r_cw": 1.0}\' (the plan\'s bound)')
     args = p.parse_args()
     args.shape = args.shape or ["smollm2-135m"]
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else (

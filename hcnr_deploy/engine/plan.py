@@ -10,8 +10,8 @@ working dtype of b bytes; a batch is B samples of at most T tokens (``--max-leng
 - the Fisher pass: the hidden state at every block boundary of one batch (``L B T h b``), one block's
   activations and their gradients, the per-sample reductions (``B T^2`` floats) and one 16 MB logits chunk;
 - the stage-2 pass: every sample's hidden state at the current block, per stream (``N T h b``), one block's
-  Grams per stream (float32, ``4 in^2`` per distinct input: h, nh hd, h, I), and the float64 solve of one
-  block (``16 in^2`` per distinct input cached for the block, ``16 max(in)^2`` more while one factor is made);
+  Grams per stream (float32, ``4 in^2`` per distinct input: I, h, h, nh hd), and the float64 solves of one
+  block by one candidate at a time (``SOLVE_BYTES``: e.g. obs ``32 I^2`` at the MLP's down projection);
 - pending edits: new LoRA factors (float64, ``8 r in`` per matrix and candidate); a checkpoint's on disk.
 
 The figures are upper bounds on activations (every sample taken at ``--max-length`` tokens).
@@ -72,8 +72,9 @@ class Shape:
                 ("up_proj", i, h), ("down_proj", h, i)]
 
     def inputs(self) -> list[int]:
-        """Widths of a block's distinct Linear inputs (q/k/v share one, gate/up one)."""
-        return [self.hidden, self.heads * self.head_dim, self.hidden, self.intermediate]
+        """Widths of a block's distinct Linear inputs in the order stage 2 solves them (weight names sorted:
+        down, gate/up, k/q/v, o)."""
+        return [self.intermediate, self.hidden, self.hidden, self.heads * self.head_dim]
 
     @property
     def block_linear(self) -> int:
@@ -127,6 +128,23 @@ def working_dtype_bytes(shape: Shape, dtype: str, on_gpu: bool) -> int:
     return DTYPE_BYTES.get(dtype, 4)
 
 
+# float64 bytes per in^2 of one distinct input, for each edit: (kept while the rest of the block is solved, at
+# the peak of its own solve); compensation.py: obs keeps H + lambda I and L^-1 and peaks at those with the
+# Cholesky factor and the identity it inverts; regmean keeps its factor and peaks at the three float64 Gram
+# copies it sums; exact keeps H + lambda I; task-aware keeps nothing and peaks at four copies.
+SOLVE_BYTES = {"obs": (16, 32), "regmean": (8, 24), "exact": (8, 16), "task-aware": (0, 32), "none": (0, 0)}
+
+
+def solve_peak(method: str, inputs: list[int]) -> int:
+    """Peak bytes of one candidate's float64 solves of one block (every matrix selected: the bound)."""
+    keep, peak = SOLVE_BYTES.get(method, (0, 0))
+    kept, worst = 0, 0
+    for n in inputs:
+        worst = max(worst, kept + peak * n * n)
+        kept += keep * n * n
+    return worst
+
+
 def candidate_cost(shape: Shape, method: str, opts) -> tuple[float, bool, str]:
     """(fraction of the blocks' matrices edited through a solve, needs the task stream, compensation kind)."""
     if method == "regmean":
@@ -168,7 +186,7 @@ def plan(shape: Shape, candidates: list[tuple[str, dict]], *, num_samples: int, 
         1 if hessian_inputs not in ("base",) and with_grams else 0)
     ins = shape.inputs()
     grams = streams * sum(4 * n * n for n in ins)
-    solve = (16 * sum(n * n for n in ins) + 16 * max(ins) ** 2) if with_grams else 0
+    solve = max((solve_peak(c, ins) for _, _, c in with_grams), default=0)
     hidden_states = streams * (N * T * h * b + N * T * T + 2 * N * T * shape.head_dim * b)
     stage2 = hidden_states + grams + solve + B * T * (4 * h + 4 * i_w) * b
     lora_edits = len(with_grams) * L * sum(rank * i for _, _, i in shape.matrices()) * 8 if kind == "lora" else 0
