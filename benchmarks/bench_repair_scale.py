@@ -35,6 +35,11 @@ import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
+def _width(hidden: int, intermediate: int, heads: int, kv_heads: int) -> dict:
+    return dict(arch="llama", hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=2,
+                num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=512, tie_word_embeddings=False)
+
+
 SHAPES = {
     "smollm2-135m": dict(arch="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                          num_attention_heads=9, num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
@@ -42,13 +47,10 @@ SHAPES = {
                        num_attention_heads=14, num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
     "llama3-8b": dict(arch="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                       num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
-    # Llama-3.1-8B's block width with a small vocabulary, for --per-block (the depth set there)
-    "llama3-8b-width": dict(arch="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=2,
-                            num_attention_heads=32, num_key_value_heads=8, vocab_size=512, tie_word_embeddings=False),
-    "llama-2k-width": dict(arch="llama", hidden_size=2048, intermediate_size=5632, num_hidden_layers=4,
-                           num_attention_heads=16, num_key_value_heads=4, vocab_size=512, tie_word_embeddings=False),
-    "llama-1k-width": dict(arch="llama", hidden_size=1024, intermediate_size=4096, num_hidden_layers=4,
-                           num_attention_heads=16, num_key_value_heads=4, vocab_size=512, tie_word_embeddings=False),
+    # Llama-3.1-8B's block width (and two narrower ones) with a small vocabulary, for --per-block (depth set there)
+    "llama3-8b-width": _width(4096, 14336, 32, 8),
+    "llama-2k-width": _width(2048, 5632, 16, 4),
+    "llama-1k-width": _width(1024, 4096, 16, 4),
     "tiny": dict(arch="llama", hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                  num_attention_heads=2, num_key_value_heads=1, vocab_size=512, tie_word_embeddings=False),
 }
