@@ -35,6 +35,11 @@ import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
+def _width(hidden: int, intermediate: int, heads: int, kv_heads: int) -> dict:
+    return dict(arch="llama", hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=2,
+                num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=512, tie_word_embeddings=False)
+
+
 SHAPES = {
     "smollm2-135m": dict(arch="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                          num_attention_heads=9, num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
@@ -42,19 +47,24 @@ SHAPES = {
                        num_attention_heads=14, num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
     "llama3-8b": dict(arch="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                       num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
+    # Llama-3.1-8B's block width (and two narrower ones) with a small vocabulary, for --per-block (depth set there)
+    "llama3-8b-width": _width(4096, 14336, 32, 8),
+    "llama-2k-width": _width(2048, 5632, 16, 4),
+    "llama-1k-width": _width(1024, 4096, 16, 4),
     "tiny": dict(arch="llama", hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                  num_attention_heads=2, num_key_value_heads=1, vocab_size=512, tie_word_embeddings=False),
 }
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def build_model(shape: str, out: Path, dtype: torch.dtype) -> Path:
-    """A random-weight model of `shape` in `dtype` with the tiny tokenizer (its ids fit any vocabulary)."""
+def build_model(shape: str, out: Path, dtype: torch.dtype, blocks: int | None = None) -> Path:
+    """A random-weight model of `shape` (`blocks` decoder blocks if given) in `dtype` with the tiny tokenizer (its
+    ids fit any vocabulary)."""
     from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig, Qwen2Config
 
     from hcnr_deploy.tiny import build_tokenizer
 
-    spec = dict(SHAPES[shape])
+    spec = dict(SHAPES[shape], **({"num_hidden_layers": blocks} if blocks else {}))
     cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[spec.pop("arch")]
     config = cls(**spec, max_position_embeddings=4096, eos_token_id=2, pad_token_id=0, bos_token_id=None,
                  head_dim=spec["hidden_size"] // spec["num_attention_heads"])
@@ -187,10 +197,21 @@ print("VMHWM", [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0
 """
 
 
-def run_child(kwargs: dict) -> tuple[float, int, str]:
-    """Run run_repair(**kwargs) in a child; return wall seconds, peak RSS bytes, and its output."""
+SESSION_CHILD = """
+import json, sys
+from hcnr_deploy.repair import RepairOptions, RepairSession
+args = json.loads(sys.argv[1])
+with RepairSession(args["base"], args["finetuned"], args["honesty_data"], args["task_data"],
+                   RepairOptions(**args["options"])) as s:
+    s.write_many([(out, kw) for out, kw in args["jobs"]])
+print("VMHWM", [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1])
+"""
+
+
+def run_child(kwargs: dict, code: str = REPAIR_CHILD) -> tuple[float, int, str]:
+    """Run `code` (default: run_repair(**kwargs)) in a child; return wall seconds, peak RSS bytes, and its output."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-c", REPAIR_CHILD, json.dumps(kwargs)], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-c", code, json.dumps(kwargs)], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     out = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
@@ -269,6 +290,54 @@ def bench(shape: str, args, work: Path, rate: float, bw: dict) -> dict:
     }
 
 
+def per_block(args, work: Path) -> list[dict]:
+    """Peak RSS of `repair` and of a session writing `--sweep-grid`'s candidates at each depth of --blocks, the
+    growth per added block in one-block copies of the working dtype, and the plan (engine/plan.py) beside each."""
+    from hcnr_deploy import frontier as F
+    from hcnr_deploy.engine.plan import Shape, finetune_kind, plan
+
+    dtype = getattr(torch, args.dtype)
+    hon, task = work / "honesty.jsonl", work / "task.jsonl"
+    write_calibration(hon, args.num_samples, int(args.max_length / 1.6), seed=1)
+    write_calibration(task, args.num_samples, int(args.max_length / 1.6), seed=2)
+    jobs = [(c.method, c.repair_kwargs) for c in F.parse_grid(args.sweep_grid) if c.family in F.METHODS
+            and c.family != "sft"]
+    opts = dict(num_samples=args.num_samples, max_length=args.max_length, device=args.device, dtype=args.dtype,
+                batch_size=args.batch_size, seed=0)
+    rows = []
+    for blocks in args.blocks:
+        d = work / f"b{blocks}"
+        base = build_model(args.shape[0], d / "base", dtype, blocks)
+        ft = build_lora(base, d / "ft", args.rank, dtype)
+        shape = Shape.from_config(json.loads((base / "config.json").read_text()))
+        common = dict(base=str(base), finetuned=str(ft), honesty_data=str(hon), task_data=str(task))
+        for kind in args.kinds:
+            cands = [(args.repair_kw.get("method", "hcnr"), args.repair_kw)] if kind == "repair" else jobs
+            load0 = os.getloadavg()[0]
+            if kind == "repair":
+                wall, rss, _ = run_child({**common, **opts, **args.repair_kw, "out": str(d / "repair")})
+            else:
+                wall, rss, _ = run_child({**common, "options": opts, "jobs": [
+                    (str(d / f"cand{k}"), {"method": m, **kw}) for k, (m, kw) in enumerate(cands)]}, SESSION_CHILD)
+            p = plan(shape, cands, num_samples=args.num_samples, max_length=args.max_length,
+                     batch_size=args.batch_size, finetune=finetune_kind(str(ft)), dtype=args.dtype)
+            rows.append({"kind": kind, "blocks": blocks, "peak_bytes": rss, "plan_host_bytes": p["host_bytes"],
+                         "plan_error": round(p["host_bytes"] / rss - 1, 3), "block_bytes": p["block_bytes"],
+                         "wall_s": round(wall, 1), "load_average": [load0, os.getloadavg()[0]],
+                         "candidates": len(cands), "repair_options": args.repair_kw if kind == "repair" else None})
+            print(f"  {kind:6s} {blocks} blocks: peak {rss / 2**30:.2f} GiB, plan {p['host_bytes'] / 2**30:.2f} GiB "
+                  f"({rows[-1]['plan_error']:+.1%}), {wall:.0f} s, load {load0:.1f}", flush=True)
+    for kind in args.kinds:
+        r = [x for x in rows if x["kind"] == kind]
+        if len(r) >= 2:
+            growth = (r[-1]["peak_bytes"] - r[0]["peak_bytes"]) / (r[-1]["blocks"] - r[0]["blocks"]) / r[0][
+                "block_bytes"]
+            print(f"  {kind}: {growth:.2f} one-block copies per added block")
+            for x in r:
+                x["growth_per_block_in_blocks"] = round(growth, 3)
+    return rows
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -291,6 +360,12 @@ def main():
     p.add_argument("--offload", action="store_true", help="repair with --offload (blocks paged to the device)")
     p.add_argument("--workdir", default=None, help="where models are built (default: a temporary folder)")
     p.add_argument("--no-save", action="store_true", help="print only, do not append to results")
+    p.add_argument("--per-block", action="store_true", help="peak RSS growth per added block (issue 20): repair and "
+                   "a session writing --sweep-grid, at each of --blocks, with the plan beside each")
+    p.add_argument("--blocks", type=lambda t: [int(x) for x in t.split(",")], default=[2, 4])
+    p.add_argument("--sweep-grid", default=None, help="default: the default grid's training-free candidates")
+    p.add_argument("--kinds", type=lambda t: t.split(","), default=["repair", "sweep"])
+    p.add_argument("--repair-kw", type=json.loads, default={}, help='e.g. \'{"r_cw": 1.0}\' (the plan\'s bound)')
     args = p.parse_args()
     args.shape = args.shape or ["smollm2-135m"]
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else (
@@ -299,6 +374,19 @@ def main():
     args.dtype = args.dtype or ("bfloat16" if device == "cuda" else "float32")
     rate = matmul_rate(getattr(torch, args.dtype), device)
     runs = []
+    if args.per_block:
+        args.shape = args.shape[:1]
+        with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+            print(f"machine: {machine()}; {args.shape[0]}, {args.dtype}, {args.num_samples}+{args.num_samples} "
+                  f"samples of <= {args.max_length} tokens")
+            runs = [dict(r, shape=args.shape[0], machine=machine(), command=" ".join([Path(sys.executable).name,
+                                                                                     *sys.argv]),
+                         date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+                    for r in per_block(args, Path(tmp))]
+        if not args.no_save:
+            path = RESULTS / "scale.json"
+            path.write_text(json.dumps((json.loads(path.read_text()) if path.exists() else []) + runs, indent=2))
+        return
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         bw = disk_bandwidth(Path(tmp))
         print(f"machine: {machine()}\nmatmul {args.dtype} on {device}: {rate / 1e9:.1f} GFLOP/s; disk write "

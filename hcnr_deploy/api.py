@@ -40,7 +40,10 @@ def run_command(name: str, options: dict):
         raise UserError(f"{name}(): {e.param.name}: {e.format_message()}") from None
     ctx.meta[API_CALL] = True
     with ctx:
-        return command.invoke(ctx)
+        try:
+            return command.invoke(ctx)
+        except click.MissingParameter as e:  # options a real run needs but --plan does not (checked in the body)
+            raise UserError(f"{name}(): missing keyword argument {e.param.name}=...") from None
 
 
 class CallableModule(types.ModuleType):

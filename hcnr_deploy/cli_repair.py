@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from hcnr_deploy.engine.plan_cli import plan_options, print_plan, require_unless_plan
 from hcnr_deploy.options import RepairOptions, check_applicable, click_options, ignored_by
 from hcnr_deploy.recipe import config_option, effective_recipe, from_api, write_recipe
 
@@ -12,16 +13,17 @@ from hcnr_deploy.recipe import config_option, effective_recipe, from_api, write_
 @click.option("--base", required=True, help="Base (pre-fine-tuning) model: HF folder or hub id.")
 @click.option("--finetuned", required=True,
               help="The fine-tune: a full HF model folder, or a PEFT LoRA adapter folder trained on --base.")
-@click.option("--honesty-data", required=True, type=click.Path(dir_okay=False),
-              help="JSONL of honesty examples ({\"messages\": [...]} or {\"prompt\", \"response\"}).")
-@click.option("--task-data", required=True, type=click.Path(dir_okay=False),
-              help="JSONL of task (domain) examples, same formats.")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder (must not exist).")
+@click.option("--honesty-data", type=click.Path(dir_okay=False),
+              help="[required] JSONL of honesty examples ({\"messages\": [...]} or {\"prompt\", \"response\"}).")
+@click.option("--task-data", type=click.Path(dir_okay=False),
+              help="[required] JSONL of task (domain) examples, same formats.")
+@click.option("--out", type=click.Path(file_okay=False), help="[required] Output folder (must not exist).")
 @click_options("data", "method", "compute")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or summary.")
 @config_option
-def repair(base, finetuned, honesty_data, task_data, out, overwrite, quiet, **options):
+@plan_options
+def repair(base, finetuned, honesty_data, task_data, out, overwrite, quiet, plan, plan_json, **options):
     """Compute the HCNR edit of a fine-tune (or another --method) and write an adapter or a patched checkpoint.
 
     \b
@@ -40,6 +42,9 @@ def repair(base, finetuned, honesty_data, task_data, out, overwrite, quiet, **op
     ctx = click.get_current_context()
     opts = RepairOptions(**options)  # validated: a bad value is a one-line error naming its flag
     check_applicable(opts.method, given_options(ctx, options))
+    require_unless_plan(plan, honesty_data=honesty_data, task_data=task_data, out=out)
+    if plan:
+        return print_plan(base, finetuned, opts, [(opts.method, opts.settings())], plan_json, f"plan: repair {base}")
     console = Console(stderr=True, quiet=quiet)
     report = run_repair(base, finetuned, honesty_data, task_data, out, overwrite=overwrite, progress=not quiet,
                         console=console, **opts.settings())

@@ -32,6 +32,8 @@ import click
 from hcnr_deploy import choice as C
 from hcnr_deploy import frontier as F
 from hcnr_deploy.envvars import API_KEY_ENVVARS, API_KEY_HELP
+from hcnr_deploy.engine.plan_cli import plan_options, print_plan, require_unless_plan
+from hcnr_deploy.sweep_build import is_unscored, print_unscored, unscored_frontier
 from hcnr_deploy.errors import UserError
 from hcnr_deploy.guard.options import GuardOptions
 from hcnr_deploy.options import click_options
@@ -52,9 +54,24 @@ def open_session(base, finetuned, honesty_data, task_data, repair_options: dict,
                          progress=progress)
 
 
-def _write_candidate(session, cand: F.Candidate, out: Path) -> dict:
-    """The one place a candidate's artifact is made: the session's `write` (atomic: out exists only when done)."""
-    return session.write(out, overwrite=False, method=cand.method, **cand.repair_kwargs)
+def _planned(cands: list[F.Candidate]) -> list[tuple[str, dict]]:
+    """(repair method, options) of the candidates the sweep builds, for the plan (engine/plan.py)."""
+    return [(c.method, c.repair_kwargs) for c in cands if c.family in F.METHODS]
+
+
+def _write_candidates(session, cands: list[F.Candidate], folder: Path) -> list[str]:
+    """The one place candidates' artifacts are made: the session's `write_many` (one block-streamed stage 2 for
+    the training-free ones; atomic: folder/NAME exists only when done), then each sft candidate, which is skipped
+    with a note (returned) when it cannot train here (e.g. --offload, out of memory), never aborting the sweep."""
+    jobs = lambda cs: [(folder / c.name, dict(method=c.method, **c.repair_kwargs)) for c in cs]  # noqa: E731
+    session.write_many(jobs([c for c in cands if c.method != "sft"]))
+    notes = []
+    for c in (c for c in cands if c.method == "sft"):
+        try:
+            session.write_many(jobs([c]))
+        except (UserError, MemoryError, RuntimeError) as e:  # torch's OutOfMemoryError is a RuntimeError
+            notes.append(f"{c.name} skipped: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+    return notes
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -174,7 +191,7 @@ def prepare_dir(out: Path, key: dict, overwrite: bool) -> bool:
             shutil.rmtree(out)
         elif overwrite:
             shutil.rmtree(out)
-        elif (out / "frontier.json").is_file():
+        elif (out / "frontier.json").is_file() and not is_unscored(out):
             raise UserError(f"--out {out} holds a finished sweep; choose a new folder or pass --overwrite")
         else:
             old = json.loads(state.read_text()).get("key", {})
@@ -226,8 +243,9 @@ def run_sweep(base, finetuned, honesty_data, task_data, eval_honesty, eval_domai
               concurrency: int = 16, n_boot: int = 1000, overwrite: bool = False, repair_options: dict | None = None,
               console=None, progress: bool = True, command: str | None = None,
               trust_cache_names: bool = False, guard_options: dict | None = None, api_key: str | None = None,
-              recipe: dict | None = None) -> dict:
-    """The whole sweep; returns the frontier dict written to `out`/frontier.json. See the module docstring."""
+              recipe: dict | None = None, build_only: bool = False) -> dict:
+    """The whole sweep; returns the frontier dict written to `out`/frontier.json. See the module docstring.
+    `build_only`: stop after the candidates are built (sweep_build.py)."""
     from rich.console import Console
 
     from hcnr_deploy.modelio import FineTune, Checkpoint, resolve_model_dir
@@ -271,6 +289,10 @@ def run_sweep(base, finetuned, honesty_data, task_data, eval_honesty, eval_domai
             from hcnr_deploy.guard.options import GuardOptions
 
             check_calibration_overlap(tasks, GuardOptions(**(guard_options or {})))
+    from hcnr_deploy.engine.plan import check_fits
+    from hcnr_deploy.options import RepairOptions
+
+    check_fits(base_dir, ft_dir, RepairOptions(**ro), _planned(cands), sweep=True)  # before anything is loaded
     resumed = prepare_dir(out, key, overwrite)
     if recipe is not None:
         write_recipe(out, recipe)
@@ -294,6 +316,13 @@ def run_sweep(base, finetuned, honesty_data, task_data, eval_honesty, eval_domai
     cands = [c for c in cands if c.name in artifacts or c in guards]
     if reused:
         console.print(f"[dim]reused {len(reused)} finished candidate(s): {', '.join(reused)}[/dim]")
+    if build_only:
+        timings.update(statistics=stats_timings, total=round(time.perf_counter() - t_start, 3))
+        frontier = unscored_frontier(SCHEMA, [c for c in cands if c not in guards], artifacts, reports, {"resumed": resumed, "built": built,
+                                     "reused": reused}, {"repair_options": ro, "grid": grid or F.DEFAULT_GRID,
+                                                         "command": command}, timings)
+        _write_json(out / "frontier.json", frontier)
+        return frontier
 
     # 2 + 3. serve and score
     served = [c.name for c in cands if c not in guards]
@@ -401,21 +430,20 @@ def build_candidates(cands: list[F.Candidate], folder: Path, base, finetuned, ho
         shutil.rmtree(stale, ignore_errors=True)
     out = {"artifacts": {}, "reports": {}, "built": [], "reused": [], "notes": [], "statistics": {}}
     session = None
+    missing = [c for c in cands if not (folder / c.name / "report.json").is_file()]
     with contextlib.ExitStack() as stack:
         bar = stack.enter_context(_progress(console, progress))
         task = bar.add_task("candidates", total=len(cands))
+        if missing:
+            bar.update(task, description=f"statistics + {len(missing)} candidates")
+            session = stack.enter_context(open_session(base, finetuned, honesty_data, task_data, repair_options,
+                                                       console=console, progress=False))
+            out["notes"] += _write_candidates(session, missing, folder)
         for c in cands:
             path = folder / c.name
-            if not (path / "report.json").is_file():
-                if session is None:
-                    bar.update(task, description="statistics (once)")
-                    session = stack.enter_context(open_session(base, finetuned, honesty_data, task_data,
-                                                               repair_options, console=console, progress=False))
-                bar.update(task, description=f"candidate {c.name}")
-                _write_candidate(session, c, path)
-                out["built"].append(c.name)
-            else:
-                out["reused"].append(c.name)
+            if not (path / "report.json").is_file():  # an sft candidate skipped with a note
+                continue
+            out["built" if c in missing else "reused"].append(c.name)
             out["reports"][c.name] = json.loads((path / "report.json").read_text())
             out["artifacts"][c.name] = path
             bar.advance(task)
@@ -521,6 +549,8 @@ def _markdown(frontier: dict) -> str:
 
 
 def print_frontier(frontier: dict, console):
+    if frontier.get("unscored"):
+        return print_unscored(frontier, console)
     console.print(F.rich_table(frontier["candidates"], frontier["chosen"],
                                reference=frontier.get("always_refuse")))
     for line in chosen_lines(frontier):
@@ -533,18 +563,18 @@ def print_frontier(frontier: dict, console):
 @click.command("sweep", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.option("--base", required=True, help="Base (pre-fine-tuning) model: HF folder or hub id.")
 @click.option("--finetuned", required=True, help="The fine-tune: a full HF model folder or a PEFT LoRA adapter.")
-@click.option("--honesty-data", required=True, type=click.Path(dir_okay=False),
+@click.option("--honesty-data", type=click.Path(dir_okay=False),
               help="Calibration JSONL of honesty examples (as for repair).")
-@click.option("--task-data", required=True, type=click.Path(dir_okay=False),
+@click.option("--task-data", type=click.Path(dir_okay=False),
               help="Calibration JSONL of task examples (as for repair).")
 @click.option("--eval-honesty", default=None, type=click.Path(exists=True, path_type=Path), metavar="DIR_OR_JSONL",
               help="Held-out honesty questions: a folder of benchmark files (read as `eval --data-dir` reads it, "
                    "see --benchmarks; e.g. a `data split`'s evaluation/) or one KUQ-format JSONL ({\"question\", "
                    "\"answer\", \"unknown\"}) [default: the user data folder, see `hcnr-deploy data fetch`].")
-@click.option("--eval-domain", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+@click.option("--eval-domain", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Held-out domain questions: the eval harness's domain JSONL ({\"question\", \"answers\"} or "
                    "{\"question\", \"choices\", \"answer\"}).")
-@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
               help="Sweep folder: candidates/, eval cache, frontier.{json,md,png}, chosen/. An unfinished one is "
                    "resumed.")
 @click.option("--grid", default=None, metavar="SPEC",
@@ -580,13 +610,16 @@ def print_frontier(frontier: dict, console):
               help="Seconds to wait for a vLLM server's /health.")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it holds a finished sweep (or anything else).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars; only the table.")
+@click.option("--build-only", is_flag=True, help="Build every candidate and stop before serving (frontier.json lists "
+              "them unscored); rerun without it, here or where the folder is copied, to serve and score them.")
 @click.argument("vllm_args", nargs=-1, type=click.UNPROCESSED, metavar="[-- VLLM_ARGS...]")
 @click_options("data", "compute")
 @click_options("calibration", cls=GuardOptions)
 @config_option
+@plan_options
 def sweep(base, finetuned, honesty_data, task_data, eval_honesty, eval_domain, out, grid, max_domain_drop,
           honesty_metric, benchmarks, limit, endpoint, port, api_key, serve_dtype, trust_cache_names, max_tokens,
-          concurrency, n_boot, startup_timeout, overwrite, quiet, vllm_args, **options):
+          concurrency, n_boot, startup_timeout, overwrite, quiet, build_only, vllm_args, plan, plan_json, **options):
     """Measure the honesty/domain frontier of repair methods on your model and ship the chosen point.
 
     \b
@@ -615,18 +648,27 @@ def sweep(base, finetuned, honesty_data, task_data, eval_honesty, eval_domain, o
     import shlex
 
     ctx = click.get_current_context()
+    require_unless_plan(plan, honesty_data=honesty_data, task_data=task_data, eval_honesty=eval_honesty,
+                        eval_domain=eval_domain, out=out)
+    guard_options = {k: options.pop(k) for k in list(options) if k in GuardOptions.__dataclass_fields__}
+    repair_options = options
+    if plan:
+        from hcnr_deploy.options import RepairOptions
+
+        return print_plan(base, finetuned, RepairOptions(**repair_options), _planned(F.parse_grid(grid)), plan_json,
+                          f"plan: sweep {base}")
     if not from_api(ctx):
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so a killed sweep stops its servers, cleans temps
     console = Console(stderr=True, quiet=quiet)
-    guard_options = {k: options.pop(k) for k in list(options) if k in GuardOptions.__dataclass_fields__}
-    repair_options = options
     frontier = run_sweep(base, finetuned, honesty_data, task_data, eval_honesty, eval_domain, out, grid=grid,
-                         max_domain_drop=max_domain_drop, honesty_metric=honesty_metric, benchmarks=benchmarks, limit=limit, endpoint=endpoint,
+                         max_domain_drop=max_domain_drop, honesty_metric=honesty_metric, benchmarks=benchmarks,
+                         limit=limit, endpoint=endpoint,
                          port=port, vllm_args=vllm_args, serve_dtype=serve_dtype, api_key=api_key,
                          max_tokens=max_tokens, concurrency=concurrency,
                          n_boot=n_boot, startup_timeout=startup_timeout, overwrite=overwrite,
-                         trust_cache_names=trust_cache_names,
-                         repair_options=repair_options, guard_options=guard_options, console=console, progress=not quiet,
+                         trust_cache_names=trust_cache_names, build_only=build_only,
+                         repair_options=repair_options, guard_options=guard_options, console=console,
+                         progress=not quiet,
                          command=None if from_api(ctx) else shlex.join(["hcnr-deploy", "sweep", *sys.argv[2:]]),
                          recipe=effective_recipe(ctx))
     if not from_api(ctx):

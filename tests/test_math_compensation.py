@@ -169,9 +169,10 @@ def test_hessian_hooks_sum_masked_inputs_and_share_identical_inputs():
     hooks, tokens = accumulate_hessians(net, {"q": net.q, "k": net.k, "o": net.o}, [batch, batch])
     assert tokens == 10
     h_in = net.emb(ids)[att.bool()].double()
-    torch.testing.assert_close(hooks.hessian("q"), 2 * h_in.T @ h_in)
+    assert hooks.hessian("q").dtype == torch.float32  # float32 accumulation (hooks.gram_product); float64 solves
+    torch.testing.assert_close(hooks.hessian("q").double(), 2 * h_in.T @ h_in, rtol=1e-6, atol=1e-6)
     assert hooks.alias == {"k": "q"} and hooks.hessian("k") is hooks.hessian("q")
     mid = (net.q(net.emb(ids)) * net.k(net.emb(ids)))[att.bool()].double()
-    torch.testing.assert_close(hooks.hessian("o"), 2 * mid.T @ mid, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(hooks.hessian("o").double(), 2 * mid.T @ mid, rtol=1e-5, atol=1e-6)
     assert all(len(m._forward_hooks) == 0 for m in net.modules())
     assert isinstance(hooks, HessianHooks)

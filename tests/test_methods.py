@@ -266,17 +266,22 @@ def test_scale_alpha_must_be_non_negative(pair, tmp_path):
 CANDIDATES = [dict(method="hcnr"), dict(method="hcnr", r_cw=0.2, compensation="task-aware", task_weight=2.0),
               dict(method="regmean", task_weight=3.0), dict(method="hcnr", compensation="exact", selection="no-task"),
               dict(method="scale", alpha=0.6), dict(method="regmean", task_weight=0.3), dict(method="hcnr", r_cw=0.8),
+              dict(method="hcnr", r_cw=0.6, hessian_inputs="finetuned"), dict(method="hcnr", compensation="none"),
               dict(method="lines", alpha=0.2, beta=0.6)]
 
 
 @pytest.mark.parametrize("ft", ["lora", "full"])
 def test_session_computes_statistics_once_and_writes_the_bytes_of_run_repair(pair, tmp_path, ft):
+    """write_many: Fisher once per (data set, state), one block-streamed stage 2 (Grams of three streams: honesty on
+    the base and on the fine-tune, task on the fine-tune) for every candidate; each candidate's bytes equal a
+    separate run_repair's. Checkpoint edits were spilled to disk beside the output and removed."""
     r = pair["root"]
     with RepairSession(pair["base"], pair[ft], r / "hon.jsonl", r / "task.jsonl", RepairOptions(**SMALL)) as s:
-        reports = [s.write(tmp_path / f"s{i}", **kw) for i, kw in enumerate(CANDIDATES)]
+        reports = s.write_many([(tmp_path / f"s{i}", kw) for i, kw in enumerate(CANDIDATES)])
         counts = dict(s.stats.counts)
-        assert set(s.timings) == {"load", "fisher_honesty", "fisher_task", "gram_honesty", "gram_task"}
-    assert counts == {"fisher_honesty": 1, "fisher_task": 1, "gram_honesty": 1, "gram_task": 1}
+        assert set(s.timings) == {"load", "fisher_honesty", "fisher_task", "hessian"}
+    assert counts == {"fisher_honesty": 1, "fisher_task": 1, "hessian": 1}
+    assert not list(tmp_path.glob(".*"))
     for i, kw in enumerate(CANDIDATES):
         one = _run(pair, ft, tmp_path / f"r{i}", **kw)
         files = sorted(p.name for p in (tmp_path / f"r{i}").iterdir())

@@ -32,7 +32,7 @@ def test_repair_flags_and_defaults_are_todays_plus_the_methods():
 
     flags = _flags(repair)
     for fixed in ("--base", "--finetuned", "--honesty-data", "--task-data", "--out", "--overwrite", "--quiet",
-                  "--config"):
+                  "--config", "--plan", "--json"):
         flags.pop(fixed)
     assert flags == {**BEFORE, **NEW}
     choices = {p.opts[0]: list(p.type.choices) for p in repair.params if isinstance(p.type, click.Choice)}

@@ -654,3 +654,27 @@ def test_chosen_copy_is_atomic_and_carries_a_card(tmp_path):
     mine = (tmp_path / "chosen" / "README.md").read_text()
     assert mine.startswith("the team's own card\n\n## ft, chosen by hcnr-deploy sweep") and mine.endswith(card)
     assert (src / "README.md").read_text() == "the team's own card"
+
+
+@pytest.mark.vllm
+def test_build_only_then_a_scoring_rerun_builds_nothing_twice(swept, served, sweep_inputs):
+    """Issue 20: --build-only builds every candidate, serves and scores nothing, and writes an unscored
+    frontier.json; the same command without it reuses every candidate (none rebuilt) and scores them."""
+    out = sweep_inputs["root"] / "build-only"
+    args = ["sweep", *sweep_inputs["args"], "--eval-honesty", str(sweep_inputs["data"]), "--out", str(out),
+            "--endpoint", served.base_url]
+    names = ["hcnr-rcw0.4", "random-rcw0.4", "regmean-mu1"]
+    before = settled_count(served)
+    r = CliRunner().invoke(main, [*args, "--build-only"], catch_exceptions=False)
+    assert r.exit_code == 0 and "built 5 candidates" in r.output, r.output
+    fr = json.loads((out / "frontier.json").read_text())
+    assert fr["unscored"] and fr["chosen"] is None and fr["run"]["built"] == names
+    assert [c["name"] for c in fr["candidates"]] == ["base", "ft", *names]
+    assert settled_count(served) == before and not (out / "chosen").exists()  # nothing sent, nothing chosen
+    stamps = {n: (out / "candidates" / n / "report.json").stat().st_mtime_ns for n in names}
+    r = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    fr = json.loads((out / "frontier.json").read_text())
+    assert "unscored" not in fr and fr["run"]["built"] == [] and sorted(fr["run"]["reused"]) == names
+    assert fr["chosen"] and (out / "chosen").is_dir() and settled_count(served) > before
+    assert stamps == {n: (out / "candidates" / n / "report.json").stat().st_mtime_ns for n in names}

@@ -6,9 +6,9 @@ Each candidate fills, per eligible matrix, the report fields of its ``Matrix`` a
 (``("columns", F, E_F)``, ``("elements", mask, E)`` or ``("scale", alpha)``, see export.patched_weight),
 and the new LoRA factors by module for an exact adapter.
 
-Stage 2 runs either from cached Grams (a ``RepairSession`` with any number of candidates) or streamed
-block by block with only the selected matrices' Hessians alive (``run_repair``'s one-shot path, and
-``--hessian-inputs sequential``, whose Hessians depend on the candidate).
+Stage 2 runs per decoder block from that block's Grams (``compensate_group``): for any number of
+candidates at once in stage2.py's shared pass, or per candidate in ``streamed_stage2`` (``--hessian-inputs
+sequential``, whose Hessians depend on the candidate, and the architectures not driven block by block).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from hcnr_deploy.compensation import compensate_columns, compensate_elements, de
 from hcnr_deploy.modelio import FineTune, layer_index
 from hcnr_deploy.options import RepairOptions
 from hcnr_deploy.repair.streaming import decoder_blocks
-from hcnr_deploy.repair.statistics import DEFAULT_STATE, Matrix, deepest_block, stream_block_grams, whole_model_grams
+from hcnr_deploy.repair.statistics import Matrix, deepest_block, stream_block_grams, whole_model_grams
 
 
 def fisher_states(fisher_model: str) -> tuple[str, str]:
@@ -191,26 +191,6 @@ def streamed_stage2(model, state, finetune, chosen, enc_hon, enc_task, o: Repair
                          new_a, state, sequential)
         del h_hon, h_task
         lap("compensation")
-    return patches, new_a
-
-
-def cached_stage2(stats, finetune, chosen, o: RepairOptions, method: str, dev, want_lora, lap):
-    """Stage 2 from the session's cached Grams (block by block, so q/k/v and gate/up share one factor)."""
-    patches: dict = {}
-    new_a: dict = {}
-    h_hon, n_hon, h_task, n_task = {}, 1, {}, 1
-    if method != "none":
-        h_hon, n_hon = stats.grams("honesty", o.hessian_inputs)
-    if method in ("task-aware", "regmean"):
-        h_task, n_task = stats.grams("task", DEFAULT_STATE["task"])
-    lap("hessian")
-    by_layer: dict[int, list[Matrix]] = {}
-    for m in chosen:
-        by_layer.setdefault(layer_index(m.name), []).append(m)
-    for i in sorted(by_layer):
-        compensate_group(by_layer[i], finetune, h_hon, n_hon, h_task, n_task, o, method, dev, want_lora, patches,
-                         new_a)
-    lap("compensation")
     return patches, new_a
 
 

@@ -65,8 +65,29 @@ class FisherHooks:
         return False
 
 
+# Gram sums are accumulated in this dtype (float64: the reference the float32 path is tested against).
+GRAM_DTYPE = torch.float32
+
+
+def gram_product(x: torch.Tensor) -> torch.Tensor:
+    """``x^T x`` ([tokens, in] -> [in, in]) in GRAM_DTYPE: in float32, the products run in the compute dtype with
+    float32 accumulation where the backend has it (CUDA bf16 / fp16: tensor cores), else in float32. The solves
+    (compensation.py) take float64."""
+    if GRAM_DTYPE == torch.float64:
+        x = x.double()
+        return x.T @ x
+    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
+        try:
+            return torch.mm(x.T, x, out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):  # a torch without mm's out_dtype
+            pass
+    x = x.float()
+    return x.T @ x
+
+
 class HessianHooks:
-    """Forward hooks accumulating ``X X^T`` (float64, in x in) of the named modules' inputs, padding masked.
+    """Forward hooks accumulating ``X X^T`` (float32, in x in; ``gram_product``) of the named modules' inputs,
+    padding masked.
 
     Modules fed the very same input tensor (q/k/v, gate/up) share one accumulator. Context manager:
     hooks are removed on exit. ``stop_after`` ends each forward pass after that module has run.
@@ -94,9 +115,8 @@ class HessianHooks:
                 xf = x.detach().reshape(-1, x.shape[-1])
                 if self.token_mask is not None:
                     xf = xf[self.token_mask.reshape(-1).bool()]
-                xf = xf.float()
-                h = (xf.T @ xf).double()
-                self.sums[name] = h if name not in self.sums else self.sums[name] + h
+                h = gram_product(xf)
+                self.sums[name] = h if name not in self.sums else self.sums[name].add_(h)
             if module is self.stop_after:
                 raise StopForward
         return hook

@@ -6,20 +6,20 @@
 
 ``write(out, overwrite=False, **changes)`` takes the session's options with `changes` (validated,
 ``RepairOptions.replace``) and returns the report dict, written with the artifact into `out`
-atomically; its bytes equal a fresh ``run_repair`` with the same options. Per write, options of
-the "data" and "compute" groups (except ``seed`` and ``hessian_memory_gb``) must equal the
-session's: they define the statistics, and a different value is a ``UserError``. Every "method"
-option may change: Fisher scores are kept per (data set, model state, granularity), Grams per
-(data set, model state), so ``--fisher-model``, ``--granularity`` and ``--hessian-inputs
-base|finetuned`` compute the missing statistics once on first need; ``--hessian-inputs
-sequential`` (Hessians that depend on the candidate) runs its own streamed stage 2 each time.
-``--method sft`` trains once per (lr, seed) and step count; ``session.sft([16, 32, 64])`` trains
-once for all three (constant learning rate: a snapshot is the shorter run). ``seed`` may change
+atomically; its bytes equal a fresh ``run_repair`` with the same options. ``write_many([(out, changes),
+...])`` writes several: their stage 2 runs as one block-streamed pass (stage2.py), each block's Grams
+computed once for every candidate and freed before the next block. Per write, options of the "data"
+and "compute" groups (except ``seed`` and ``hessian_memory_gb``) must equal the session's: they define
+the statistics, and a different value is a ``UserError``. Every "method" option may change: Fisher
+scores are kept per (data set, model state, granularity) and computed once on first need;
+``--hessian-inputs sequential`` (Hessians that depend on the candidate) runs its own streamed stage 2
+per candidate. ``--method sft`` trains once per (lr, seed) and step count; ``session.sft([16, 32, 64])``
+trains once for all three (constant learning rate: a snapshot is the shorter run). ``seed`` may change
 per write (random selection, SVD extraction and sft only).
 
-Memory: the session keeps the Grams of every eligible matrix (see statistics.py for the bytes
-per block). ``run_repair`` is a session without that cache: its stage 2 streams block by block
-with only the selected matrices' Hessians alive, as bounded as before.
+Memory: the model, the Fisher scores (``4 in`` bytes per matrix), one block's Grams during stage 2, and
+each pending candidate's edits (LoRA factors; a checkpoint's restored values are spilled to disk).
+``run_repair`` is a session with one write.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from hcnr_deploy.data import encode, load_jsonl
+from hcnr_deploy.engine.plan import check_fits
 from hcnr_deploy.errors import UserError
 from hcnr_deploy.modelio import Checkpoint, FineTune, load_model, load_tokenizer, resolve_model_dir
 from hcnr_deploy.options import RepairOptions
@@ -38,6 +39,7 @@ from hcnr_deploy.repair import candidates as cand
 from hcnr_deploy.repair.report import build_report, write_output
 from hcnr_deploy.repair.state import (BlockOffload, ModelState, offload_error, place_outside_blocks,
                                       resolve_device_dtype, return_freed_memory)
+from hcnr_deploy.repair.stage2 import Pending, PatchStore, shared_stage2
 from hcnr_deploy.repair.statistics import Matrix, Statistics, eligible, stage_name as _stage
 from hcnr_deploy.repair.streaming import PLAIN_HEAD_MODELS, decoder_blocks
 
@@ -92,7 +94,7 @@ class RepairSession:
     """Statistics computed once, candidates written from them (module docstring)."""
 
     def __init__(self, base, finetuned, honesty_data, task_data, opts: RepairOptions | None = None, console=None,
-                 progress: bool = False, *, keep_statistics: bool = True):
+                 progress: bool = False):
         self.opts = opts if opts is not None else RepairOptions()
         self.given = dict(base=base, finetuned=finetuned, honesty_data=honesty_data, task_data=task_data)
         self.progress = progress
@@ -101,7 +103,6 @@ class RepairSession:
 
             console = Console(stderr=True, quiet=not progress)
         self.console = console
-        self.keep = keep_statistics
         self.inputs: Inputs | None = None
         self.stats: Statistics | None = None
         self._sft: dict[tuple, dict[int, tuple]] = {}  # (lr, seed) -> {steps: (factors, losses)}
@@ -201,38 +202,69 @@ class RepairSession:
 
     def write(self, out, overwrite: bool = False, command: str | None = None, **changes) -> dict:
         """Write one candidate (the session's options with `changes`) to `out`; return its report."""
-        o = self._options(changes)
+        return self.write_many([(out, changes)], overwrite, command)[0]
+
+    def write_many(self, jobs, overwrite: bool = False, command: str | None = None) -> list[dict]:
+        """Write every candidate of `jobs` (``[(out, changes)]``); return their reports in order. Every option set
+        and folder is checked before any work. The candidates that need Grams share one block-streamed stage 2
+        (stage2.py: each block's Grams computed once for all of them, then freed); the others (scale, sft,
+        ``--compensation none``, ``--hessian-inputs sequential``) are written one at a time."""
         self.open()
+        inp = self.inputs
+        todo = [(check_out(out, overwrite, ("--base", inp.base_dir), ("--finetuned", inp.ft_dir)),
+                 self._options(changes)) for out, changes in jobs]
+        reports: list[dict | None] = [None] * len(todo)
+        deferred: list[tuple[int, _Job]] = []
+        try:
+            for k, (out, o) in enumerate(todo):
+                job = self._prepare(out, o)
+                if job.pending is None:
+                    reports[k] = self._finish(job, overwrite, command)
+                else:
+                    deferred.append((k, job))
+            if deferred:
+                pending = [job.pending for _, job in deferred]
+                self.stats.record("hessian", shared_stage2(
+                    self.model, decoder_blocks(self.model), self.state, inp.finetune, pending, self.stats.encoded,
+                    self.opts.batch_size, inp.device, self.bar, self.move))
+                for k, job in deferred:
+                    reports[k] = self._finish(job, overwrite, command)
+        finally:
+            for _, job in deferred:
+                if isinstance(job.patches, PatchStore):
+                    job.patches.close()
+        return reports
+
+    def _prepare(self, out: Path, o: RepairOptions) -> _Job:
+        """One candidate up to its stage 2: statistics it needs (Fisher: cached), selection, and either its edits
+        (statistic-free methods, sft, sequential or whole-model stage 2) or a ``Pending`` for the shared pass."""
         inp, stats = self.inputs, self.stats
-        out = check_out(out, overwrite, ("--base", inp.base_dir), ("--finetuned", inp.ft_dir))
         finetune = inp.finetune
         granularity = o.granularity if o.method == "hcnr" else "column"
         lora_exact = finetune.is_lora and granularity == "column"
         fmt = ("adapter" if lora_exact else "checkpoint") if o.format == "auto" else o.format
         want_lora = lora_exact and fmt == "adapter"
         mats = [Matrix(m.name, m.shape, m.d_col_sq, m.w0_col_sq) for m in self.mats]
-
-        timings: dict[str, float] = {"load": self._load_s}
-        used_before = dict(stats.counts)
-        clock = [time.perf_counter(), sum(stats.timings.values())]
-
-        def lap(stage):  # time since the last lap, less the statistics passes that ran meanwhile
-            now, spent = time.perf_counter(), sum(stats.timings.values())
-            timings[stage] = round(timings.get(stage, 0.0) + now - clock[0] - (spent - clock[1]), 4)
-            clock[:] = [now, spent]
-
+        job = _Job(out, o, fmt, want_lora, mats, granularity, stats)
+        lap = job.lap
         patches, new_a, new_b = {}, {}, {}
-        used: list[str] = []
-        if o.method == "hcnr":
-            used = self._hcnr(o, mats, granularity, want_lora, lap, patches, new_a)
-        elif o.method == "regmean":
-            cand.select_all(mats)
-            lap("selection")
-            if self.keep and o.hessian_inputs != "sequential":
-                patches, new_a = cand.cached_stage2(stats, finetune, mats, o, "regmean", inp.device, want_lora, lap)
-                used = [_stage("gram", "honesty", o.hessian_inputs), "gram_task"]
+        if o.method in ("hcnr", "regmean"):
+            if o.method == "hcnr":
+                job.used = self._hcnr_select(o, mats, granularity)
+                chosen = [m for m in mats if m.selected]
+                method = o.compensation
             else:
-                patches, new_a = self._streamed(o, mats, "regmean", want_lora, lap)
+                cand.select_all(mats)
+                chosen, method = mats, "regmean"
+            lap("selection")
+            blocks = decoder_blocks(self.model)
+            if method != "none" and o.hessian_inputs != "sequential" and blocks is not None and chosen:
+                if not want_lora:
+                    patches = PatchStore(out)
+                job.pending = Pending(chosen, method, o, want_lora, patches, new_a)
+                job.used.append("hessian")
+            else:
+                patches, new_a = self._streamed(o, chosen, method, want_lora, lap)
         elif o.method == "scale":
             patches, new_b = cand.scale_candidate(mats, finetune, o.alpha, want_lora)
             lap("selection")
@@ -240,27 +272,37 @@ class RepairSession:
             patches, new_b = cand.lines_candidate(mats, finetune, o.alpha, o.beta, want_lora)
             lap("selection")
         else:
-            factors, losses = self.sft(o.steps, o.lr, o.seed)
-            clock[0] = time.perf_counter()  # the training is timed as "sft" (once per session and lr, seed)
-            timings["sft"] = self._sft_s[(o.lr, o.seed)]
+            factors, job.losses = self.sft(o.steps, o.lr, o.seed)
+            job.clock[0] = time.perf_counter()  # the training is timed as "sft" (once per session and lr, seed)
+            job.timings["sft"] = self._sft_s[(o.lr, o.seed)]
             patches, new_a, new_b = cand.sft_candidate(mats, finetune, factors, want_lora)
             lap("selection")
+        job.patches, job.new_a, job.new_b = patches, new_a, new_b
+        return job
+
+    def _finish(self, job: _Job, overwrite: bool, command: str | None) -> dict:
+        """The report and the artifact of one prepared candidate (its stage 2 done)."""
+        inp, stats, o = self.inputs, self.stats, job.o
+        job.restart()
+        if job.pending is not None:
+            job.timings["compensation"] = round(job.pending.compensation_s, 4)
+        timings = job.timings
         shared = {stage: t for stage, t in stats.timings.items()
-                  if stage in used or stats.counts.get(stage, 0) != used_before.get(stage, 0)}
+                  if stage in job.used or stats.counts.get(stage, 0) != job.used_before.get(stage, 0)}
         own = dict(timings)
         timings.clear()
-        timings.update({"load": own.pop("load"), **shared, **own})  # stage order: load, statistics, candidate
+        timings.update({"load": self._load_s, **shared, **own})  # stage order: load, statistics, candidate
         notes = list(inp.notes) + ([NOTES[o.method]] if o.method in NOTES else [])
-        report = build_report(inp, out, o, fmt, mats, granularity, overwrite, notes, command)
+        report = build_report(inp, job.out, o, job.fmt, job.mats, job.granularity, overwrite, notes, command)
         if o.method == "sft":
-            report["sft"] = {"steps": o.steps, "lr": o.lr, "losses": losses}
+            report["sft"] = {"steps": o.steps, "lr": o.lr, "losses": job.losses}
 
         def finish():
-            lap("export")
+            job.lap("export")
             timings["total"] = round(sum(v for k, v in timings.items() if k != "total"), 4)
 
-        return write_output(out, overwrite, report, inp, mats, granularity, patches, new_a, new_b, want_lora, o,
-                            timings, finish)
+        return write_output(job.out, overwrite, report, inp, job.mats, job.granularity, job.patches, job.new_a,
+                            job.new_b, job.want_lora, o, timings, finish)
 
     def sft(self, steps: int | list[int], lr: float | None = None, seed: int | None = None):
         """``--method sft``'s trained LoRA after `steps` (sft.sft_snapshots): ``(factors, losses)``; a list of
@@ -289,12 +331,12 @@ class RepairSession:
         patches, new_a = cand.streamed_stage2(self.model, self.state, self.inputs.finetune, chosen, self.inputs.enc_hon,
                                               self.inputs.enc_task, o, method, self.inputs.device, self.bar,
                                               want_lora, lap, self.move)
-        if self.keep and o.hessian_inputs == "sequential":
+        if o.hessian_inputs == "sequential":
             self.state.reset()  # the next candidate starts from the base again
         return patches, new_a
 
-    def _hcnr(self, o, mats, granularity, want_lora, lap, patches, new_a) -> list[str]:
-        """Eq. 4 (cached), Eqs. 5-7, stage 2; fills `patches` / `new_a`; returns the statistics stages used."""
+    def _hcnr_select(self, o, mats, granularity) -> list[str]:
+        """Eq. 4 (cached), Eqs. 5-7: marks the selected matrices; returns the statistics stages used."""
         stats, finetune = self.stats, self.inputs.finetune
         hon_state, task_state = cand.fisher_states(o.fisher_model)
         s_hon = s_task = None
@@ -306,19 +348,33 @@ class RepairSession:
             s_task = stats.fisher("task", task_state, granularity)
             used.append(_stage("fisher", "task", task_state, granularity))
         cand.select(mats, s_hon, s_task, finetune, o)
-        chosen = [m for m in mats if m.selected]
-        lap("selection")
-        if self.keep and o.hessian_inputs != "sequential":
-            p, a = cand.cached_stage2(stats, finetune, chosen, o, o.compensation, self.inputs.device, want_lora, lap)
-            if o.compensation != "none":
-                used.append(_stage("gram", "honesty", o.hessian_inputs))
-            if o.compensation == "task-aware":
-                used.append("gram_task")
-        else:
-            p, a = self._streamed(o, chosen, o.compensation, want_lora, lap)
-        patches.update(p)
-        new_a.update(a)
         return used
+
+
+class _Job:
+    """One candidate between ``_prepare`` and ``_finish``: its options, matrices, edits and stage timings."""
+
+    def __init__(self, out, o, fmt, want_lora, mats, granularity, stats):
+        self.out, self.o, self.fmt, self.want_lora = out, o, fmt, want_lora
+        self.mats, self.granularity = mats, granularity
+        self.stats = stats
+        self.timings: dict[str, float] = {}
+        self.used: list[str] = []
+        self.used_before = dict(stats.counts)
+        self.pending: Pending | None = None
+        self.patches = self.new_a = self.new_b = None
+        self.losses = None
+        self.clock = [time.perf_counter(), sum(stats.timings.values())]
+
+    def restart(self):
+        """Start the clock again (other candidates' work between prepare and finish is not this one's)."""
+        self.clock[:] = [time.perf_counter(), sum(self.stats.timings.values())]
+
+    def lap(self, stage: str):
+        """Time since the last lap, less the statistics passes that ran meanwhile, added to `stage`."""
+        now, spent = time.perf_counter(), sum(self.stats.timings.values())
+        self.timings[stage] = round(self.timings.get(stage, 0.0) + now - self.clock[0] - (spent - self.clock[1]), 4)
+        self.clock[:] = [now, spent]
 
 
 def run_repair(base, finetuned, honesty_data, task_data, out, *, overwrite=False, progress=False, console=None,
@@ -333,6 +389,6 @@ def run_repair(base, finetuned, honesty_data, task_data, out, *, overwrite=False
     base_dir = resolve_model_dir(base, "--base")
     ft_dir = resolve_model_dir(finetuned, "--finetuned")
     check_out(out, overwrite, ("--base", base_dir), ("--finetuned", ft_dir))  # before any loading
-    with RepairSession(base, finetuned, honesty_data, task_data, opts, console, progress,
-                       keep_statistics=False) as session:
+    check_fits(base_dir, ft_dir, opts, [(opts.method, opts.settings())])
+    with RepairSession(base, finetuned, honesty_data, task_data, opts, console, progress) as session:
         return session.write(out, overwrite=overwrite, command=command)

@@ -2,19 +2,15 @@
 
 The passes themselves live in streaming.py (block-by-block Fisher backward, per-block Hessian
 accumulation, with the hooks of hooks.py); this module decides what is computed on
-which model state and keeps it. ``Statistics`` computes each quantity lazily on first need and keeps
-it for every later candidate:
+which model state. ``Statistics`` computes the Fisher scores ``s[name]`` of every eligible matrix lazily,
+per (data set, model state, granularity), and keeps them for every later candidate (``4 in`` bytes per
+matrix, or ``4 out in`` for element granularity).
 
-- Fisher scores ``s[name]`` of every eligible matrix, per (data set, model state, granularity);
-- Gram sums ``H = sum over tokens x x^T`` (float64, in x in, on the CPU) of every eligible matrix's
-  input, per (data set, model state), with the token count; matrices fed the same input (q/k/v,
-  gate/up) share one tensor object. Cost: one ``8 * in^2`` bytes per distinct input of a block,
-  e.g. a llama block holds ``8 * (3 h^2 + I^2)`` bytes (q/k/v, o, gate/up, down), per data set:
-  27 MB per block on SmolLM2-135M (0.8 GB for 30 blocks), 2 GB per block on an 8B llama.
-
-``stream_block_grams`` is the block-streamed pass shared by the cached path and the bounded one-shot
-stage 2 of ``run_repair``: the calibration hidden states go through one decoder block at a time and
-each block's Grams are handed to the caller before the next block runs.
+Gram sums ``H = sum over tokens x x^T`` (float32, in x in) are never kept for the whole model:
+``stream_block_grams`` runs the calibration hidden states through one decoder block at a time and hands
+each block's Grams to the caller (stage2.py: every candidate's edit of that block) before the next block
+runs. Matrices fed the same input (q/k/v, gate/up) share one tensor: a llama block's Grams take
+``4 (3 h^2 + I^2)`` bytes per stream (1 GB at Llama-3.1-8B's width).
 """
 
 from __future__ import annotations
@@ -157,7 +153,7 @@ def stream_block_grams(model, blocks, state, mats: list[Matrix], streams: list[t
 
 
 class Statistics:
-    """Fisher scores and Grams of every eligible matrix, each computed at most once (see the module doc).
+    """Fisher scores of every eligible matrix, each computed at most once (see the module doc).
 
     ``timings`` gets one entry per pass (``stage_name``); ``counts`` how often each ran (1 at most)."""
 
@@ -167,15 +163,13 @@ class Statistics:
         self.encoded = encoded  # {"honesty": [...], "task": [...]}
         self.batch_size, self.device, self.bar, self.move = batch_size, device, bar, move
         self._fisher: dict[tuple, dict] = {}
-        self._grams: dict[tuple, tuple[dict, int]] = {}
         self.timings: dict[str, float] = {}
         self.counts: dict[str, int] = {}
 
     def _timed(self, stage: str, compute):
         t0 = time.perf_counter()
         out = compute()
-        self.timings[stage] = round(time.perf_counter() - t0, 4)
-        self.counts[stage] = self.counts.get(stage, 0) + 1
+        self.record(stage, time.perf_counter() - t0)
         return out
 
     def fisher(self, dataset: str, state: str, granularity: str = "column") -> dict[str, torch.Tensor]:
@@ -189,32 +183,7 @@ class Statistics:
             self._fisher[key] = self._timed(stage_name("fisher", dataset, state, granularity), compute)
         return self._fisher[key]
 
-    def grams(self, dataset: str, state: str) -> tuple[dict[str, torch.Tensor], int]:
-        """(Gram sums by weight name, token count) of `dataset`'s inputs with the model in `state`."""
-        key = (dataset, state)
-        if key not in self._grams:
-            self._grams[key] = self._timed(stage_name("gram", dataset, state), lambda: self._compute_grams(
-                dataset, state))
-        return self._grams[key]
-
-    def _compute_grams(self, dataset, state):
-        enc = self.encoded[dataset]
-        blocks = decoder_blocks(self.model)
-        if blocks is None:
-            self.state.set(state)
-            sums, tokens = whole_model_grams(self.model, self.mats, enc, self.batch_size, self.device, self.bar,
-                                             f"{dataset}, {state}", deepest_block(self.model, self.mats))
-            return _to_cpu(sums), tokens
-        out, tokens = {}, 0
-        for _, group, sums, counts in stream_block_grams(self.model, blocks, self.state, self.mats,
-                                                         [(dataset, state, enc)], self.batch_size, self.device,
-                                                         self.bar, lambda stage: None, self.move):
-            out.update(_to_cpu(sums[dataset]))
-            tokens = counts[dataset]
-        return out, tokens
-
-
-def _to_cpu(sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """CPU copies that keep the sharing of one tensor by several names (q/k/v, gate/up)."""
-    moved: dict[int, torch.Tensor] = {}
-    return {n: moved.setdefault(id(t), t.cpu()) for n, t in sums.items()}
+    def record(self, stage: str, seconds: float):
+        """One more pass of `stage` (e.g. ``hessian``, the shared block-streamed stage 2) that took `seconds`."""
+        self.timings[stage] = round(seconds, 4)
+        self.counts[stage] = self.counts.get(stage, 0) + 1
