@@ -209,13 +209,10 @@ def last_token_states(model, prompts: list[list[int]], pad_id: int):
     Right padding, so the last real token never sees a pad token."""
     import torch
 
+    from hcnr_deploy.guard.features import right_padded
+
     device = next(model.parameters()).device
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    att = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, :len(p)] = torch.tensor(p)
-        att[i, :len(p)] = 1
+    ids, att = right_padded(prompts, pad_id)
     with torch.no_grad():
         out = model(input_ids=ids.to(device), attention_mask=att.to(device), output_hidden_states=True,
                     use_cache=False)

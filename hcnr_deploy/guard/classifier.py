@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from hcnr_deploy.errors import UserError
+from hcnr_deploy.guard.features import right_padded
 from hcnr_deploy.modelio import (DECODER_LINEAR_RE, TOKENIZER_FILES, AtomicDir, Checkpoint, FineTune, copy_side_files,
                                  resolve_model_dir)
 
@@ -180,16 +181,6 @@ def write_classifier(base: str | Path, finetuned: str | Path, block: int, weight
     return Path(out)
 
 
-def _padded(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    att = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, :len(p)] = torch.tensor(p)
-        att[i, :len(p)] = 1
-    return ids, att
-
-
 def load_classifier(classifier_dir: str | Path):
     """(the HF sequence-classification model in float32, eval mode; its score bias b as a float32 tensor)."""
     from transformers import AutoModelForSequenceClassification
@@ -213,7 +204,7 @@ def hf_scores(classifier_dir: str | Path, prompts: list[list[int]], batch_size: 
     out = []
     with torch.no_grad():
         for i in range(0, len(prompts), batch_size):
-            ids, att = _padded(prompts[i:i + batch_size], pad)
+            ids, att = right_padded(prompts[i:i + batch_size], pad)
             h = model.model(input_ids=ids, attention_mask=att, use_cache=False).last_hidden_state
             last = h[torch.arange(len(ids)), att.sum(1) - 1]
             out.append((model.score(last.float()) + bias).squeeze(-1))

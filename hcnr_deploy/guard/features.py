@@ -23,6 +23,17 @@ def _blocks_and_norm(model):
     return list(layers)[: model.config.num_hidden_layers], norm
 
 
+def right_padded(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input ids, attention mask) of `prompts`, right-padded with `pad_id` to the longest."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    att = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, :len(p)] = torch.tensor(p)
+        att[i, :len(p)] = 1
+    return ids, att
+
+
 def normed_last_token_states(model, prompts: list[list[int]], pad_id: int) -> torch.Tensor:
     """float32 (blocks, len(prompts), hidden): final_norm(output of block l) at each prompt's last token.
 
@@ -30,12 +41,7 @@ def normed_last_token_states(model, prompts: list[list[int]], pad_id: int) -> to
     layers, norm = _blocks_and_norm(model)
     decoder = model.get_decoder()
     device = next(model.parameters()).device
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    att = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, :len(p)] = torch.tensor(p)
-        att[i, :len(p)] = 1
+    ids, att = right_padded(prompts, pad_id)
     rows = torch.arange(len(prompts), device=device)
     last = att.sum(1).to(device) - 1
     captured: list[torch.Tensor | None] = [None] * len(layers)
