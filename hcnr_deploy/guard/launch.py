@@ -94,6 +94,14 @@ def resolve_guards(guards: dict[str, Path], base: Path | None, adapters: dict[st
     return base, adapters, checkpoints, out
 
 
+def classifier_dtype(model: Path) -> str:
+    """The dtype write_classifier stored (config torch_dtype): `--dtype auto` may run a float32 classifier in a
+    lower precision on vLLM's CPU build (scores then differ from the probe's by ~1e-3 relative)."""
+    import json
+
+    return json.loads((model / "config.json").read_text()).get("torch_dtype") or "auto"
+
+
 def classifier_plan(guard: Guard, port: int, build: str | None, max_model_len: int | None, api_key: str | None,
                     python: str = sys.executable):
     """The classifier's vLLM server: pooling runner, LAST pooling, raw scores, on 127.0.0.1:port."""
@@ -102,7 +110,7 @@ def classifier_plan(guard: Guard, port: int, build: str | None, max_model_len: i
     model = (guard.folder / guard.spec.classifier).resolve()
     name = f"{guard.name}-classifier"
     argv = [*vllm_command(model, build, python), "--served-model-name", name, "--port", str(port), "--host",
-            "127.0.0.1", "--runner", "pooling", "--pooler-config", CLASSIFIER_POOLER]
+            "127.0.0.1", "--runner", "pooling", "--pooler-config", CLASSIFIER_POOLER, "--dtype", classifier_dtype(model)]
     if max_model_len:
         argv += ["--max-model-len", str(max_model_len)]
     env = {**(CPU_ENV if build == "cpu" else GPU_ENV), "VLLM_CPU_KVCACHE_SPACE": CLASSIFIER_CPU_KVCACHE_GIB}
