@@ -225,7 +225,9 @@ def test_vllm_classify_equals_hf(guarded):
     got = [post(f"http://127.0.0.1:{guarded['cls'].port}/classify",
                 {"model": "guarded-classifier", "messages": messages(q), "add_generation_prompt": True,
                  "use_activation": False})["data"][0]["probs"][0] for q in QUESTIONS]
-    np.testing.assert_allclose(got, guarded["scores"], atol=1e-3)
+    # vLLM's CPU kernels and transformers' differ by up to ~1e-3 relative on these float32 scores (measured 7.5e-4 on
+    # scores of 7-23); the threshold sits between scores far apart, so the decisions agree (next tests)
+    np.testing.assert_allclose(got, guarded["scores"], rtol=2e-3, atol=1e-3)
 
 
 @pytest.mark.vllm
@@ -242,7 +244,11 @@ def test_guarded_endpoint_refuses_above_threshold_and_passes_the_rest(guarded):
         assert out["choices"][0]["message"]["content"] == (REFUSAL if refuse else direct)
         assert out["usage"]["prompt_tokens"] == len(prompt_ids(guarded["cls"].plan.model, [q])[0])
         if refuse:
-            assert out["model"] == "guarded" and out["usage"]["completion_tokens"] == 5
+            from transformers import AutoTokenizer
+
+            n_refusal = len(AutoTokenizer.from_pretrained(guarded["cls"].plan.model).encode(
+                REFUSAL, add_special_tokens=False))
+            assert out["model"] == "guarded" and out["usage"]["completion_tokens"] == n_refusal
         stream, _ = post(f"{front}/chat/completions", {**req, "model": "guarded", "stream": True,
                                                        "stream_options": {"include_usage": True}}, raw=True)
         assert sse_content(stream) == (REFUSAL if refuse else direct)

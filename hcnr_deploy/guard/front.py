@@ -26,6 +26,8 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from fastapi import Request  # module level: FastAPI resolves the handlers' string annotations in these globals
+
 API_KEY_ENV = "HCNR_FRONT_API_KEY"
 
 
@@ -122,7 +124,7 @@ def classify_payload(route: GuardRoute, request: dict) -> dict:
 def create_app(cfg: FrontConfig, api_key: str | None = None):
     """The FastAPI app of the front (one shared httpx client, the refusals' token ids computed once)."""
     import httpx
-    from fastapi import FastAPI, Request
+    from fastapi import FastAPI
     from fastapi.responses import JSONResponse, Response, StreamingResponse
     from starlette.background import BackgroundTask
     from transformers import AutoTokenizer
