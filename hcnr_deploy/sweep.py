@@ -648,8 +648,7 @@ def sweep(base, finetuned, honesty_data, task_data, eval_honesty, eval_domain, o
     import shlex
 
     ctx = click.get_current_context()
-    require_unless_plan(plan, honesty_data=honesty_data, task_data=task_data, eval_honesty=eval_honesty,
-                        eval_domain=eval_domain, out=out)
+    require_unless_plan(plan, honesty_data=honesty_data, task_data=task_data, eval_domain=eval_domain, out=out)
     guard_options = {k: options.pop(k) for k in list(options) if k in GuardOptions.__dataclass_fields__}
     repair_options = options
     if plan:
