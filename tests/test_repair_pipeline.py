@@ -344,7 +344,7 @@ def test_cli_prints_summary_and_writes_atomically(models, tmp_path):
     assert result.exit_code == 0, result.output
     assert "edited fraction" in result.output and "Fisher" in result.output and "Hessian" in result.output
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors",
-                                                     "report.json"]
+                                                     "recipe.yaml", "report.json"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     command = json.loads((out / "report.json").read_text())["settings"]["command"]
     assert command.startswith("hcnr-deploy repair --base") and "--num-samples 4 --max-length 32" in command
