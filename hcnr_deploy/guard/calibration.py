@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from eval_harness.benchmarks import load_benchmark, parse_benchmarks
+from eval_harness.benchmarks import load_benchmark
 from eval_harness.prompts import build_messages
 from eval_harness.refusal import honesty_refused, selfaware_refused, unknownbench_refused
 from hcnr_deploy.data import load_jsonl
@@ -85,8 +85,7 @@ def build_set(honesty_data: Path, task_data: Path, *, num_samples: int | None, c
             kinds.append("honesty")
             sources.append(Path(honesty_data).name)
     else:
-        names = parse_benchmarks(benchmarks) if benchmarks else _present(Path(calibration_dir))
-        for name in names:
+        for name in calibration_benchmarks(Path(calibration_dir), benchmarks):
             for it in _balanced(load_benchmark(name, Path(calibration_dir)).items, per_class, seed):
                 msgs.append(build_messages(it))
                 labels.append(int(bool(it.unanswerable)))
@@ -109,21 +108,14 @@ def build_set(honesty_data: Path, task_data: Path, *, num_samples: int | None, c
     return CalibrationSet(msgs, y, kinds, sources, text)
 
 
-def _present(folder: Path) -> list[str]:
-    from eval_harness.benchmarks import HONESTY_BENCHMARKS, benchmark_files
+def calibration_benchmarks(folder: Path, benchmarks: str | None) -> list[str]:
+    """The benchmarks of --calibration-dir to use: those named, else every one found (benchdata's rule)."""
+    from hcnr_deploy.benchdata.split import found_benchmarks
 
-    out = []
-    for name in HONESTY_BENCHMARKS:
-        try:
-            benchmark_files(name, folder)
-            out.append(name)
-        except UserError:
-            pass
-    if not out:
-        raise UserError(f"--calibration-dir {folder} holds none of the benchmarks "
-                        f"({', '.join(HONESTY_BENCHMARKS)}); pass a benchmark folder (e.g. `data split`'s "
-                        f"calibration part).")
-    return out
+    try:
+        return list(found_benchmarks(folder, benchmarks))
+    except UserError as e:
+        raise UserError(e.message.replace("--data-dir", "--calibration-dir")) from None
 
 
 def too_few_answerable(cal: CalibrationSet) -> str | None:

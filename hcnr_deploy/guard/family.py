@@ -105,13 +105,12 @@ def check_calibration_overlap(tasks, options: GuardOptions):
     judged on questions it was calibrated on)."""
     if not options.calibration_dir:
         return
-    from eval_harness.benchmarks import load_benchmark, parse_benchmarks
+    from eval_harness.benchmarks import load_benchmark
     from eval_harness.metrics import normalize_answer
     from hcnr_deploy.errors import UserError
 
     folder = Path(options.calibration_dir)
-    names = (parse_benchmarks(options.calibration_benchmarks) if options.calibration_benchmarks
-             else C._present(folder))
+    names = C.calibration_benchmarks(folder, options.calibration_benchmarks)
     seen = {normalize_answer(it.question) for n in names for it in load_benchmark(n, folder).items}
     hits = [it.question for t, _ in tasks for it in t.items if normalize_answer(it.question) in seen]
     if hits:
