@@ -84,18 +84,6 @@ def is_unscored(out: Path) -> bool:
         return False
 
 
-def unscored_frontier(schema: str, cands, artifacts: dict, reports: dict, run: dict, settings: dict,
-                      timings: dict) -> dict:
-    """frontier.json of a build-only run: the candidates, their artifacts and repair reports' key figures."""
-    rows = [{"name": c.name, "family": c.family, "method": c.method, "params": c.repair_kwargs,
-             "artifact": str(artifacts[c.name]),
-             "edited_fraction": {"base": 1.0, "ft": 0.0}.get(c.name, reports.get(c.name, {}).get("edited_fraction")),
-             "repair_seconds": (reports.get(c.name, {}).get("timings_s") or {}).get("total")} for c in cands]
-    return {"schema": schema, "unscored": True, "candidates": rows, "chosen": None, "settings": settings,
-            "run": run, "timings_s": timings,
-            "reason": "built with --build-only: rerun the same command without it to serve and score them"}
-
-
 def unscored_frontier(cands, artifacts: dict, reports: dict, run: dict, settings: dict, timings: dict) -> dict:
     """frontier.json of a build-only run: the candidates, their artifacts and repair reports' key figures."""
     rows = [{"name": c.name, "family": c.family, "method": c.method, "params": c.repair_kwargs,
