@@ -38,7 +38,6 @@ def _raise_stop(signum, frame):
     raise _Stop(signal.Signals(signum).name)
 
 
-
 def run_foreground(plans, log_dir, startup_timeout: float, smoke: bool, console):
     """Start `plans`, smoke-check, print the table and block until a server exits (ServeError) or we are stopped
     (every server stopped; exit code 130 when stopped before all were ready)."""

@@ -30,7 +30,6 @@ class LoraSettings:
                 "--lora-target-modules", *self.target_modules]
 
 
-
 def round_lora_rank(rank: int) -> int:
     """The smallest --max-lora-rank vLLM accepts that is >= rank."""
     for r in VLLM_LORA_RANKS:

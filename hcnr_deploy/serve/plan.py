@@ -101,7 +101,6 @@ def parse_named_paths(values: tuple[str, ...], option: str) -> dict[str, Path]:
     return out
 
 
-
 def _check_model_dir(path: Path, option: str):
     from hcnr_deploy.modelio import TOKENIZER_FILES, Checkpoint
 

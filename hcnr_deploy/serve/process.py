@@ -21,11 +21,11 @@ from hcnr_deploy.serve.gpu import start_waves
 from hcnr_deploy.serve.gpumem import RELEASE_TIMEOUT_S, gpu_free_memory, wait_memory_released
 from hcnr_deploy.serve.plan import ServerPlan
 
+
 class ServeError(click.ClickException):
     """A server failed to start, died, or failed the smoke check (exit code 1, message may span lines)."""
 
     exit_code = 1
-
 
 
 def _die_with_parent():

@@ -42,7 +42,6 @@ def replies_differ(a: dict, b: dict, tol: float = 1e-5) -> bool:
     return a["text"] != b["text"] or any(abs(x - y) > tol for x, y in zip(a["logprobs"], b["logprobs"]))
 
 
-
 def smoke_verdict(name: str, adapter: Path, base_name: str, base: Path, targeted: list[str]) -> str:
     """For an adapter that replied exactly like its base: the warning when its weights change (next to) nothing;
     a ServeError when they do change the model, so vLLM is not applying them."""

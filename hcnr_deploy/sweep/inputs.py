@@ -82,7 +82,6 @@ def _count(xs):
     return out
 
 
-
 def longest_prompt_tokens(tasks, model_dir: Path) -> int:
     """Tokens of the longest prompt the scoring sends: each question as the eval harness asks it (one user turn),
     through the model's chat template with the generation prompt, as vLLM renders it (the plain prompt when the

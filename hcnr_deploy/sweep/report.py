@@ -79,7 +79,6 @@ def print_frontier(frontier: dict, console):
         console.print(line, highlight=False)
 
 
-
 def print_unscored(frontier: dict, console):
     names = ", ".join(c["name"] for c in frontier["candidates"])
     console.print(f"built {len(frontier['candidates'])} candidates ({names}); {frontier['reason']}.", highlight=False)
