@@ -16,8 +16,7 @@ from hcnr_deploy.options import click_options
 from hcnr_deploy.recipe import config_option, effective_recipe, from_api
 from hcnr_deploy.sweep import choice as C
 from hcnr_deploy.sweep.grid import DEFAULT_GRID, GRID_HELP
-
-EVAL_DEFAULTS = dict(max_tokens=64, concurrency=16, n_boot=1000)
+from hcnr_deploy.sweep.run import EVAL_DEFAULTS
 
 
 @click.command("sweep", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})

@@ -29,6 +29,9 @@ from hcnr_deploy.sweep.table import plot_frontier
 from hcnr_deploy.sweep.workdir import SCHEMA, input_key, prepare_dir, unscored_frontier, write_json, write_text
 
 
+EVAL_DEFAULTS = dict(max_tokens=64, concurrency=16, n_boot=1000)
+
+
 @dataclass
 class Sweep:
     """One sweep's settings (run_sweep's arguments) and what is resolved from them before any work."""
@@ -51,9 +54,9 @@ class Sweep:
     serve_dtype: str = "auto"
     max_model_len: int | None = None
     startup_timeout: float = 900
-    max_tokens: int = 64
-    concurrency: int = 16
-    n_boot: int = 1000
+    max_tokens: int = EVAL_DEFAULTS["max_tokens"]
+    concurrency: int = EVAL_DEFAULTS["concurrency"]
+    n_boot: int = EVAL_DEFAULTS["n_boot"]
     overwrite: bool = False
     repair_options: dict = field(default_factory=dict)
     console: object = None
