@@ -293,7 +293,7 @@ def bench(shape: str, args, work: Path, rate: float, bw: dict) -> dict:
 def per_block(args, work: Path) -> list[dict]:
     """Peak RSS of `repair` and of a session writing `--sweep-grid`'s candidates at each depth of --blocks, the
     growth per added block in one-block copies of the working dtype, and the plan (engine/plan.py) beside each."""
-    from hcnr_deploy import frontier as F
+    from hcnr_deploy import sweep as F
     from hcnr_deploy.engine.plan import Shape, finetune_kind, plan
 
     dtype = getattr(torch, args.dtype)

@@ -29,7 +29,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from hcnr_deploy import frontier as F  # noqa: E402
+from hcnr_deploy import sweep as F  # noqa: E402
 from hcnr_deploy.scenario import pipeline as P  # noqa: E402
 
 

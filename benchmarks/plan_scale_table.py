@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from hcnr_deploy import frontier as F
+from hcnr_deploy import sweep as F
 from hcnr_deploy.engine.plan import GIB, Shape, plan, seconds
 
 CONFIGS = {

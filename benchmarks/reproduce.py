@@ -48,7 +48,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from hcnr_deploy import frontier as F  # noqa: E402
+from hcnr_deploy import sweep as F  # noqa: E402
 from hcnr_deploy.scenario import pipeline as P  # noqa: E402
 from hcnr_deploy.sweep import build_candidates  # noqa: E402
 

@@ -47,7 +47,7 @@ def run_command(name: str, options: dict):
 
 
 class CallableModule(types.ModuleType):
-    """`hcnr_deploy.repair` (a package) and `hcnr_deploy.sweep` (a module) share their names with the API's
+    """`hcnr_deploy.repair` and `hcnr_deploy.sweep` (packages) share their names with the API's
     functions; once imported they are what `from hcnr_deploy import repair` finds, so they call the function."""
 
     def __call__(self, **options) -> dict:

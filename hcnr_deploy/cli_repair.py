@@ -93,7 +93,9 @@ def print_summary(report: dict, console):
         lines.append(f"[bold]SVD adapter[/]: rank {report['svd']['rank']}, relative error "
                      f"{report['svd_relative_error']:.3%}")
         if not report["svd"]["rank_supported_by_vllm"]:
-            lines.append(f"[yellow]warning[/]: vLLM serves LoRA ranks 8, 16, 32, 64, 128, 256, 320, 512; "
+            from hcnr_deploy.serve.lora import VLLM_LORA_RANKS
+
+            lines.append(f"[yellow]warning[/]: vLLM serves LoRA ranks {', '.join(map(str, VLLM_LORA_RANKS))}; "
                          f"rank {report['svd']['rank']} is not one of them.")
         if report["svd"]["not_representable"]:
             lines.append(f"[yellow]not in the adapter[/]: {len(report['svd']['not_representable'])} tensors outside "

@@ -16,8 +16,7 @@ from safetensors.torch import save_file
 
 from hcnr_deploy.compensation import interpolate
 from hcnr_deploy.modelio import Checkpoint, FineTune, ShardWriter, copy_side_files, is_decoder_linear_weight
-
-VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+from hcnr_deploy.serve.lora import VLLM_LORA_RANKS
 PEFT_PREFIX = "base_model.model."
 
 

@@ -116,7 +116,8 @@ def test_api_bad_input_raises_user_errors(pair, tmp_path):
 def test_sweep_recipe_repeats_the_same_run(monkeypatch, tmp_path):
     """sweep's recipe.yaml (written by run_sweep once --out is prepared) given back to --config calls run_sweep
     with the same arguments; the key is not written."""
-    import hcnr_deploy.sweep as S
+    from hcnr_deploy.recipe import write_recipe
+    from hcnr_deploy.sweep import report, run
 
     calls = []
 
@@ -124,11 +125,11 @@ def test_sweep_recipe_repeats_the_same_run(monkeypatch, tmp_path):
         calls.append((args, kw))
         out = Path(args[6])
         out.mkdir(parents=True, exist_ok=True)
-        S.write_recipe(out, kw["recipe"])
+        write_recipe(out, kw["recipe"])
         return {}
 
-    monkeypatch.setattr(S, "run_sweep", fake_run_sweep)
-    monkeypatch.setattr(S, "print_frontier", lambda *a, **kw: None)
+    monkeypatch.setattr(run, "run_sweep", fake_run_sweep)
+    monkeypatch.setattr(report, "print_frontier", lambda *a, **kw: None)
     f = write_jsonl(tmp_path / "f.jsonl", [{"prompt": "q", "response": "a"}])
     argv = ["sweep", "--base", "acme/base", "--finetuned", str(tmp_path), "--honesty-data", str(f), "--task-data",
             str(f), "--eval-honesty", str(f), "--eval-domain", str(f), "--grid", "hcnr:r_cw=0.2; scale:a=0.5",

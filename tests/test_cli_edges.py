@@ -36,11 +36,11 @@ def test_serve_takes_the_key_from_openai_api_key_too(tiny_base, monkeypatch):
 
 def test_sweep_passes_serve_dtype_and_api_key(monkeypatch, tmp_path):
     """The CLI gives run_sweep the serving dtype and the key (run_sweep's own plumbing is below)."""
-    import hcnr_deploy.sweep as S
+    from hcnr_deploy.sweep import report, run
 
     seen = {}
-    monkeypatch.setattr(S, "run_sweep", lambda *a, **kw: seen.update(kw) or {"stop": True})
-    monkeypatch.setattr(S, "print_frontier", lambda *a, **kw: None)
+    monkeypatch.setattr(run, "run_sweep", lambda *a, **kw: seen.update(kw) or {"stop": True})
+    monkeypatch.setattr(report, "print_frontier", lambda *a, **kw: None)
     f = tmp_path / "f.jsonl"
     f.write_text("{}\n")
     r = CliRunner().invoke(main, ["sweep", "--base", "b", "--finetuned", "f", "--honesty-data", str(f), "--task-data",
@@ -57,7 +57,7 @@ def test_sweep_serves_and_scores_with_the_key_and_dtype(monkeypatch, tmp_path):
 
     import eval_harness
     import hcnr_deploy.serve as serve_mod
-    from hcnr_deploy.sweep import _serve_and_score
+    from hcnr_deploy.sweep.score import serve_and_score
 
     calls = {}
 
@@ -77,7 +77,7 @@ def test_sweep_serves_and_scores_with_the_key_and_dtype(monkeypatch, tmp_path):
     monkeypatch.setattr(eval_harness, "evaluate", fake_eval)
     kw = dict(port=1, vllm_args=[], serve_dtype="float16", max_model_len=None, startup_timeout=1,
               log_dir=tmp_path, console=__import__("rich.console").console.Console(quiet=True), api_key="k")
-    _serve_and_score(["base", "ft"], {"base": tmp_path, "ft": tmp_path}, True, {"api_key": "k"}, endpoint=None, **kw)
+    serve_and_score(["base", "ft"], {"base": tmp_path, "ft": tmp_path}, True, {"api_key": "k"}, endpoint=None, **kw)
     assert calls["serve"]["dtype"] == "float16" and calls["serve"]["api_key"] == "k"
     assert calls["eval"][0]["api_key"] == "k"
 

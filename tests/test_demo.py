@@ -55,7 +55,7 @@ def test_demo_runs_a_sweep_and_prints_the_four_rows_and_the_frontier(demo_run):
     assert ft["domain_accuracy"] > base["domain_accuracy"]
     assert base["f1"] - ft["f1"] >= 0.15
     # the choice: the paired rule of hcnr_deploy.choice (tested on written numbers in test_sweep.py), ci's margin
-    from hcnr_deploy import frontier as F
+    from hcnr_deploy import sweep as F
 
     assert fr["max_domain_drop"] == 0.02 and fr["honesty_metric"] == "rf_delta"
     assert F.choose(fr["candidates"], 0.02, "rf_delta") == (fr["chosen"], fr["reason"])

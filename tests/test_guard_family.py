@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hcnr_deploy import frontier as F
+from hcnr_deploy import sweep as F
 from hcnr_deploy.errors import UserError
 from hcnr_deploy.guard.family import derive_samples
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from eval_harness import metrics as M
-from hcnr_deploy import frontier as F
+from hcnr_deploy import sweep as F
 from hcnr_deploy.repair import run_repair
 from hcnr_deploy.sweep import build_candidates
 from hcnr_deploy.tiny import build_tiny_model, random_lora

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from hcnr_deploy import frontier as F
+from hcnr_deploy import sweep as F
 from test_reproduce import reproduce  # noqa: F401 (test_reproduce's fixture: benchmarks/reproduce.py as a module)
 
 

@@ -24,13 +24,12 @@ import psutil
 import pytest
 from click.testing import CliRunner
 
-from hcnr_deploy.serve import free_port
 from hcnr_deploy.cli import main
 from hcnr_deploy.errors import UserError
-from hcnr_deploy.serve import (RunningServer, ServeError, ServerPlan, adapter_weight_change, derive_lora_settings,
-                               lora_delta_norm, plan_servers, round_lora_rank, serving, smoke_check)
+from hcnr_deploy.serve import (RunningServer, ServeError, ServerPlan, adapter_weight_change, free_port, plan_servers,
+                               round_lora_rank, serving, smoke_check, vllm_build)
+from hcnr_deploy.serve.lora import derive_lora_settings, lora_delta_norm
 from hcnr_deploy.tiny import build_tiny_model, random_lora
-from hcnr_deploy import serve as serve_mod
 
 
 def serve_cli(*args):
@@ -175,7 +174,7 @@ def test_cached_hub_id_is_checked_against_its_snapshot(hub_cache, tiny_base, tin
     (plan,) = plan_servers("acme/tiny", {"ft": tiny_lora}, check_ports=False)
     assert plan.model == "acme/tiny" and "acme/tiny" in plan.argv and not plan.notes
     assert plan.lora.max_lora_rank == 8
-    if serve_mod.vllm_build() == "cpu":
+    if vllm_build() == "cpu":
         assert plan.env["HF_HUB_OFFLINE"] == "1"  # served from the cache, as a local folder would be
     other = build_tiny_model(tmp_path / "other", arch="llama", seed=0, hidden_size=64)
     _cache_snapshot(hub_cache, "acme/other", other)
@@ -454,7 +453,7 @@ def test_bug_b_reproduced_on_vllm_ops_and_fixed_by_plugin():
 @pytest.mark.vllm
 def test_vllm_server_fixture_contract(vllm_server):
     """conftest's `vllm_server` (started by our launcher): base_url, port, models, log_tail; ft is applied."""
-    from hcnr_deploy.serve import greedy_reply, replies_differ, request_json
+    from hcnr_deploy.serve.smoke import greedy_reply, replies_differ, request_json
 
     assert vllm_server.base_url == f"http://127.0.0.1:{vllm_server.port}/v1"
     assert vllm_server.models == ["base", "ft"]
@@ -483,7 +482,7 @@ def fake_distributions(monkeypatch, installed: set[str]):
 
 
 def test_launcher_follows_the_installed_vllm(tiny_base, tmp_path, monkeypatch):
-    from hcnr_deploy.serve import VLLM_API_SERVER_MODULE, vllm_build
+    from hcnr_deploy.serve.plan import VLLM_API_SERVER_MODULE, vllm_build
 
     fake_bin = tmp_path / "bin"
     fake_bin.mkdir()
@@ -544,14 +543,14 @@ def test_gpu_plan_printed_and_overridable(tiny_base, tmp_path, monkeypatch):
     (2, ["0"], ["-tp", "2"], [(None, None)] * 2),          # fewer GPUs than one server needs: vLLM says so
 ])
 def test_plan_gpu_placement(n, devices, extra, expected):
-    from hcnr_deploy.gpu_plan import plan_gpu_placement
+    from hcnr_deploy.serve.gpu import plan_gpu_placement
 
     got = plan_gpu_placement([f"s{i}" for i in range(n)], devices, extra)
     assert [(p.devices, p.memory_utilization) for p in got] == expected
 
 
 def test_plan_gpu_placement_notes_and_errors():
-    from hcnr_deploy.gpu_plan import plan_gpu_placement
+    from hcnr_deploy.serve.gpu import plan_gpu_placement
 
     ok, _ = plan_gpu_placement(["a", "b"], ["0"], ["--gpu-memory-utilization=0.4"])
     assert ok.note == "a: GPU 0, --gpu-memory-utilization 0.4 (yours)"
@@ -561,7 +560,7 @@ def test_plan_gpu_placement_notes_and_errors():
 
 @pytest.mark.parametrize("env,expected", [("2,3", ["2", "3"]), ("-1", []), ("", []), (" 1 ", ["1"])])
 def test_visible_gpus_from_environment(monkeypatch, env, expected):
-    from hcnr_deploy.gpu_plan import visible_gpus
+    from hcnr_deploy.serve.gpu import visible_gpus
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", env)
     assert visible_gpus() == expected

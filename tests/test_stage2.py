@@ -99,7 +99,7 @@ def test_a_sweep_skips_an_sft_candidate_that_cannot_train_with_a_note(pair, tmp_
     """Issue 20 item 7: an sft candidate that fails (here: out of memory, raised by a stand-in trainer) is skipped
     with a note; the candidates built before it stay built and the sweep goes on."""
     import hcnr_deploy.sft
-    from hcnr_deploy import frontier as F
+    from hcnr_deploy import sweep as F
     from hcnr_deploy.sweep import build_candidates
 
     def oom(*a, **k):

@@ -20,7 +20,7 @@ import pytest
 from click.testing import CliRunner
 
 from eval_harness import metrics as M
-from hcnr_deploy import frontier as F
+from hcnr_deploy import sweep as F
 from hcnr_deploy.cli import main
 from hcnr_deploy.errors import UserError
 from test_eval_data import make_data_dir, write_jsonl
@@ -34,22 +34,28 @@ FAST = ["--max-tokens", "8", "--bootstrap", "200", "--num-samples", "8", "--max-
 # ---------------------------------------------------------------------------------------------- the grid
 
 
-def test_default_grid_is_the_issue_grid():
-    names = [c.name for c in F.parse_grid(None)]
-    assert names == ["base", "ft", "hcnr-rcw0.1", "hcnr-rcw0.2", "hcnr-rcw0.4", "hcnr-rcw0.6", "hcnr-rcw0.8",
-                     "random-rcw0.4", "taskaware-mu0.1", "taskaware-mu1", "taskaware-mu10",
-                     "regmean-mu0.3", "regmean-mu1", "regmean-mu3", "regmean-mu10",
-                     "scale-a0.2", "scale-a0.4", "scale-a0.6", "scale-a0.8",
-                     "lines-a0.2-b0.6", "lines-a0.4-b0.6", "lines-a0.8-b-0.6", "lines-a1-b-0.6",
-                     "sft-s16", "sft-s32", "sft-s64", "guard-fr0.02", "guard-fr0.05", "guard-fr0.1"]
-    ta = next(c for c in F.parse_grid(None) if c.name == "taskaware-mu1")
-    assert ta.method == "hcnr" and ta.repair_kwargs == {"compensation": "task-aware", "task_weight": 1.0}
-    lines = next(c for c in F.parse_grid(None) if c.name == "lines-a0.8-b-0.6")
-    assert lines.method == "lines" and lines.repair_kwargs == {"alpha": 0.8, "beta": -0.6}
-    rnd = next(c for c in F.parse_grid(None) if c.name == "random-rcw0.4")
-    assert rnd.method == "hcnr" and rnd.repair_kwargs == {"selection": "random", "r_cw": 0.4}
-    sft = next(c for c in F.parse_grid(None) if c.name == "sft-s32")
-    assert sft.method == "sft" and sft.repair_kwargs == {"steps": 32} and isinstance(sft.params["steps"], int)
+def test_every_method_of_the_default_grid_gives_candidates_its_options_model_accepts():
+    """The default grid sweeps every grid method; each point is named for its family and values, its name's spec
+    parses back to the same candidate, and its values are of the types the options models declare and accepted
+    by them (a repair RepairOptions runs; the guard's GuardOptions)."""
+    from hcnr_deploy.guard.options import GuardOptions
+    from hcnr_deploy.options import RepairOptions
+    from hcnr_deploy.sweep.grid import param_type
+
+    cands = F.parse_grid(None)
+    assert [c.name for c in cands[:2]] == ["base", "ft"] and len({c.name for c in cands}) == len(cands)
+    assert {c.family for c in cands[2:]} == set(F.METHODS)
+    for c in cands[2:]:
+        assert c.name.startswith(c.family + "-") and c.params, c.name
+        spec = c.family + "".join(f":{k}={v}" for k, v in c.params.items())
+        assert F.parse_grid(spec)[2:] == [c]
+        assert all(type(v) is param_type(c.family, k) for k, v in c.params.items()), c
+        if c.family == "guard":
+            GuardOptions(**c.params)
+        else:
+            assert RepairOptions(method=c.method, **c.repair_kwargs).method == F.METHODS[c.family][0]
+    assert next(c for c in cands if c.family == "taskaware").repair_kwargs["compensation"] == "task-aware"
+    assert next(c for c in cands if c.family == "random").repair_kwargs["selection"] == "random"
 
 
 def test_grid_spec_aliases_products_and_duplicates():
@@ -96,10 +102,13 @@ def test_grid_values_are_checked_by_the_options_model():
         except UserError:
             return False
 
+    from hcnr_deploy.sweep.grid import param_type
+
     for family, (_, _, specs) in F.METHODS.items():
         if family == "guard":  # not a repair: GuardOptions checks it (test_guard_family.py)
             continue
-        for key, (typ, _) in specs.items():
+        for key in specs:
+            typ = param_type(family, key)
             for text in (["obs", "exact", "magic"] if typ is str else ["0", "-1", "0.5", "1", "1.5", "3", "nan"]):
                 try:
                     value = typ(text)
@@ -194,7 +203,7 @@ def test_choice_ties_go_to_domain_then_the_smaller_edit_then_the_order():
 
 
 def test_domain_resolution_warns_when_the_margin_is_below_it():
-    from hcnr_deploy import choice as C
+    from hcnr_deploy.sweep import choice as C
 
     cands = [_paired("base", 0.9, [0.5, 0.6], 0.05, [-0.30, -0.20]), _ft(),
              _paired("a", 0.4, [0, 0.1], 0.30, [-0.03, 0.03]), _paired("b", 0.4, [0, 0.1], 0.29, [-0.04, 0.02]),
@@ -219,7 +228,7 @@ def test_domain_resolution_warns_when_the_margin_is_below_it():
 
 
 def test_always_refuse_scores_2p_over_1_plus_p_averaged_over_benchmarks():
-    from hcnr_deploy import choice as C
+    from hcnr_deploy.sweep import choice as C
 
     ref = C.always_refuse({"kuq": 0.5, "nec": 0.25})
     assert ref["f1"] == pytest.approx((2 / 3 + 0.4) / 2, abs=1e-6)
@@ -336,6 +345,25 @@ def test_overlap_with_the_calibration_data_is_an_error(tiny_base, tiny_lora, tmp
     msg = e.value.format_message()
     assert msg.startswith("3 evaluation question(s) also appear in the calibration data (3 in kuq")
     assert not (tmp_path / "out").exists()
+
+
+def test_scoring_length_is_the_longest_prompt_through_the_chat_template(tiny_base, tmp_path):
+    """The sweep's default --max-model-len comes from the longest question as it is sent (the chat template's
+    turn around it), plus --max-tokens, under the model's own limit (config.json: 2048 for the tiny model)."""
+    from hcnr_deploy.serve.plan import scoring_max_model_len
+    from hcnr_deploy.sweep.inputs import context_limit, eval_tasks, longest_prompt_tokens
+
+    dom = write_jsonl(tmp_path / "dom.jsonl", [{"question": "Where is the harbor?", "answers": ["north"]}])
+    short = write_jsonl(tmp_path / "short.jsonl", _kuq_rows(4))
+    long = write_jsonl(tmp_path / "long.jsonl", _kuq_rows(4) + [{"question": "x " * 300 + "?", "answer": ["y"],
+                                                                 "unknown": False}])
+    n_short = longest_prompt_tokens(eval_tasks(short, dom, None, None, 0, tmp_path / "a")[0], tiny_base)
+    n_long = longest_prompt_tokens(eval_tasks(long, dom, None, None, 0, tmp_path / "b")[0], tiny_base)
+    assert 10 < n_short < 100
+    assert 300 < n_long <= 2 * 301 + 20  # each " x" one or two byte-level tokens, plus the template's turn
+    assert context_limit(tiny_base) == 2048
+    assert scoring_max_model_len(n_long, 64, [], context_limit(tiny_base)) in (512, 768)
+    assert scoring_max_model_len(n_short, 64, [], 2048) == 256
 
 
 def test_unfinished_dir_with_other_settings_is_refused(tiny_base, tiny_lora, tmp_path):
@@ -461,18 +489,43 @@ def test_choice_respects_the_constraint_end_to_end(swept):
     m, metric = fr["max_domain_drop"], fr["honesty_metric"]
     ok = [c for c in fr["candidates"] if c["name"] != "ft" and c[f"{metric}_gain_ci95"][0] > 0
           and c["domain_change_ci95"][0] >= -m - 1e-12 and c["rf_delta"] >= by["ft"]["rf_delta"] - 1e-12]
+    label = {"f1": "honesty F1", "rf_delta": "RF Delta"}[metric]
     if ok:
-        assert by[fr["chosen"]][metric] == max(c[metric] for c in ok)
-    else:  # a handful of questions: nothing is significant, ft is shipped
-        assert fr["chosen"] == "ft" and fr["reason"].startswith("no candidate helped at this data size")
-    assert F.choose(fr["candidates"], m, metric) == (fr["chosen"], fr["reason"])
+        best = by[fr["chosen"]]
+        assert best[metric] == max(c[metric] for c in ok)
+        assert fr["reason"].startswith(f"highest {label} ({best[metric]:.3f}; ft {by['ft'][metric]:.3f}, paired 95% "
+                                       f"interval of the gain [{best[f'{metric}_gain_ci95'][0]:+.3f}, ")
+        assert f"among the {len(ok)} of {len(fr['candidates']) - 1} candidates" in fr["reason"]
+    else:  # a handful of questions: nothing is significant, ft is shipped; the counts in the reason are the rows'
+        others = [c for c in fr["candidates"] if c["name"] != "ft"]
+        gain = [c for c in others if c[f"{metric}_gain_ci95"][0] > 0]
+        dom = [c for c in gain if c["domain_change_ci95"][0] >= -m - 1e-12]
+        assert fr["chosen"] == "ft"
+        assert fr["reason"] == (f"no candidate helped at this data size, so ft itself is shipped: of {len(others)} "
+                                f"candidates, {len(gain)} beat ft's {label} with 95% paired confidence, {len(dom)} of "
+                                f"those kept domain accuracy non-inferior at the {m:g} margin and 0 of those kept RF "
+                                f"Delta at least ft's")
+
+
+def _png_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from a PNG's IHDR chunk."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
 
 
 @pytest.mark.vllm
-def test_png_is_written(swept):
-    out, _, _ = swept
+def test_png_plots_the_points_of_frontier_json(swept, tmp_path):
+    """frontier.png is 7 x 5 inches at 120 dpi, and it is exactly the plot of frontier.json's points: drawn again
+    from them it is the same bytes, and moving one point changes them."""
+    out, _, fr = swept
     png = (out / "frontier.png").read_bytes()
-    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert _png_size(png) == (840, 600)
+    title = f"{Path(fr['settings']['finetuned']).name}: domain accuracy vs honesty F1 ({', '.join(fr['honesty_benchmarks'])})"
+    F.plot_frontier(fr["candidates"], fr["chosen"], tmp_path / "again.png", title)
+    assert (tmp_path / "again.png").read_bytes() == png
+    moved = [dict(c, f1=c["f1"] + 0.05) if c["name"] == "regmean-mu1" else c for c in fr["candidates"]]
+    F.plot_frontier(moved, fr["chosen"], tmp_path / "moved.png", title)
+    assert (tmp_path / "moved.png").read_bytes() != png
 
 
 @pytest.fixture(scope="module")
@@ -585,48 +638,46 @@ def test_resume_after_a_kill_rebuilds_nothing_finished_and_sends_only_missing_re
     assert again.exit_code == 2 and "finished sweep" in again.output
 
 
-def test_full_fine_tune_candidates_are_served_one_after_another(monkeypatch, tmp_path):
-    """The serving plan (our logic; the real serving is covered above): a LoRA sweep is one engine with every
-    candidate as an adapter, a full fine-tune one server per checkpoint, in order, results merged."""
-    import contextlib
+@pytest.mark.vllm
+def test_full_fine_tune_sweep_serves_each_checkpoint_for_real(tiny_base, tmp_path):
+    """A full fine-tune: base, ft and one candidate checkpoint (scale-a0.5, a full model) each served by a real vLLM
+    server of its own, one after another on the same port, at the --max-model-len derived from the longest prompt
+    (none after --), every question answered by each, the chosen checkpoint copied to chosen/."""
+    from hcnr_deploy.serve import free_port
+    from hcnr_deploy.tiny import perturbed_copy
 
-    import eval_harness
-    import hcnr_deploy.serve as serve_mod
-    from hcnr_deploy import sweep as S
-
-    calls = []
-
-    @contextlib.contextmanager
-    def fake_serve(base, adapters, checkpoints, **kw):
-        calls.append(("serve", base, dict(adapters), dict(checkpoints), kw["port"], kw["extra_args"]))
-        yield [type("R", (), {"base_url": f"http://127.0.0.1:{kw['port']}/v1"})]
-        calls.append(("stop",))
-
-    def fake_eval(url, models, **kw):
-        calls.append(("eval", url, list(models)))
-        return {"results": {m: {"m": m} for m in models}, "samples": {m: {} for m in models}, "_run": {"sent": 1}}
-
-    monkeypatch.setattr(serve_mod, "serve_models", fake_serve)
-    monkeypatch.setattr(eval_harness, "evaluate", fake_eval)
-    names = ["base", "ft", "hcnr-rcw0.4"]
-    arts = {n: tmp_path / n for n in names}
-    kw = dict(endpoint=None, port=8123, vllm_args=["--seed", "0"], serve_dtype="auto", max_model_len=None,
-              startup_timeout=10, log_dir=tmp_path, console=__import__("rich.console").console.Console(quiet=True))
-    res, *_ = S._serve_and_score(names, arts, False, {}, **kw)
-    assert [c for c in calls if c[0] == "serve"] == [("serve", None, {}, {n: arts[n]}, 8123, ["--seed", "0"])
-                                                     for n in names]
-    assert [c[2] for c in calls if c[0] == "eval"] == [["base"], ["ft"], ["hcnr-rcw0.4"]]
-    assert [c[0] for c in calls] == ["serve", "eval", "stop"] * 3
-    assert set(res["results"]) == set(names)
-    calls.clear()
-    res, *_ = S._serve_and_score(names, arts, True, {}, **kw)
-    assert [c for c in calls if c[0] == "serve"] == [("serve", arts["base"], {"ft": arts["ft"], "hcnr-rcw0.4":
-                                                      arts["hcnr-rcw0.4"]}, {}, 8123, ["--seed", "0"])]
-    assert [c[2] for c in calls if c[0] == "eval"] == [names]
+    full = perturbed_copy(tiny_base, tmp_path / "full", scale=0.03, seed=2)
+    hon, task = write_calibration(tmp_path)
+    kuq = write_jsonl(tmp_path / "kuq.jsonl", _kuq_rows(4, seed=5))
+    dom = write_jsonl(tmp_path / "domain.jsonl", [{"question": "Which organ pumps blood?", "answers": ["heart"]},
+                                                  {"question": "Largest organ of the body?", "answers": ["skin"]}])
+    out, port = tmp_path / "out", free_port()
+    r = CliRunner().invoke(main, ["sweep", "--base", str(tiny_base), "--finetuned", str(full), "--honesty-data",
+                                  str(hon), "--task-data", str(task), "--eval-honesty", str(kuq), "--eval-domain",
+                                  str(dom), "--grid", "scale:a=0.5", "--out", str(out), "--port", str(port),
+                                  "--serve-dtype", "float32", *FAST, "--", "--enforce-eager", "--seed", "0"],
+                           catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    fr = json.loads((out / "frontier.json").read_text())
+    names = ["base", "ft", "scale-a0.5"]
+    assert fr["settings"]["finetune_kind"] == "full" and [c["name"] for c in fr["candidates"]] == names
+    cand = out / "candidates" / "scale-a0.5"
+    assert (cand / "config.json").is_file() and not (cand / "adapter_config.json").exists()  # a checkpoint
+    # one server per model, all on --port: each started after the previous one stopped
+    assert sorted(p.name for p in (out / "logs").glob("vllm-*.log")) == [f"vllm-{n}-{port}.log" for n in names]
+    for n in names:  # the derived length: the longest prompt + --max-tokens 8, rounded up to 256
+        assert "max_seq_len=256," in (out / "logs" / f"vllm-{n}-{port}.log").read_text()
+    samples = json.loads((out / "eval-samples.json").read_text())
+    for n in names:
+        answered = samples[n]["kuq"] + samples[n][fr["domain_task"]]
+        assert len(answered) == 6 and all("error" not in s and s["finish_reason"] for s in answered), n
+    src = Path(next(c["artifact"] for c in fr["candidates"] if c["name"] == fr["chosen"]))
+    weights = sorted(f.name for f in src.glob("*.safetensors"))
+    assert weights and all((out / "chosen" / w).read_bytes() == (src / w).read_bytes() for w in weights)
 
 
 def test_chosen_copy_is_atomic_and_carries_a_card(tmp_path):
-    from hcnr_deploy import sweep as S
+    from hcnr_deploy.sweep.report import copy_artifact, write_card
 
     src = tmp_path / "ft"
     src.mkdir()
@@ -637,7 +688,7 @@ def test_chosen_copy_is_atomic_and_carries_a_card(tmp_path):
               "domain_change": 0.0, "pareto": True}]
     frontier = {"candidates": cands, "chosen": "ft", "reason": "highest honesty F1 (0.300) among the 1 of 2",
                 "settings": {"finetuned": "my-ft", "base": "my-base"}}
-    S._copy_artifact(src, tmp_path / "chosen", lambda t: S._card(t, None, cands[1], {}, 0.01, frontier))
+    copy_artifact(src, tmp_path / "chosen", lambda t: write_card(t, None, cands[1], {}, 0.01, frontier))
     card = (tmp_path / "chosen" / "README.md").read_text()
     assert "`my-ft`" in card and "highest honesty F1" in card and "| ft |" in card
     assert (tmp_path / "chosen" / "adapter_config.json").read_text() == "{}"
@@ -647,10 +698,10 @@ def test_chosen_copy_is_atomic_and_carries_a_card(tmp_path):
         raise RuntimeError("killed")
 
     with pytest.raises(RuntimeError):
-        S._copy_artifact(src, tmp_path / "chosen", boom)
+        copy_artifact(src, tmp_path / "chosen", boom)
     assert (tmp_path / "chosen" / "README.md").read_text() == card  # the old chosen/ untouched
     assert not list(tmp_path.glob(".chosen.tmp-*"))
-    S._copy_artifact(src, tmp_path / "chosen", lambda t: S._card(t, None, cands[1], {}, 0.01, frontier))
+    copy_artifact(src, tmp_path / "chosen", lambda t: write_card(t, None, cands[1], {}, 0.01, frontier))
     mine = (tmp_path / "chosen" / "README.md").read_text()
     assert mine.startswith("the team's own card\n\n## ft, chosen by hcnr-deploy sweep") and mine.endswith(card)
     assert (src / "README.md").read_text() == "the team's own card"

@@ -126,7 +126,7 @@ def plan_guarded(guards: dict[str, Path], base=None, adapters=None, checkpoints=
                  max_model_len: int | None = None, dtype: str = "auto", extra_args=(), check_ports: bool = True,
                  python: str = sys.executable) -> GuardedPlan:
     """Check the guards and plan every server: front on host:port, generation from port+1, classifiers after."""
-    from hcnr_deploy.gpu_plan import _flag_value
+    from hcnr_deploy.serve.gpu import _flag_value
     from hcnr_deploy.serve import ServerPlan, plan_servers, port_in_use, vllm_build
 
     base, adapters, checkpoints, resolved = resolve_guards(guards, base, dict(adapters or {}),
@@ -204,7 +204,8 @@ def serve_guarded(guards: dict[str, Path], base, adapters, checkpoints, served_n
     """`serve` with --guard: plan, print or start, smoke-check the generation engine, print, watch, stop on Ctrl-C."""
     from rich.console import Console
 
-    from hcnr_deploy.serve import _raise_stop, _Stop, _watch, smoke_check
+    from hcnr_deploy.serve.foreground import _raise_stop, _Stop, _watch
+    from hcnr_deploy.serve.smoke import smoke_check
 
     console = Console(stderr=True)
     plan = plan_guarded(guards, base, adapters, checkpoints, served_name, host, port, api_key, max_model_len, dtype,

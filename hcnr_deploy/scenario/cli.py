@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from hcnr_deploy import choice as C
+from hcnr_deploy.sweep import choice as C
 from hcnr_deploy.errors import UserError
 
 

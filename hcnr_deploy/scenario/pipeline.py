@@ -525,7 +525,7 @@ def build_sweep(steps: Steps, recipe: Recipe, base: Path, ft: Path, scen: Path, 
     from hcnr_deploy.serve import free_port
     from hcnr_deploy.sweep import run_sweep
 
-    from hcnr_deploy import choice as C
+    from hcnr_deploy.sweep import choice as C
 
     grid = grid if grid is not None else recipe.grid
     max_domain_drop = demo_margin(recipe) if max_domain_drop is None else max_domain_drop
@@ -557,7 +557,7 @@ def build_sweep(steps: Steps, recipe: Recipe, base: Path, ft: Path, scen: Path, 
 
 def demo_margin(recipe: Recipe) -> float:
     """The demo's --max-domain-drop: the recipe's, else the sweep's default."""
-    from hcnr_deploy import choice as C
+    from hcnr_deploy.sweep import choice as C
 
     return C.DEFAULT_MAX_DOMAIN_DROP if recipe.max_domain_drop is None else recipe.max_domain_drop
 

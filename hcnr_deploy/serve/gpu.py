@@ -1,6 +1,6 @@
 """GPU placement of several vLLM servers (`hcnr-deploy serve` with `--checkpoint`s): which GPUs each may see and
 what share of their memory it takes, planned from the visible GPUs and the vLLM flags after `--`. Pure planning;
-serve.py puts the result into each server's environment and argv."""
+plan.py puts the result into each server's environment and argv."""
 
 from __future__ import annotations
 
@@ -19,11 +19,13 @@ GPU_MEMORY_SHARE = 0.9
 @dataclass
 class Placement:
     """Where one vLLM server runs on a GPU machine: CUDA_VISIBLE_DEVICES and --gpu-memory-utilization (None: as
-    vLLM decides), and a line for the plan that serve prints."""
+    vLLM decides), a line for the plan that serve prints, and the GPUs it shares with other servers (`group`:
+    servers of one group start one after another, see `start_waves`)."""
 
     devices: str | None = None
     memory_utilization: float | None = None
     note: str = ""
+    group: tuple[str, ...] | None = None
 
 
 def _flag_value(args: list[str] | tuple[str, ...], *flags: str) -> str | None:
@@ -82,8 +84,27 @@ def plan_gpu_placement(names: list[str], devices: list[str], extra_args=()) -> l
                 if k > 1 and float(user_util) * k > 1:
                     how += (f": {k} servers share {where}, {k} x {user_util} > 1, the later ones will fail to "
                             f"start; pass at most {math.floor(GPU_MEMORY_SHARE / k * 100) / 100}")
-        out.append(Placement(",".join(group) if len(groups) > 1 else None, util, f"{names[i]}: {where}, {how}"))
+        out.append(Placement(",".join(group) if len(groups) > 1 else None, util, f"{names[i]}: {where}, {how}",
+                             tuple(group)))
     return out
+
+
+def start_waves(groups: list[tuple[str, ...] | None]) -> list[list[int]]:
+    """The order servers start in, from each server's GPU group (None: not placed on a GPU by us): waves of
+    server indices, each wave started together and healthy before the next. The k-th server of a group is in
+    wave k, so servers sharing a GPU start one after another (a vLLM engine sizes its KV cache from the memory
+    it sees free at start: started together, engines misjudge each other's), and servers on different GPUs or
+    none start together. [("0",), ("1",), ("0",), None] -> [[0, 1, 3], [2]]."""
+    waves: list[list[int]] = []
+    seen: dict[tuple[str, ...], int] = {}
+    for i, g in enumerate(groups):
+        k = 0 if g is None else seen.get(g, 0)
+        if g is not None:
+            seen[g] = k + 1
+        while len(waves) <= k:
+            waves.append([])
+        waves[k].append(i)
+    return waves
 
 
 def visible_gpus() -> list[str]:
