@@ -194,7 +194,7 @@ def _rename_option(err: UserError, name: str) -> UserError:
 
 def validate_adapter(name: str, path: Path, base) -> tuple[dict, list[str]]:
     """Check that `path` is a LoRA adapter vLLM can serve on `base` (a modelio.Checkpoint)."""
-    from hcnr_deploy.modelio import FineTune, LoraAdapter
+    from hcnr_deploy.io.finetune import FineTune, LoraAdapter
 
     if not path.is_dir():
         raise UserError(f"--adapter {name}={path}: folder not found; pass a PEFT LoRA adapter folder "
@@ -210,7 +210,8 @@ def validate_adapter(name: str, path: Path, base) -> tuple[dict, list[str]]:
 
 
 def _check_model_dir(path: Path, option: str):
-    from hcnr_deploy.modelio import TOKENIZER_FILES, Checkpoint
+    from hcnr_deploy.io.checkpoint import Checkpoint
+    from hcnr_deploy.io.shards import TOKENIZER_FILES
 
     if not path.is_dir():
         raise UserError(f"{option} {path}: folder not found; pass a Hugging Face model folder.")
@@ -470,7 +471,8 @@ def lora_delta_norm(a, b, scale: float) -> float:
 def adapter_weight_change(adapter: Path, base: Path) -> float:
     """How much the adapter changes the weights vLLM serves: max over its matrices of ||s B A||_F / ||W0||_F
     (0.0 when every delta is zero, e.g. the base's own weights written as an adapter; lm_head is not served)."""
-    from hcnr_deploy.modelio import Checkpoint, LoraAdapter
+    from hcnr_deploy.io.checkpoint import Checkpoint
+    from hcnr_deploy.io.finetune import LoraAdapter
 
     lora = LoraAdapter(Path(adapter))
     served = [m for m in lora.modules() if m.rsplit(".", 1)[-1] not in EXCLUDED_LORA_MODULES]

@@ -220,7 +220,7 @@ def _versions() -> dict:
 
 def _copy_artifact(src: Path, dst: Path, finish=None):
     """dst = a copy of src (atomically: a temporary folder renamed at the end); `finish(tmp)` adds to it first."""
-    from hcnr_deploy.modelio import AtomicDir
+    from hcnr_deploy.io.atomic import AtomicDir
 
     with AtomicDir(dst, overwrite=True) as tmp:
         for f in sorted(Path(src).iterdir()):
@@ -248,7 +248,8 @@ def run_sweep(base, finetuned, honesty_data, task_data, eval_honesty, eval_domai
     `build_only`: stop after the candidates are built (sweep_build.py)."""
     from rich.console import Console
 
-    from hcnr_deploy.modelio import FineTune, Checkpoint, resolve_model_dir
+    from hcnr_deploy.io.checkpoint import Checkpoint, resolve_model_dir
+    from hcnr_deploy.io.finetune import FineTune
 
     t_start = time.perf_counter()
     timings: dict = {}

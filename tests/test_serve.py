@@ -380,7 +380,8 @@ def test_smoke_check_warns_for_adapters_that_change_nothing(stub_server, tiny_ba
 def test_adapter_weight_change_matches_dense_computation(tiny_base, tiny_lora, tmp_path):
     import torch
 
-    from hcnr_deploy.modelio import Checkpoint, LoraAdapter
+    from hcnr_deploy.io.checkpoint import Checkpoint
+    from hcnr_deploy.io.finetune import LoraAdapter
 
     lora, ckpt = LoraAdapter(tiny_lora), Checkpoint(tiny_base)
     dense = []

@@ -17,9 +17,9 @@ import torch
 
 from hcnr_deploy import __version__
 from hcnr_deploy.export import write_checkpoint, write_exact_adapter, write_svd_adapter
-from hcnr_deploy.modelio import AtomicDir, write_json
+from hcnr_deploy.io.atomic import AtomicDir, write_json
 from hcnr_deploy.options import RepairOptions
-from hcnr_deploy.repair.statistics import Matrix
+from hcnr_deploy.engine.statistics import Matrix
 
 SIMPLIFICATIONS = [
     "--offload keeps the decoder blocks in CPU memory (one model copy in the working dtype there) and moves one "

@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from hcnr_deploy.importance import per_sample_response_loss
-from hcnr_deploy.repair.hooks import FisherHooks, HessianHooks, StopForward
+from hcnr_deploy.equations.importance import per_sample_response_loss
+from hcnr_deploy.engine.hooks import FisherHooks, HessianHooks, StopForward
 
 # Causal LMs whose logits are exactly lm_head(decoder output): their loss can skip non-response positions.
 PLAIN_HEAD_MODELS = {"llama", "mistral", "qwen2", "qwen3"}
