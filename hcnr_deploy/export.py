@@ -14,9 +14,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from hcnr_deploy.compensation import interpolate
-from hcnr_deploy.modelio import Checkpoint, FineTune, ShardWriter, copy_side_files, is_decoder_linear_weight
+from hcnr_deploy.equations.compensation import interpolate
+from hcnr_deploy.equations.svd import truncated_svd
+from hcnr_deploy.io.checkpoint import Checkpoint, is_decoder_linear_weight
+from hcnr_deploy.io.finetune import FineTune
+from hcnr_deploy.io.shards import ShardWriter, copy_side_files
 from hcnr_deploy.serve.lora import VLLM_LORA_RANKS
+
 PEFT_PREFIX = "base_model.model."
 
 
@@ -67,7 +71,7 @@ def write_checkpoint(out_dir: Path, finetune: FineTune, patches: dict, dtype_not
     writer.finish()
     copy_side_files(source.folder, out_dir)
     if finetune.is_lora:  # a tokenizer shipped with the adapter wins
-        from hcnr_deploy.modelio import TOKENIZER_FILES
+        from hcnr_deploy.io.shards import TOKENIZER_FILES
 
         copy_side_files(finetune.folder, out_dir, only=TOKENIZER_FILES)
 
@@ -105,24 +109,9 @@ def write_exact_adapter(out_dir: Path, finetune: FineTune, new_a: dict[str, torc
     save_file(tensors, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
     cfg = adapter_config(lora.config, base_ref)
     (out_dir / "adapter_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    from hcnr_deploy.modelio import TOKENIZER_FILES
+    from hcnr_deploy.io.shards import TOKENIZER_FILES
 
     copy_side_files(finetune.folder, out_dir, only=TOKENIZER_FILES)
-
-
-def truncated_svd(delta: torch.Tensor, rank: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Best rank-`rank` factors ``B [out, r], A [r, in]`` of `delta` (``B A ~= delta``), float32."""
-    d = delta.float()
-    rank = min(rank, *d.shape)
-    if min(d.shape) <= 4096:
-        u, s, vh = torch.linalg.svd(d, full_matrices=False)
-    else:
-        torch.manual_seed(seed)
-        u, s, v = torch.svd_lowrank(d, q=min(rank + 16, min(d.shape)), niter=6)
-        vh = v.T
-    u, s, vh = u[:, :rank], s[:rank], vh[:rank]
-    root = s.sqrt()
-    return u * root, root[:, None] * vh
 
 
 def write_svd_adapter(out_dir: Path, finetune: FineTune, patches: dict, max_rank: int, base_ref: str,

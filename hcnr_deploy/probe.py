@@ -133,7 +133,7 @@ class ProbedModel:
     given: str
     folder: Path
     base: Path | None = None  # a LoRA adapter's base
-    finetune: object = None  # modelio.FineTune of a LoRA adapter
+    finetune: object = None  # io.finetune.FineTune of a LoRA adapter
 
 
 def _reword(e: UserError, old: str, new: str) -> UserError:
@@ -142,7 +142,8 @@ def _reword(e: UserError, old: str, new: str) -> UserError:
 
 def resolve_probed(given: str, role: str, option: str, base: str | None) -> ProbedModel:
     """A full HF model folder, or a PEFT LoRA adapter on `base` (default: the adapter's base_model_name_or_path)."""
-    from hcnr_deploy.modelio import Checkpoint, FineTune, resolve_model_dir
+    from hcnr_deploy.io.checkpoint import Checkpoint, resolve_model_dir
+    from hcnr_deploy.io.finetune import FineTune
 
     folder = resolve_model_dir(given, option)
     if (folder / "adapter_config.json").is_file():
@@ -166,8 +167,8 @@ def load_probed(pm: ProbedModel, device: str, dtype: str):
     """(model, tokenizer, resolved dtype name): a LoRA adapter is merged (W0 + s B A) into a loaded copy of its base."""
     import torch
 
-    from hcnr_deploy.modelio import load_model, load_tokenizer
-    from hcnr_deploy.repair.state import resolve_device_dtype  # the repair's rule, one definition
+    from hcnr_deploy.io.load import load_model, load_tokenizer
+    from hcnr_deploy.engine.state import resolve_device_dtype  # the repair's rule, one definition
 
     src = pm.base or pm.folder
     dev, dt = resolve_device_dtype(device, dtype, json.loads((src / "config.json").read_text()))
@@ -492,7 +493,7 @@ def run_probe(model, out, *, reference=None, base=None, data_dir=None, benchmark
 
     Keyword arguments mirror `hcnr-deploy probe`'s options. Raises UserError on bad input, leaving nothing at `out`.
     """
-    from hcnr_deploy.modelio import AtomicDir, write_json
+    from hcnr_deploy.io.atomic import AtomicDir, write_json
 
     out = Path(out).expanduser().resolve()
     _check_options(test_size, batch_size, device, dtype, out, overwrite)

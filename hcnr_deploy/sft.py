@@ -29,8 +29,10 @@ from contextlib import contextmanager, nullcontext
 import torch
 import torch.nn.functional as F
 
+from hcnr_deploy.equations.lora import lora_delta, lora_output
 from hcnr_deploy.errors import UserError
-from hcnr_deploy.modelio import FineTune, is_decoder_linear_weight
+from hcnr_deploy.io.checkpoint import is_decoder_linear_weight
+from hcnr_deploy.io.finetune import FineTune
 
 DEFAULT_FULL_RANK = 16  # rank of the fresh LoRA trained on a full fine-tune (a rank vLLM serves)
 
@@ -111,11 +113,6 @@ def train_loop(model, params: list[torch.Tensor], data: list[tuple[list[int], li
 # ---------------------------------------------------------------------------------------------- the LoRA
 
 
-def lora_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
-    """The LoRA branch of ``y = W x + s B (A x)`` for inputs x [..., in] (in the factors' dtype)."""
-    return F.linear(F.linear(x.to(a.dtype), a), b) * scale
-
-
 @contextmanager
 def lora_hooks(model, factors: Factors, scales: dict[str, float]):
     """Forward hooks adding ``s B (A x)`` to each named Linear's output; removed on exit."""
@@ -124,7 +121,7 @@ def lora_hooks(model, factors: Factors, scales: dict[str, float]):
 
     def hook_for(a, b, s):
         def hook(module, inputs, output):
-            return output + lora_delta(inputs[0], a, b, s).to(output.dtype)
+            return output + lora_output(inputs[0], a, b, s).to(output.dtype)
         return hook
 
     try:
@@ -212,7 +209,7 @@ def sft_snapshots(model, finetune: FineTune, enc_hon, enc_task, steps: list[int]
                   progress=None, losses: list | None = None) -> dict[int, Factors]:
     """SFT of the fine-tune on honesty + task calibration examples; LoRA factors after each of `steps`.
 
-    `model`: the base model in memory (modelio.load_model), all of it on `device`, left as found (its
+    `model`: the base model in memory (io.load.load_model), all of it on `device`, left as found (its
     weights may be in any state: the ones training needs are read from the checkpoints). `enc_hon`, `enc_task`:
     data.encode's (ids, response mask) lists, pooled and drawn in batches of `batch_size` from a
     `seed`ed shuffle. One run of max(steps) AdamW steps (constant `lr`, no weight decay, gradients
@@ -284,7 +281,7 @@ def merged_weight(finetune: FineTune, module: str, a: torch.Tensor, b: torch.Ten
     (the new factors replace the old), ``Ws + s B A`` for a full one."""
     name = module + ".weight"
     start = finetune.base.get(name) if finetune.is_lora else finetune.ckpt.get(name)
-    return start.double() + scaling(finetune, module) * (b.double() @ a.double())
+    return start.double() + lora_delta(a, b, scaling(finetune, module), torch.float64)
 
 
 def checkpoint_patches(finetune: FineTune, factors: Factors) -> dict:

@@ -69,10 +69,12 @@ def build_tokenizer(vocab_size: int = 512, corpus: list[str] | None = None):
 
 def tiny_config(arch: str = "llama", hidden_size: int = 128, num_layers: int = 2, vocab_size: int = 512,
                 intermediate_size: int | None = None, head_dim: int = 64, num_kv_heads: int | None = None):
-    """A transformers config of the given architecture (llama, qwen2, mistral) with tiny sizes."""
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    """A transformers config of the given architecture (llama, qwen2, mistral, gemma3) with tiny sizes. gemma3 is
+    Gemma 3's text model (scaled embeddings, sliding and full attention alternating over an 8-token window)
+    with Gemma 2's final logit soft-capping switched on at 2."""
+    from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config
 
-    classes = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}
+    classes = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig, "gemma3": Gemma3TextConfig}
     if arch not in classes:
         raise ValueError(f"unknown architecture {arch!r}: choose one of {', '.join(classes)}")
     heads = max(1, hidden_size // head_dim)
@@ -93,6 +95,9 @@ def tiny_config(arch: str = "llama", hidden_size: int = 128, num_layers: int = 2
     )
     if arch == "mistral":
         kwargs["sliding_window"] = None
+    if arch == "gemma3":
+        kwargs.update(sliding_window=8, query_pre_attn_scalar=head_dim, final_logit_softcapping=2.0,
+                      layer_types=[("sliding_attention", "full_attention")[i % 2] for i in range(num_layers)])
     return classes[arch](**kwargs)
 
 

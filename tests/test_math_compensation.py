@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from hcnr_deploy.compensation import (cholesky_retry, compensate_columns, compensate_elements, damped_hessian,
+from hcnr_deploy.equations.compensation import (cholesky_retry, compensate_columns, compensate_elements, damped_hessian,
                                       exact_compensation, obs_compensation, task_aware_compensation)
-from hcnr_deploy.repair.hooks import HessianHooks
-from hcnr_deploy.repair.streaming import accumulate_hessians
+from hcnr_deploy.engine.hooks import HessianHooks
+from hcnr_deploy.engine.streaming import accumulate_hessians
 from hcnr_deploy.data import Batch
 
 DAMP = 0.01

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from hcnr_deploy.data import Batch, batches
-from hcnr_deploy.importance import per_sample_column_sq, per_sample_element_sq, per_sample_response_loss
-from hcnr_deploy.repair.hooks import FisherHooks
-from hcnr_deploy.repair.streaming import fisher_importance
+from hcnr_deploy.equations.importance import per_sample_column_sq, per_sample_element_sq, per_sample_response_loss
+from hcnr_deploy.engine.hooks import FisherHooks
+from hcnr_deploy.engine.streaming import fisher_importance
 
 from conftest import float64_tiny_model, token_samples
 

@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from hcnr_deploy import selection as sel
+from hcnr_deploy.equations import selection as sel
 
 
 def test_priority_is_eq5_and_finite_at_zero():

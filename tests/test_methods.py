@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hcnr_deploy.compensation import depth_factor, interpolate, regmean_compensation, task_aware_compensation
+from hcnr_deploy.equations.compensation import depth_factor, interpolate, regmean_compensation, task_aware_compensation
 from hcnr_deploy.errors import UserError
 from hcnr_deploy.options import RepairOptions
 from hcnr_deploy.repair import RepairSession, run_repair
@@ -115,7 +115,8 @@ def _naive_lines(w0, ws, name, alpha, beta, n_layers):
 
 @pytest.mark.parametrize("ft", ["full", "lora"])
 def test_lines_checkpoint_equals_the_naive_formula_per_block(pair, tmp_path, ft):
-    from hcnr_deploy.modelio import Checkpoint, FineTune
+    from hcnr_deploy.io.checkpoint import Checkpoint
+    from hcnr_deploy.io.finetune import FineTune
 
     rep = _run(pair, ft, tmp_path / "lines", method="lines", alpha=0.2, beta=0.6, format="checkpoint")
     assert rep["settings"]["method"] == "lines" and rep["settings"]["beta"] == 0.6 and rep["edited_fraction"] == 1.0
@@ -237,7 +238,8 @@ def test_scale_zero_is_the_base_and_one_the_finetune(pair, tmp_path, ft):
         ft_dense = _tensors(pair["full"])
         assert all(torch.equal(at1[k], ft_dense[k]) for k in ft_dense)
     else:  # the LoRA merged in float64, as every checkpoint of a LoRA fine-tune is written
-        from hcnr_deploy.modelio import Checkpoint, FineTune
+        from hcnr_deploy.io.checkpoint import Checkpoint
+        from hcnr_deploy.io.finetune import FineTune
 
         finetune = FineTune(pair["lora"], Checkpoint(pair["base"]))
         for k in base:

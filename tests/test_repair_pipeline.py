@@ -186,8 +186,8 @@ def test_selection_follows_eq5_on_the_fisher_of_base_and_finetune(models, tmp_pa
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from hcnr_deploy.data import batches, encode, load_jsonl
-    from hcnr_deploy.repair.streaming import fisher_importance
-    from hcnr_deploy.selection import candidate_columns, priority
+    from hcnr_deploy.engine.streaming import fisher_importance
+    from hcnr_deploy.equations.selection import candidate_columns, priority
 
     report = repair(models, models["full"], tmp_path / "o", compensation="none", r_iw=0.25)
     m = next(m for m in report["matrices"] if m["selected"])

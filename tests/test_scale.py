@@ -11,12 +11,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from hcnr_deploy.data import batches
-from hcnr_deploy.importance import per_sample_response_loss
-from hcnr_deploy.repair import streaming
-from hcnr_deploy.repair.hooks import FisherHooks
-from hcnr_deploy.repair.streaming import (accumulate_hessians, block_hessians, blockwise_backward, decoder_blocks,
+from hcnr_deploy.equations.importance import per_sample_response_loss
+from hcnr_deploy.engine import streaming
+from hcnr_deploy.engine.hooks import FisherHooks
+from hcnr_deploy.engine.streaming import (accumulate_hessians, block_hessians, blockwise_backward, decoder_blocks,
                                           fisher_importance, layer_inputs)
-from hcnr_deploy.modelio import Checkpoint, ShardWriter
+from hcnr_deploy.io.checkpoint import Checkpoint
+from hcnr_deploy.io.shards import ShardWriter
 from hcnr_deploy.tiny import reshard
 
 from conftest import float64_tiny_model, repair_pair, token_samples

@@ -28,7 +28,8 @@ from hcnr_deploy.cli import main
 from hcnr_deploy.errors import UserError
 from hcnr_deploy.serve import (RunningServer, ServeError, ServerPlan, adapter_weight_change, free_port, plan_servers,
                                round_lora_rank, serving, smoke_check, vllm_build)
-from hcnr_deploy.serve.lora import derive_lora_settings, lora_delta_norm
+from hcnr_deploy.equations.lora import lora_delta_norm
+from hcnr_deploy.serve.lora import derive_lora_settings
 from hcnr_deploy.tiny import build_tiny_model, random_lora
 
 
@@ -379,7 +380,8 @@ def test_smoke_check_warns_for_adapters_that_change_nothing(stub_server, tiny_ba
 def test_adapter_weight_change_matches_dense_computation(tiny_base, tiny_lora, tmp_path):
     import torch
 
-    from hcnr_deploy.modelio import Checkpoint, LoraAdapter
+    from hcnr_deploy.io.checkpoint import Checkpoint
+    from hcnr_deploy.io.finetune import LoraAdapter
 
     lora, ckpt = LoraAdapter(tiny_lora), Checkpoint(tiny_base)
     dense = []

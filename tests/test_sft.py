@@ -16,7 +16,9 @@ from hcnr_deploy import sft
 from hcnr_deploy.data import encode, load_jsonl
 from hcnr_deploy.errors import UserError
 from hcnr_deploy.export import write_checkpoint, write_exact_adapter
-from hcnr_deploy.modelio import Checkpoint, FineTune, load_model, load_tokenizer
+from hcnr_deploy.io.checkpoint import Checkpoint
+from hcnr_deploy.io.finetune import FineTune
+from hcnr_deploy.io.load import load_model, load_tokenizer
 
 from conftest import repair_pair
 

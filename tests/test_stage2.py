@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from hcnr_deploy.options import RepairOptions
-from hcnr_deploy.repair import RepairSession, hooks, run_repair, stage2
+from hcnr_deploy.engine import hooks
+from hcnr_deploy.repair import RepairSession, run_repair, stage2
 from hcnr_deploy.repair.stage2 import PatchStore
 
 from conftest import repair_pair

@@ -8,7 +8,9 @@ working dtype of b bytes; a batch is B samples of at most T tokens (``--max-leng
 - the model, one copy in the working dtype (``--offload``: on the host, only the embeddings, head and the
   block in use on the device);
 - the Fisher pass: the hidden state at every block boundary of one batch (``L B T h b``), one block's
-  activations and their gradients, the per-sample reductions (``B T^2`` floats) and one 16 MB logits chunk;
+  activations and their gradients, the per-sample reductions (``B T^2`` floats) and one 16 MB logits chunk
+  (a family that is not streamed block by block, engine/families.py: the whole autograd graph, and the
+  full-vocabulary logits of every position where its head cannot run alone);
 - the stage-2 pass: every sample's hidden state at the current block, per stream (``N T h b``), one block's
   Grams per stream (float32, ``4 in^2`` per distinct input: I, h, h, nh hd), and the float64 solves of one
   block by one candidate at a time (``SOLVE_BYTES``: e.g. obs ``32 I^2`` at the MLP's down projection);
@@ -24,6 +26,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from hcnr_deploy.engine.families import STREAMED, WHOLE_MODEL_FULL_LOGITS
 from hcnr_deploy.errors import UserError
 
 GIB = 2**30
@@ -31,7 +34,6 @@ INTERPRETER_BYTES = int(0.56 * GIB)  # python + torch + transformers + hcnr_depl
 LOGITS_CHUNK = 16 << 20  # streaming.head_gradient's chunk of float32 logits
 SHARD_BYTES = 5 * GIB  # a checkpoint is written one source shard at a time (the hub's usual shard size)
 DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2, "float64": 8}
-STREAMED_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3"}  # repair/streaming.PLAIN_HEAD_MODELS
 
 
 @dataclass(frozen=True)
@@ -48,10 +50,15 @@ class Shape:
     vocab: int
     tied: bool
     dtype: str
+    passes: str = "block-streamed"  # engine/families.py's path for this family
+    passes_reason: str = ""  # why it is not block-streamed
 
     @classmethod
     def from_config(cls, cfg: dict) -> "Shape":
+        from hcnr_deploy.engine.families import config_stream_plan
+
         text = cfg.get("text_config") or cfg
+        passes = config_stream_plan(cfg)
         try:
             h, heads = int(text["hidden_size"]), int(text["num_attention_heads"])
             return cls(model_type=str(text.get("model_type") or cfg.get("model_type")), hidden=h,
@@ -60,7 +67,7 @@ class Shape:
                        head_dim=int(text.get("head_dim") or h // heads), layers=int(text["num_hidden_layers"]),
                        vocab=int(text["vocab_size"]), tied=bool(cfg.get("tie_word_embeddings", False)),
                        dtype=str(text.get("dtype") or text.get("torch_dtype") or cfg.get("torch_dtype")
-                                 or "float32"))
+                                 or "float32"), passes=passes.path, passes_reason=passes.reason)
         except (KeyError, TypeError, ValueError) as e:
             raise UserError(f"config.json lacks a decoder shape field ({e}); --plan needs hidden_size, "
                             f"intermediate_size, num_attention_heads, num_hidden_layers and vocab_size.") from None
@@ -171,13 +178,13 @@ def plan(shape: Shape, candidates: list[tuple[str, dict]], *, num_samples: int, 
     block = shape.block_params * b
     outside = shape.outside_params * b
     kind, rank = finetune
-    streamed = shape.model_type in STREAMED_MODEL_TYPES
+    streamed = shape.passes == STREAMED
 
     # Fisher pass (per batch): block boundaries, one block's activations + grads, per-sample reductions, logits
     act = B * T * (6 * h + 2 * q + 2 * kv + 4 * i_w) * b
     fisher = L * B * T * h * b + 3 * act + 2 * B * T * T * 4 + 2 * B * T * i_w * 4 + LOGITS_CHUNK
-    if not streamed:  # whole-model autograd graph and full-vocabulary logits
-        fisher = L * 3 * act + 2 * B * T * V * 4
+    if not streamed:  # whole-model autograd graph; full-vocabulary logits where the head cannot run alone
+        fisher = L * 3 * act + (2 * B * T * V * 4 if shape.passes == WHOLE_MODEL_FULL_LOGITS else LOGITS_CHUNK)
     fisher_scores = 2 * L * sum(i for _, _, i in shape.matrices()) * 8
     # stage 2: per-stream hidden states, one block's Grams, its float64 solve
     fractions = [candidate_cost(shape, m, o) for m, o in candidates]
@@ -224,6 +231,7 @@ def plan(shape: Shape, candidates: list[tuple[str, dict]], *, num_samples: int, 
     return {"gpu_bytes": [int(x) for x in gpu], "host_bytes": int(host), "disk_bytes": disk,
             "flops": {k: float(v) for k, v in flops.items()},
             "model_bytes": int(model), "block_bytes": int(block), "streamed": streamed,
+            "passes": {"path": shape.passes, "reason": shape.passes_reason},
             "stages": {"fisher": int(fisher), "stage2": int(stage2), "grams_per_block": int(grams),
                        "solve": int(solve), "lora_edits": int(lora_edits), "resident_model": int(resident)}}
 
@@ -280,7 +288,8 @@ def format_plan(p: dict, title: str) -> str:
     """The human-readable plan: memory per device, host, disk, FLOPs per stage."""
     gib = lambda x: f"{x / GIB:,.2f} GiB"  # noqa: E731
     lines = [title, f"  model {gib(p['model_bytes'])} (one block {gib(p['block_bytes'])})"
-             + ("" if p["streamed"] else "; not streamed block by block: whole-model passes")]
+             + ("" if p["streamed"] else f"; not streamed block by block ({p['passes']['reason']}): "
+                                          f"{p['passes']['path']} passes")]
     for d, g in enumerate(p["gpu_bytes"]):
         lines.append(f"  GPU {d}: {gib(g)}" + (" (unused: the passes run on GPU 0)" if d and not g else ""))
     lines += [f"  host RAM: {gib(p['host_bytes'])}", f"  disk: {gib(p['disk_bytes'])}",

@@ -25,8 +25,10 @@ import torch
 
 from hcnr_deploy.errors import UserError
 from hcnr_deploy.guard.features import right_padded
-from hcnr_deploy.modelio import (DECODER_LINEAR_RE, TOKENIZER_FILES, AtomicDir, Checkpoint, FineTune, copy_side_files,
-                                 resolve_model_dir)
+from hcnr_deploy.io.atomic import AtomicDir
+from hcnr_deploy.io.checkpoint import DECODER_LINEAR_RE, Checkpoint, resolve_model_dir
+from hcnr_deploy.io.finetune import FineTune
+from hcnr_deploy.io.shards import TOKENIZER_FILES, copy_side_files
 
 LABEL = "unanswerable"
 SHARD_BYTES = 2 << 30

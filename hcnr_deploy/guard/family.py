@@ -130,7 +130,7 @@ def write_guard_point(folder: Path, spec, probe: G.BlockProbe, with_classifier: 
     it holds l+1 blocks of the model)."""
     from hcnr_deploy.guard import artifact as A
     from hcnr_deploy.guard.run import card
-    from hcnr_deploy.modelio import AtomicDir
+    from hcnr_deploy.io.atomic import AtomicDir
 
     with AtomicDir(folder, overwrite=True) as tmp:
         if with_classifier:

@@ -137,7 +137,7 @@ def run_guard(base, finetuned, honesty_data, task_data, out, *, options: GuardOp
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from hcnr_deploy.guard.classifier import write_classifier
-    from hcnr_deploy.modelio import AtomicDir
+    from hcnr_deploy.io.atomic import AtomicDir
 
     options = options or GuardOptions()
     console = console or Console(stderr=True, quiet=not progress)

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import torch
 
-from hcnr_deploy import selection as sel
-from hcnr_deploy.compensation import compensate_columns, compensate_elements, depth_factor
-from hcnr_deploy.modelio import FineTune, layer_index
+from hcnr_deploy.equations import selection as sel
+from hcnr_deploy.equations.compensation import compensate_columns, compensate_elements, depth_factor
+from hcnr_deploy.equations.lora import lora_delta
+from hcnr_deploy.io.checkpoint import layer_index
+from hcnr_deploy.io.finetune import FineTune
 from hcnr_deploy.options import RepairOptions
-from hcnr_deploy.repair.streaming import decoder_blocks
-from hcnr_deploy.repair.statistics import Matrix, deepest_block, stream_block_grams, whole_model_grams
+from hcnr_deploy.engine.streaming import decoder_blocks
+from hcnr_deploy.engine.statistics import Matrix, deepest_block, stream_block_grams, whole_model_grams
 
 
 def fisher_states(fisher_model: str) -> tuple[str, str]:
@@ -74,7 +76,7 @@ def compensate_matrix(m: Matrix, finetune: FineTune, h_hon, n_hon, h_task, n_tas
         s = finetune.lora.scaling(m.module)
         e_a, m.retries = compensate_columns(method, a.double().to(device), t.to(device), f.to(device), h_hon, **ckw)
         e_a = e_a.cpu()
-        e_f = s * (b.double() @ e_a)
+        e_f = lora_delta(e_a, b, s, torch.float64)
         m.compensation_norm = float(e_f.norm())
         new_a = None
         if want_lora:
@@ -96,7 +98,7 @@ def repaired_weight(m: Matrix, finetune: FineTune, patches: dict, new_a: dict) -
     if m.name in patches:
         return patched_weight(ws, w0, patches[m.name])
     a, b = finetune.lora.factors(m.module)
-    return w0.float() + finetune.lora.scaling(m.module) * (b.float() @ new_a[m.module].float())
+    return w0.float() + lora_delta(new_a[m.module], b, finetune.lora.scaling(m.module))
 
 
 def compensate_group(group, finetune, h_hon, n_hon, h_task, n_task, o, method, dev, want_lora, patches, new_a,

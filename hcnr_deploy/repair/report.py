@@ -17,9 +17,10 @@ import torch
 
 from hcnr_deploy import __version__
 from hcnr_deploy.export import write_checkpoint, write_exact_adapter, write_svd_adapter
-from hcnr_deploy.modelio import AtomicDir, write_json
+from hcnr_deploy.io.atomic import AtomicDir, write_json
 from hcnr_deploy.options import RepairOptions
-from hcnr_deploy.repair.statistics import Matrix
+from hcnr_deploy.engine.families import config_stream_plan
+from hcnr_deploy.engine.statistics import Matrix
 
 SIMPLIFICATIONS = [
     "--offload keeps the decoder blocks in CPU memory (one model copy in the working dtype there) and moves one "
@@ -29,9 +30,11 @@ SIMPLIFICATIONS = [
     "block by block (llama, mistral, qwen2, qwen3) can offload. Without it the device holds one model copy in "
     "the working dtype.",
     "Block-by-block passes (Fisher with block-level recomputation, Hessians streamed one block at a time) cover "
-    "the architectures whose logits are lm_head(norm(blocks)) (llama, mistral, qwen2, qwen3); others build the "
-    "whole autograd graph per batch and accumulate Hessians in passes over groups of consecutive blocks that "
-    "fit --hessian-memory (each pass re-running the blocks before its group).",
+    "every family whose decoder can be driven block by block, decided from the model's own modules "
+    "(calibration_passes says which path ran and why); others build the whole autograd graph per batch and "
+    "accumulate Hessians in passes over groups of consecutive blocks that fit --hessian-memory (each pass "
+    "re-running the blocks before its group). The LM head computes logits at response-predicting positions "
+    "only, in chunks, unless the family's head cannot run apart from its decoder.",
     "The restored columns' new values of all selected matrices are held in CPU memory (float32) until the output "
     "is written.",
     "A RepairSession (several candidates from one set of statistics) keeps the Gram matrices of every eligible "
@@ -90,6 +93,13 @@ def matrix_entry(m: Matrix, granularity: str) -> dict:
     return entry
 
 
+def calibration_passes(config: dict) -> dict:
+    """The path of the calibration passes for this family (engine/families.py: the same probe on the modules
+    built from config.json as on the loaded model) and, when not block-streamed, why."""
+    plan = config_stream_plan(config)
+    return {"path": plan.path, **({"reason": plan.reason} if plan.reason else {})}
+
+
 def build_report(inputs, out: Path, opts: RepairOptions, fmt: str, mats: list[Matrix], granularity: str,
                  overwrite: bool, notes: list[str], command: str | None) -> dict:
     """The report of one candidate, before the artifact is written (timings and matrices come last)."""
@@ -117,6 +127,7 @@ def build_report(inputs, out: Path, opts: RepairOptions, fmt: str, mats: list[Ma
                      "command": command or equivalent_command(*given.values(), out, opts, overwrite)},
         "versions": versions(),
         "notes": notes,
+        "calibration_passes": calibration_passes(inputs.finetune.base.config),
         "simplifications": SIMPLIFICATIONS,
     }
 

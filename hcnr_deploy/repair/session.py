@@ -33,15 +33,17 @@ import torch
 from hcnr_deploy.data import encode, load_jsonl
 from hcnr_deploy.engine.plan import check_fits
 from hcnr_deploy.errors import UserError
-from hcnr_deploy.modelio import Checkpoint, FineTune, load_model, load_tokenizer, resolve_model_dir
+from hcnr_deploy.io.checkpoint import Checkpoint, resolve_model_dir
+from hcnr_deploy.io.finetune import FineTune
+from hcnr_deploy.io.load import load_model, load_tokenizer
 from hcnr_deploy.options import RepairOptions
 from hcnr_deploy.repair import candidates as cand
 from hcnr_deploy.repair.report import build_report, write_output
-from hcnr_deploy.repair.state import (BlockOffload, ModelState, offload_error, place_outside_blocks,
+from hcnr_deploy.engine.state import (BlockOffload, ModelState, offload_error, place_outside_blocks,
                                       resolve_device_dtype, return_freed_memory)
 from hcnr_deploy.repair.stage2 import Pending, PatchStore, shared_stage2
-from hcnr_deploy.repair.statistics import Matrix, Statistics, eligible, stage_name as _stage
-from hcnr_deploy.repair.streaming import PLAIN_HEAD_MODELS, decoder_blocks
+from hcnr_deploy.engine.statistics import Matrix, Statistics, eligible, stage_name as _stage
+from hcnr_deploy.engine.streaming import PLAIN_HEAD_MODELS, decoder_blocks
 
 # options that define the statistics of a session (a write may not change them)
 SESSION_FIXED = ("num_samples", "max_length", "device", "dtype", "batch_size", "offload")

@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from hcnr_deploy.modelio import layer_index
+from hcnr_deploy.io.checkpoint import layer_index
 from hcnr_deploy.options import RepairOptions
 from hcnr_deploy.repair.candidates import compensate_group
-from hcnr_deploy.repair.statistics import Matrix, stream_block_grams
+from hcnr_deploy.engine.statistics import Matrix, stream_block_grams
 
 
 class PatchStore(MutableMapping):

@@ -67,8 +67,8 @@ def _rename_option(err: UserError, name: str) -> UserError:
 
 
 def validate_adapter(name: str, path: Path, base) -> tuple[dict, list[str]]:
-    """Check that `path` is a LoRA adapter vLLM can serve on `base` (a modelio.Checkpoint)."""
-    from hcnr_deploy.modelio import FineTune, LoraAdapter
+    """Check that `path` is a LoRA adapter vLLM can serve on `base` (an io.checkpoint.Checkpoint)."""
+    from hcnr_deploy.io.finetune import FineTune, LoraAdapter
 
     if not path.is_dir():
         raise UserError(f"--adapter {name}={path}: folder not found; pass a PEFT LoRA adapter folder "
@@ -83,16 +83,12 @@ def validate_adapter(name: str, path: Path, base) -> tuple[dict, list[str]]:
     return lora.config, lora.modules()
 
 
-def lora_delta_norm(a, b, scale: float) -> float:
-    """||s B A||_F without forming B A (out x in): sqrt(sum((B^T B) * (A A^T))) |s|, in float64."""
-    a, b = a.double(), b.double()
-    return abs(scale) * float(((b.T @ b) * (a @ a.T)).sum().clamp(min=0).sqrt())
-
-
 def adapter_weight_change(adapter: Path, base: Path) -> float:
     """How much the adapter changes the weights vLLM serves: max over its matrices of ||s B A||_F / ||W0||_F
     (0.0 when every delta is zero, e.g. the base's own weights written as an adapter; lm_head is not served)."""
-    from hcnr_deploy.modelio import Checkpoint, LoraAdapter
+    from hcnr_deploy.equations.lora import lora_delta_norm
+    from hcnr_deploy.io.checkpoint import Checkpoint
+    from hcnr_deploy.io.finetune import LoraAdapter
 
     lora = LoraAdapter(Path(adapter))
     served = [m for m in lora.modules() if m.rsplit(".", 1)[-1] not in EXCLUDED_LORA_MODULES]

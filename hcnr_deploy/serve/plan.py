@@ -102,7 +102,8 @@ def parse_named_paths(values: tuple[str, ...], option: str) -> dict[str, Path]:
 
 
 def _check_model_dir(path: Path, option: str):
-    from hcnr_deploy.modelio import TOKENIZER_FILES, Checkpoint
+    from hcnr_deploy.io.checkpoint import Checkpoint
+    from hcnr_deploy.io.shards import TOKENIZER_FILES
 
     if not path.is_dir():
         raise UserError(f"{option} {path}: folder not found; pass a Hugging Face model folder.")

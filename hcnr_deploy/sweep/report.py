@@ -12,7 +12,7 @@ from hcnr_deploy.sweep.table import markdown_table, rich_table
 
 def copy_artifact(src: Path, dst: Path, finish=None):
     """dst = a copy of src (atomically: a temporary folder renamed at the end); `finish(tmp)` adds to it first."""
-    from hcnr_deploy.modelio import AtomicDir
+    from hcnr_deploy.io.atomic import AtomicDir
 
     with AtomicDir(dst, overwrite=True) as tmp:
         for f in sorted(Path(src).iterdir()):

@@ -125,7 +125,8 @@ def resolve(s: Sweep) -> Sweep:
     """Check the settings and resolve the models, the grid and the options (nothing is written)."""
     from rich.console import Console
 
-    from hcnr_deploy.modelio import Checkpoint, FineTune, resolve_model_dir
+    from hcnr_deploy.io.checkpoint import Checkpoint, resolve_model_dir
+    from hcnr_deploy.io.finetune import FineTune
     from hcnr_deploy.options import RepairOptions
 
     s.console = s.console or Console(stderr=True, quiet=not s.progress)

@@ -6,7 +6,7 @@ importance needs only ``sum_o G_n[o,k]^2 = diag(X_n^T (g_n g_n^T) X_n)[k]``, whi
 O(T^2 (in + out)) instead of O(T in out) and never forms ``G_n``; when T is large the direct
 form is cheaper and is used instead. Several samples share one forward/backward (right padding,
 per-sample losses summed, so each sample's gradient is its own): the hooks that reduce there are in
-repair/hooks.py, the passes that drive them in repair/streaming.py.
+engine/hooks.py, the passes that drive them in engine/streaming.py.
 """
 
 from __future__ import annotations

@@ -21,8 +21,9 @@ from dataclasses import dataclass
 import torch
 
 from hcnr_deploy.data import batches
-from hcnr_deploy.modelio import FineTune, is_decoder_linear_weight, layer_index
-from hcnr_deploy.repair.streaming import (accumulate_hessians, block_hessians, decoder_blocks, fisher_importance,
+from hcnr_deploy.io.checkpoint import is_decoder_linear_weight, layer_index
+from hcnr_deploy.io.finetune import FineTune
+from hcnr_deploy.engine.streaming import (accumulate_hessians, block_hessians, decoder_blocks, fisher_importance,
                                           layer_inputs)
 
 # the model state each data set's statistics come from by default (DESIGN.md section 2)

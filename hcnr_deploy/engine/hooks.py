@@ -11,7 +11,7 @@ import weakref
 
 import torch
 
-from hcnr_deploy.importance import per_sample_column_sq, per_sample_element_sq
+from hcnr_deploy.equations.importance import per_sample_column_sq, per_sample_element_sq
 
 
 class StopForward(Exception):

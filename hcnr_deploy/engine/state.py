@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 
 from hcnr_deploy.errors import UserError
-from hcnr_deploy.modelio import DECODER_LINEAR_RE as DECODER_BLOCK_RE, FineTune, layer_index
+from hcnr_deploy.io.checkpoint import DECODER_LINEAR_RE as DECODER_BLOCK_RE, layer_index
+from hcnr_deploy.io.finetune import FineTune
 
 
 def resolve_device_dtype(device: str, dtype: str, config: dict) -> tuple[str, torch.dtype]:

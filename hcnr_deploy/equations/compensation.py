@@ -19,7 +19,7 @@ Other methods (``repair --method``), over every column of every eligible matrix:
 
 Every formula is linear in the rows of D, so the same functions take the LoRA factor A in place
 of D (``D = s B A``): the result is then ``A_new[:,F]`` and the edit stays an exact rank-r LoRA.
-Matrices are float64 here; the Hessians come from forward hooks (repair/hooks.py, repair/streaming.py).
+Matrices are float64 here; the Hessians come from forward hooks (engine/hooks.py, engine/streaming.py).
 """
 
 from __future__ import annotations

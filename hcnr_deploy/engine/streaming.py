@@ -1,9 +1,10 @@
 """Calibration passes: decoder blocks driven one at a time, Fisher backward block by block, Hessian streams.
 
-For the architectures whose logits are ``lm_head(norm(blocks))`` the decoder's prologue is run once
-(``layer_inputs``) and the blocks are then called one by one: the Fisher pass recomputes one block at
-a time in the backward (``blockwise_backward``), the Hessian pass runs each block once per stream
-(``block_hessians``). Other architectures run whole-model passes (``accumulate_hessians``).
+For the families whose decoder can be driven block by block (families.py decides it from the model's own
+modules) the decoder's prologue is run once (``layer_inputs``) and the blocks are then called one by one: the
+Fisher pass recomputes one block at a time in the backward (``blockwise_backward``), the Hessian pass runs each
+block once per stream (``block_hessians``). Other families run whole-model passes (``accumulate_hessians``).
+Either way the head computes logits only at the positions that predict a response token, in chunks.
 """
 
 from __future__ import annotations
@@ -11,26 +12,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from hcnr_deploy.importance import per_sample_response_loss
-from hcnr_deploy.repair.hooks import FisherHooks, HessianHooks, StopForward
+from hcnr_deploy.engine.families import head_logits, replaced_forwards, stream_plan
+from hcnr_deploy.engine.hooks import FisherHooks, HessianHooks, StopForward
+from hcnr_deploy.equations.importance import per_sample_response_loss
 
-# Causal LMs whose logits are exactly lm_head(decoder output): their loss can skip non-response positions.
+# The families whose --offload is accepted from config.json, before the model is loaded (repair/session.py).
 PLAIN_HEAD_MODELS = {"llama", "mistral", "qwen2", "qwen3"}
-
-
-def response_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                  loss_mask: torch.Tensor) -> torch.Tensor:
-    """[B]: per-sample response losses; the LM head runs only on positions that predict a response token
-    (for the plain-head architectures; others go through the model's own forward and full logits)."""
-    if getattr(model.config, "model_type", None) not in PLAIN_HEAD_MODELS:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-        return per_sample_response_loss(logits, input_ids, loss_mask)
-    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
-    pos = loss_mask[:, 1:].bool()
-    logits = model.get_output_embeddings()(hidden[:, :-1][pos]).float()
-    ce = F.cross_entropy(logits, input_ids[:, 1:][pos], reduction="none")
-    sums = torch.zeros(input_ids.shape[0], dtype=ce.dtype, device=ce.device).index_add_(0, pos.nonzero()[:, 0], ce)
-    return sums / pos.sum(1).clamp_min(1)
 
 
 def _block_out(out):
@@ -42,14 +29,9 @@ class _StopPrologue(Exception):
 
 
 def decoder_blocks(model):
-    """(decoder, its decoder blocks) for the architectures whose blocks can be driven one at a time, else None."""
-    if getattr(model.config, "model_type", None) not in PLAIN_HEAD_MODELS:
-        return None
-    dec = model.get_decoder()
-    layers = getattr(dec, "layers", None)
-    if layers is None or not hasattr(dec, "norm"):
-        return None
-    return dec, list(layers)[: model.config.num_hidden_layers]
+    """(decoder, its decoder blocks) where the blocks can be driven one at a time (families.py), else None."""
+    plan = stream_plan(model)
+    return None if plan.layers is None else (plan.decoder, plan.layers)
 
 
 def layer_inputs(decoder, layers, input_ids: torch.Tensor, attention_mask: torch.Tensor):
@@ -70,27 +52,23 @@ def layer_inputs(decoder, layers, input_ids: torch.Tensor, attention_mask: torch
             return hidden
         return forward
 
-    for i, layer in enumerate(layers):
-        layer.forward = recorder(i)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), replaced_forwards(layers, [recorder(i) for i in range(len(layers))]):
             decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     except _StopPrologue:
         pass
-    finally:
-        for layer in layers:
-            del layer.forward  # back to the class's forward
     return first[0], kwargs
 
 
 def head_gradient(model, decoder, hidden: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor,
-                  chunk_bytes: int = 16 << 20) -> torch.Tensor:
-    """``d(sum_n L_n) / d hidden`` for the last block's output: final norm, LM head on response-predicting
-    positions only, in chunks of positions so the float32 logits stay under `chunk_bytes`."""
+                  epilogue=None, chunk_bytes: int = 16 << 20) -> torch.Tensor:
+    """``d(sum_n L_n) / d hidden`` for the last block's output (`epilogue`: the decoder's final norm) or the
+    decoder's output (no `epilogue`): the model's own head on response-predicting positions only, in chunks of
+    positions so the float32 logits stay under `chunk_bytes`."""
     h = hidden.detach().requires_grad_(True)
-    head = model.get_output_embeddings()
+    vocab = model.get_output_embeddings().weight.shape[0]
     with torch.enable_grad():
-        hn = decoder.norm(h)
+        hn = h if epilogue is None else epilogue(h)
         pos = loss_mask[:, 1:].bool()
         sel = hn[:, :-1][pos]
         if sel.shape[0] == 0:
@@ -98,9 +76,10 @@ def head_gradient(model, decoder, hidden: torch.Tensor, input_ids: torch.Tensor,
         target = input_ids[:, 1:][pos]
         weight = (1.0 / pos.sum(1).clamp_min(1).float())[pos.nonzero()[:, 0]]  # L_n: mean over its tokens
         leaf = sel.detach().requires_grad_(True)
-        step = max(1, chunk_bytes // (4 * head.weight.shape[0]))
+        step = max(1, chunk_bytes // (4 * vocab))
         for c in range(0, leaf.shape[0], step):  # the logits are not kept: the backward needs their log-softmax only
-            ce = F.cross_entropy(head(leaf[c:c + step]).float(), target[c:c + step], reduction="none")
+            logits = head_logits(model, decoder, leaf[c:c + step]).float()
+            ce = F.cross_entropy(logits, target[c:c + step], reduction="none")
             (ce * weight[c:c + step]).sum().backward()
         sel.backward(leaf.grad)
     return h.grad
@@ -123,7 +102,7 @@ def blockwise_backward(model, blocks, input_ids, attention_mask, loss_mask, lowe
             h = _block_out(layer(h, **kwargs[i]))
             if move:
                 move(layer, False)
-    g = head_gradient(model, decoder, h, input_ids, loss_mask)
+    g = head_gradient(model, decoder, h, input_ids, loss_mask, stream_plan(model).epilogue)
     del h
     for i in range(len(layers) - 1, lowest - 1, -1):
         x = saved[i].detach().requires_grad_(True)
@@ -147,7 +126,7 @@ def fisher_importance(model, modules: dict[str, torch.nn.Module], batches, num_s
     Parameters stay frozen: only activation gradients are computed. Where the decoder blocks can be
     driven one at a time (``decoder_blocks``), the pass is block by block (``blockwise_backward``):
     memory holds one block's activations; the backward stops at `lowest_block`. Otherwise the whole
-    graph is built at once (``requires_grad`` enters at the embeddings).
+    graph is built at once (``requires_grad`` enters at the embeddings; ``whole_model_backward``).
     """
     blocks = decoder_blocks(model)
     with FisherHooks(model, modules, granularity, embeddings=blocks is None) as hooks:
@@ -157,13 +136,24 @@ def fisher_importance(model, modules: dict[str, torch.nn.Module], batches, num_s
             if blocks is not None:
                 blockwise_backward(model, blocks, ids, att, batch.loss_mask.to(device), lowest_block, move)
             else:
-                with torch.enable_grad():
-                    loss = response_loss(model, ids, att, batch.loss_mask.to(device)).sum()
-                    loss.backward()
-                del loss
+                whole_model_backward(model, ids, att, batch.loss_mask.to(device))
             if advance is not None:
                 advance(ids.shape[0])
     return {name: (s / num_samples).float().cpu() for name, s in hooks.sums.items()}
+
+
+def whole_model_backward(model, input_ids, attention_mask, loss_mask):
+    """The backward of ``sum_n L_n`` through the whole model at once: the decoder's graph, then the head on the
+    response-predicting positions in chunks (``head_gradient``), or the model's full logits where its head
+    cannot run alone (families.py)."""
+    plan = stream_plan(model)
+    with torch.enable_grad():
+        if plan.head:
+            hidden = plan.decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
+            torch.autograd.backward(hidden, head_gradient(model, plan.decoder, hidden, input_ids, loss_mask))
+        else:
+            logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            per_sample_response_loss(logits, input_ids, loss_mask).sum().backward()
 
 
 @torch.no_grad()
@@ -171,6 +161,8 @@ def accumulate_hessians(model, modules: dict[str, torch.nn.Module], batches, dev
                         stop_after: torch.nn.Module | None = None, advance=None) -> tuple[HessianHooks, int]:
     """One calibration pass: ``H = sum over tokens x x^T`` for every module in `modules`. Returns (hooks, tokens)."""
     tokens = 0
+    plan = stream_plan(model)
+    decoder = model if plan.decoder is None else plan.decoder  # the blocks' inputs need no head
     with HessianHooks(modules, stop_after) as hooks:
         for batch in batches:
             ids = batch.input_ids.to(device)
@@ -178,7 +170,7 @@ def accumulate_hessians(model, modules: dict[str, torch.nn.Module], batches, dev
             hooks.token_mask = att
             hooks._seen.clear()
             try:
-                model(input_ids=ids, attention_mask=att, use_cache=False)
+                decoder(input_ids=ids, attention_mask=att, use_cache=False)
             except StopForward:
                 pass
             tokens += int(att.sum())
