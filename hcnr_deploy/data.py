@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from hcnr_deploy.errors import UserError
+from eval_harness.errors import UserError
 
 
 @dataclass

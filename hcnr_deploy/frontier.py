@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from eval_harness import metrics as M
+from eval_harness.errors import UserError
 from hcnr_deploy import choice as C
-from hcnr_deploy.errors import UserError
 
 REFERENCES = ("base", "ft")
 

@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from hcnr_deploy.errors import UserError
+from eval_harness.errors import UserError
 
 WEIGHT_FILE_RE = re.compile(r"\.(safetensors|bin|pt|pth|ckpt|gguf)$|\.safetensors\.index\.json$|\.bin\.index\.json$")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",

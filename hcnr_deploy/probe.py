@@ -22,7 +22,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import platform
 import shutil
 import time
 import warnings
@@ -32,11 +31,12 @@ from pathlib import Path
 import click
 import numpy as np
 
-from hcnr_deploy import __version__
-from hcnr_deploy.errors import UserError
-from hcnr_deploy.options import RepairOptions
 from eval_harness.benchmarks import HONESTY_BENCHMARKS, load_benchmark, parse_benchmarks, stratified_sample
+from eval_harness.errors import UserError
 from eval_harness.prompts import build_messages
+from eval_harness.versions import versions
+from hcnr_deploy import __version__
+from hcnr_deploy.options import RepairOptions
 
 CONDITIONS = {  # name: (features the probe is trained on, features it is tested on, description)
     "model": ("model", "model", "probe trained on --model, tested on --model's held-out split"),
@@ -91,7 +91,7 @@ def load_probe_sets(data_dir, benchmarks, limit: int | None, seed: int, test_siz
         if n not in HONESTY_BENCHMARKS:
             parse_benchmarks(n)  # raises the one-line error
     if data_dir is None:
-        from hcnr_deploy.benchdata.userdir import data_dir_or_default
+        from eval_harness.env import data_dir_or_default
 
         data_dir = data_dir_or_default(None)  # the user data folder (`hcnr-deploy data fetch`)
     sets = []
@@ -317,15 +317,7 @@ def best_layer(values: list[float]) -> tuple[int, float]:
 
 
 def _versions() -> dict:
-    import importlib.metadata as md
-
-    out = {"hcnr_deploy": __version__, "python": platform.python_version()}
-    for pkg in ("torch", "transformers", "scikit-learn", "numpy", "matplotlib"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            out[pkg] = None
-    return out
+    return {"hcnr_deploy": __version__, **versions(("torch", "transformers", "scikit-learn", "numpy", "matplotlib"))}
 
 
 def _qhash(question: str) -> str:

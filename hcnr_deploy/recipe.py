@@ -17,10 +17,9 @@ from pathlib import Path
 
 import click
 
-from hcnr_deploy.errors import UserError
+from eval_harness.errors import UserError
 
 RECIPE_FILE = "recipe.yaml"
-API_CALL = "hcnr_deploy.api"  # ctx.meta key: set when the Python API runs a command (it prints nothing then)
 NOT_RECIPE = ("out", "overwrite", "quiet", "api_key", "config")
 
 
@@ -69,10 +68,6 @@ def config_option(fn):
                         callback=_load, metavar="FILE.yaml",
                         help=f"Options from a recipe file (option names as keys, e.g. r_cw: 0.2; a run's own "
                              f"{RECIPE_FILE} repeats it); flags on the command line win.")(fn)
-
-
-def from_api(ctx: click.Context) -> bool:
-    return bool(ctx.meta.get(API_CALL))
 
 
 def _plain(value, param: click.Parameter):

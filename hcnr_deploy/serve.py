@@ -39,8 +39,8 @@ from pathlib import Path
 
 import click
 
-from hcnr_deploy.envvars import API_KEY_ENVVARS, API_KEY_HELP
-from hcnr_deploy.errors import UserError
+from eval_harness.env import API_KEY_ENVVARS, API_KEY_HELP
+from eval_harness.errors import UserError
 from hcnr_deploy.gpu_plan import Placement, plan_gpu_placement, visible_gpus
 from hcnr_deploy.hubmodel import cached_snapshot, is_hub_id, local_model_dir
 

@@ -29,7 +29,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 import torch.nn.functional as F
 
-from hcnr_deploy.errors import UserError
+from eval_harness.errors import UserError
 from hcnr_deploy.modelio import FineTune, is_decoder_linear_weight
 
 DEFAULT_FULL_RANK = 16  # rank of the fresh LoRA trained on a full fine-tune (a rank vLLM serves)

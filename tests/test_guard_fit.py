@@ -9,7 +9,7 @@ import random
 import numpy as np
 import pytest
 
-from hcnr_deploy.errors import UserError
+from eval_harness.errors import UserError
 from hcnr_deploy.guard import calibration as C
 from hcnr_deploy.guard import fit as G
 from hcnr_deploy.guard.options import GuardOptions

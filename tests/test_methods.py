@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from eval_harness.errors import UserError
 from hcnr_deploy.compensation import depth_factor, interpolate, regmean_compensation, task_aware_compensation
-from hcnr_deploy.errors import UserError
 from hcnr_deploy.options import RepairOptions
 from hcnr_deploy.repair import RepairSession, run_repair
 

@@ -189,7 +189,7 @@ def test_demo_bad_input_is_one_line_error(tmp_path):
 
 
 def test_rehearsal_mix_has_the_share_and_the_seed(tmp_path):
-    from hcnr_deploy.errors import UserError
+    from eval_harness.errors import UserError
     from hcnr_deploy.scenario.pipeline import REHEARSAL_SHARE, rehearsal_rows
 
     scen_data.write(tmp_path, scen_data.CI_SIZE, seed=0)

@@ -153,7 +153,7 @@ def test_recipe_fields():
 
 
 def test_missing_source_is_a_user_error(monkeypatch, tmp_path):
-    from hcnr_deploy.errors import UserError
+    from eval_harness.errors import UserError
 
     monkeypatch.setenv("HCNR_DEPLOY_BENCHMARKS", str(tmp_path / "nope"))
     with pytest.raises(UserError, match="HCNR_DEPLOY_BENCHMARKS"):

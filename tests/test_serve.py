@@ -24,13 +24,13 @@ import psutil
 import pytest
 from click.testing import CliRunner
 
-from hcnr_deploy.serve import free_port
+from eval_harness.errors import UserError
+from hcnr_deploy import serve as serve_mod
 from hcnr_deploy.cli import main
-from hcnr_deploy.errors import UserError
+from hcnr_deploy.serve import free_port
 from hcnr_deploy.serve import (RunningServer, ServeError, ServerPlan, adapter_weight_change, derive_lora_settings,
                                lora_delta_norm, plan_servers, round_lora_rank, serving, smoke_check)
 from hcnr_deploy.tiny import build_tiny_model, random_lora
-from hcnr_deploy import serve as serve_mod
 
 
 def serve_cli(*args):
@@ -237,7 +237,7 @@ def test_bad_paths(tiny_base, tiny_lora, tmp_path):
 
 
 def test_served_names_with_separators_are_refused_in_the_python_api(tiny_base, tiny_lora):
-    from hcnr_deploy.errors import UserError
+    from eval_harness.errors import UserError
 
     with pytest.raises(UserError, match="not usable"):
         plan_servers(tiny_base, adapters={"a=b": tiny_lora}, check_ports=False)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from eval_harness.benchmarks import file_sha256 as sha256_of
-from hcnr_deploy.errors import UserError
+from eval_harness.errors import UserError
 
 GITHUB_RAW = "https://raw.githubusercontent.com"
 MIRROR_ENVVAR = "HCNR_DATA_MIRROR"

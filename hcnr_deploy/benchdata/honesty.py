@@ -13,7 +13,7 @@ import os
 import random
 from pathlib import Path
 
-from hcnr_deploy.errors import UserError
+from eval_harness.errors import UserError
 
 # Each holds "The answer is unknown." (a SelfAware phrase) and "not" (an UnknownBench word): every benchmark's
 # detector reads it as a refusal.

@@ -18,7 +18,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from hcnr_deploy.errors import UserError
+from eval_harness.errors import UserError
 
 PARTS = ("calibration", "evaluation")
 SPLIT_FILE = "split.json"

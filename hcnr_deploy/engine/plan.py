@@ -24,7 +24,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from hcnr_deploy.errors import UserError
+from eval_harness.errors import UserError
 
 GIB = 2**30
 INTERPRETER_BYTES = int(0.56 * GIB)  # python + torch + transformers + hcnr_deploy imported (VmHWM, 2-core VM)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hcnr_deploy.errors import UserError
+from eval_harness.errors import UserError
 from hcnr_deploy.guard import artifact as A
 from hcnr_deploy.guard import calibration as C
 from hcnr_deploy.guard import fit as G

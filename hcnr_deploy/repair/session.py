@@ -32,7 +32,7 @@ import torch
 
 from hcnr_deploy.data import encode, load_jsonl
 from hcnr_deploy.engine.plan import check_fits
-from hcnr_deploy.errors import UserError
+from eval_harness.errors import UserError
 from hcnr_deploy.modelio import Checkpoint, FineTune, load_model, load_tokenizer, resolve_model_dir
 from hcnr_deploy.options import RepairOptions
 from hcnr_deploy.repair import candidates as cand

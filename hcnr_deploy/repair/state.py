@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from hcnr_deploy.errors import UserError
+from eval_harness.errors import UserError
 from hcnr_deploy.modelio import DECODER_LINEAR_RE as DECODER_BLOCK_RE, FineTune, layer_index
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import click
 
+from eval_harness.errors import UserError
 from hcnr_deploy import choice as C
-from hcnr_deploy.errors import UserError
 
 
 def _fmt(v, signed=False):

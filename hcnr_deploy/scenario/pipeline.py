@@ -15,8 +15,8 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from hcnr_deploy.cachedir import cache_root  # noqa: F401  (re-exported: the demo CLI imports it here)
-from hcnr_deploy.errors import UserError
+from eval_harness.env import cache_root  # noqa: F401  (re-exported: the demo CLI imports it here)
+from eval_harness.errors import UserError
 from hcnr_deploy.scenario import data as scen_data
 from hcnr_deploy.scenario import baselines, realdata
 
