@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 from eval_harness.errors import UserError
+from eval_harness.jsonl import read_jsonl
 
 PARTS = ("calibration", "evaluation")
 SPLIT_FILE = "split.json"
@@ -74,11 +75,10 @@ def found_benchmarks(data_dir: Path, benchmarks=None) -> dict[str, list[Path]]:
 
 def _read_rows(path: Path):
     """(rows, writer): the file's rows and a function writing rows back in the file's format."""
-    text = path.read_text(encoding="utf-8")
     if path.name == "SelfAware.json":
-        data = json.loads(text)
+        data = json.loads(path.read_text(encoding="utf-8"))
         return data["example"], lambda rows: json.dumps({**data, "example": rows}, indent=1, ensure_ascii=False) + "\n"
-    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    rows = read_jsonl(path)
     return rows, lambda rows: "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
 
 
