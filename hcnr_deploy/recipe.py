@@ -17,6 +17,7 @@ from pathlib import Path
 
 import click
 
+from eval_harness.atomic import write_text_atomic
 from eval_harness.errors import UserError
 
 RECIPE_FILE = "recipe.yaml"
@@ -95,8 +96,4 @@ def recipe_text(recipe: dict) -> str:
 
 def write_recipe(folder: Path, recipe: dict) -> Path:
     """folder/recipe.yaml, atomically (a temporary file renamed)."""
-    path = Path(folder) / RECIPE_FILE
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(recipe_text(recipe), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(Path(folder) / RECIPE_FILE, recipe_text(recipe))
