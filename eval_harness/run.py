@@ -17,6 +17,7 @@ from eval_harness.client import (DEFAULT_CACHE, ChatClient, ResponseCache, norma
 from eval_harness.errors import UserError
 from eval_harness.identity import is_known
 from eval_harness.metrics import mc_correct, qa_correct
+from eval_harness.progress import progress_bar
 from eval_harness.prompts import APIS, COMPLETION_STOP, ICL_EXEMPLARS, build_prompt
 from eval_harness.refusal import (DETECTORS, EmbeddingDetector, judge_messages, parse_judge, resolve_detector,
                                   rule_verdicts)
@@ -282,13 +283,8 @@ def _console(console):
 
 
 def make_progress(console, show: bool):
-    from rich.console import Console
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                               TimeRemainingColumn)
-
-    return Progress(TextColumn("[bold]{task.description:<16}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[note]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                    console=_console(console), disable=not show, refresh_per_second=4)
+    return progress_bar(_console(console), show, label="[bold]{task.description:<16}", note=True, eta=True,
+                        refresh_per_second=4)
 
 
 async def ask_models(client: ChatClient, jobs: list[Job], targets, params, progress) -> dict:

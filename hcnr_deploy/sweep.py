@@ -32,6 +32,7 @@ import click
 from eval_harness.apicall import from_api
 from eval_harness.env import API_KEY_ENVVARS, API_KEY_HELP
 from eval_harness.errors import UserError
+from eval_harness.progress import progress_bar
 from eval_harness.versions import versions
 from hcnr_deploy import choice as C
 from hcnr_deploy import frontier as F
@@ -449,10 +450,7 @@ def build_candidates(cands: list[F.Candidate], folder: Path, base, finetuned, ho
 
 
 def _progress(console, enabled: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(TextColumn("[bold]{task.description:<28}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), console=console, disable=not enabled)
+    return progress_bar(console, enabled, label="[bold]{task.description:<28}")
 
 
 def _serve_and_score(names, artifacts, is_lora, eval_kwargs, *, endpoint, port, vllm_args, serve_dtype,

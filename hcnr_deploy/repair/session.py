@@ -33,6 +33,7 @@ import torch
 from hcnr_deploy.data import encode, load_jsonl
 from hcnr_deploy.engine.plan import check_fits
 from eval_harness.errors import UserError
+from eval_harness.progress import progress_bar
 from hcnr_deploy.modelio import Checkpoint, FineTune, load_model, load_tokenizer, resolve_model_dir
 from hcnr_deploy.options import RepairOptions
 from hcnr_deploy.repair import candidates as cand
@@ -71,12 +72,7 @@ class Inputs:
 
 
 def _progress(console, enabled: bool):
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
-                               TimeElapsedColumn)
-
-    return Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("samples"), TimeElapsedColumn(), console=console, disable=not enabled,
-                    transient=False)
+    return progress_bar(console, enabled, spinner=True, unit="samples")
 
 
 def check_out(out, overwrite: bool, *folders: tuple[str, Path]) -> Path:

@@ -124,7 +124,9 @@ def demo(model, seed, cache_dir, fresh, out, overwrite, data_dir, limit, port, g
     """
     from rich.console import Console
 
-    from hcnr_deploy.scenario.pipeline import RECIPES, cache_root, run_demo
+    from eval_harness.env import cache_root
+    from hcnr_deploy.scenario.demo import run_demo
+    from hcnr_deploy.scenario.recipes import RECIPES
 
     if out is not None and out.exists() and not overwrite:
         raise UserError(f"--out {out} already exists; choose a new folder or pass --overwrite")
