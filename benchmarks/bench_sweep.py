@@ -27,7 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.reproduce import machine  # noqa: E402  (one machine description for the benchmark results)
+from benchmarks.machine import machine  # noqa: E402  (one machine description for the benchmark results)
 from eval_harness.env import cache_root  # noqa: E402
 from hcnr_deploy.scenario.builds import build_base, build_data, build_ft  # noqa: E402
 from hcnr_deploy.scenario.cache import Steps  # noqa: E402

@@ -145,7 +145,7 @@ def main(argv=None):
 
     from rich.console import Console
 
-    from reproduce import machine
+    from machine import machine
     from hcnr_deploy.probe import run_probe
     from hcnr_deploy.sweep import run_sweep
 
