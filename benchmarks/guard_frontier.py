@@ -146,7 +146,7 @@ def main(argv=None):
     from rich.console import Console
 
     from machine import machine
-    from hcnr_deploy.probe import run_probe
+    from hcnr_deploy.probe.run import run_probe
     from hcnr_deploy.sweep import run_sweep
 
     t0 = time.time()

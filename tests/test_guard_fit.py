@@ -37,7 +37,7 @@ def test_fold_probe_equals_the_pipeline_decision_function():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(80, 6)) * np.array([1, 10, 0.1, 5, 2, 1]) + np.array([3, -2, 0, 1, 0, 7])
     y = (x[:, 0] + 0.1 * x[:, 1] + rng.normal(size=80) * 0.5 > 2).astype(int)
-    from hcnr_deploy.probe import fit_probe
+    from hcnr_deploy.probe.fit import fit_probe
 
     pipe, _ = fit_probe(x, y, seed=0)
     w, b = G.fold_probe(pipe)

@@ -19,7 +19,7 @@ FalseQA, NEC, RefuNQ, KUQ when present; without it, the scenario's own held-out 
 scenario's domain questions (held-out phrasings).
 
 Is the scenario a test (DESIGN.md section 8)? Per seed, `validity`: the base/ft/Rehearsal gates of
-`eval_harness.metrics.separability` and the linear probe of `hcnr_deploy.probe.run_probe` (fine-tune, and the
+`eval_harness.metrics.separability` and the linear probe of `hcnr_deploy.probe.run.run_probe` (fine-tune, and the
 base's probe transferred to it) on the same held-out honesty questions; a scenario that is not separable cannot
 judge a repair, and the report says so.
 

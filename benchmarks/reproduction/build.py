@@ -178,10 +178,10 @@ def evaluate_seed(args, recipe, scen, base, adapters, out_dir: Path, console):
 
 
 def probe_seed(args, base, ft, data_dir, benchmarks, out_dir: Path, console) -> dict:
-    """hcnr_deploy.probe.run_probe on the fine-tune (--model, a LoRA adapter on base) with the base as --reference,
+    """hcnr_deploy.probe.run.run_probe on the fine-tune (--model, a LoRA adapter on base) with the base as --reference,
     on the held-out honesty questions the eval scores (same files, --limit and sampling seed 0); writes
     out_dir/probe/{probe.json, probe.png}."""
-    from hcnr_deploy.probe import run_probe
+    from hcnr_deploy.probe.run import run_probe
 
     return run_probe(str(ft), out_dir / "probe", reference=str(base), base=str(base), data_dir=data_dir,
                      benchmarks=",".join(benchmarks), limit=args.limit, seed=0, device="cpu", dtype="float32",
