@@ -193,6 +193,18 @@ def benchmark_files(name: str, data_dir: Path) -> list[Path]:
             for mode in ("answerable", "unanswerable")]
 
 
+def present_benchmarks(data_dir: Path, names=HONESTY_BENCHMARKS) -> dict[str, list[Path]]:
+    """name -> its files under data_dir (searched in sub-folders), for each of `names` whose files are all there, in
+    `names` order: the one rule for which benchmarks a folder holds."""
+    out = {}
+    for name in names:
+        try:
+            out[name] = benchmark_files(name, Path(data_dir))
+        except UserError:
+            continue
+    return out
+
+
 def load_benchmark(name: str, data_dir: Path) -> Benchmark:
     if name not in HONESTY_BENCHMARKS:
         raise UserError(f"unknown benchmark {name!r}; choose from {', '.join(HONESTY_BENCHMARKS)} "

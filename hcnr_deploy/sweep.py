@@ -30,6 +30,7 @@ from pathlib import Path
 import click
 
 from eval_harness.apicall import from_api
+from eval_harness.atomic import refuse_overlap
 from eval_harness.env import API_KEY_ENVVARS, API_KEY_HELP
 from eval_harness.errors import UserError
 from eval_harness.progress import progress_bar
@@ -101,7 +102,7 @@ def _folder_key(path: Path) -> str:
 def eval_tasks(eval_honesty: Path, eval_domain: Path, benchmarks, limit, seed, work: Path):
     """(tasks, data_dir, benchmark names): `eval_honesty` is a benchmark folder (read as `eval --data-dir` reads
     it) or one KUQ-format JSONL (copied to work/eval-data/knowns_unknowns.jsonl, scored as "kuq")."""
-    from eval_harness.benchmarks import HONESTY_BENCHMARKS, benchmark_files, parse_benchmarks
+    from eval_harness.benchmarks import parse_benchmarks, present_benchmarks
     from eval_harness.run import load_tasks
 
     eval_honesty = Path(eval_honesty)
@@ -119,14 +120,7 @@ def eval_tasks(eval_honesty: Path, eval_domain: Path, benchmarks, limit, seed, w
         names = ["kuq"]
     elif eval_honesty.is_dir():
         data_dir = eval_honesty
-        if benchmarks:
-            names = parse_benchmarks(benchmarks)
-        else:
-            names = []
-            for b in HONESTY_BENCHMARKS:
-                with contextlib.suppress(UserError):
-                    benchmark_files(b, data_dir)
-                    names.append(b)
+        names = parse_benchmarks(benchmarks) if benchmarks else list(present_benchmarks(data_dir))
         if not names:
             raise UserError(f"--eval-honesty {eval_honesty}: no SelfAware, KUQ, FalseQA, NEC or RefuNQ files found; "
                             f"point it at the folder holding them or at one KUQ-format JSONL")
@@ -266,9 +260,7 @@ def run_sweep(base, finetuned, honesty_data, task_data, eval_honesty, eval_domai
     out = Path(out).expanduser().resolve()
     base_dir = resolve_model_dir(base, "--base")
     ft_dir = resolve_model_dir(finetuned, "--finetuned")
-    for option, folder in (("--base", base_dir), ("--finetuned", ft_dir)):
-        if out == folder or out in folder.parents or folder in out.parents:
-            raise UserError(f"--out {out} overlaps {option} {folder}; write the sweep to a separate folder")
+    refuse_overlap(out, (("--base", base_dir), ("--finetuned", ft_dir)), "the sweep")
     is_lora = FineTune(ft_dir, Checkpoint(base_dir, "--base")).is_lora
     for label, path in (("--honesty-data", honesty_data), ("--task-data", task_data)):
         if not Path(path).is_file():

@@ -124,8 +124,7 @@ def honesty_sets(args, recipe, scen: Path) -> tuple[list[str], Path]:
     every one found there), or the scenario's own held-out questions (kuq format). A real-data recipe (smollm2-rc)
     trained its base on part of the real benchmarks, so it scores its data step's `heldout/` part only (another
     --data-dir would score questions the base was trained on)."""
-    from eval_harness.benchmarks import benchmark_files
-    from eval_harness.errors import UserError
+    from eval_harness.benchmarks import present_benchmarks
 
     wanted = [b.strip() for b in args.benchmarks.split(",") if b.strip()] if args.benchmarks else list(HONESTY)
     bad = [b for b in wanted if b not in HONESTY]
@@ -138,13 +137,7 @@ def honesty_sets(args, recipe, scen: Path) -> tuple[list[str], Path]:
         data_dir = Path(args.data_dir)
     else:
         return ["kuq"], scen
-    found = []
-    for b in wanted:
-        try:
-            benchmark_files(b, data_dir)
-            found.append(b)
-        except UserError:
-            pass
+    found = list(present_benchmarks(data_dir, wanted))
     if not found:
         raise SystemExit(f"no honesty benchmark of {', '.join(wanted)} found in {data_dir}")
     return found, data_dir

@@ -54,19 +54,14 @@ def part_of(question: str, eval_share: float, seed: int = 0, key=question_key) -
 
 def found_benchmarks(data_dir: Path, benchmarks=None) -> dict[str, list[Path]]:
     """benchmark -> its files under data_dir: those named (every file must be there), else every benchmark found."""
-    from eval_harness.benchmarks import HONESTY_BENCHMARKS, benchmark_files, parse_benchmarks
+    from eval_harness.benchmarks import benchmark_files, parse_benchmarks, present_benchmarks
 
     if not Path(data_dir).is_dir():
         raise UserError(f"--data-dir {data_dir} is not a folder; point it at the folder holding the benchmark files "
                         f"(`hcnr-deploy data fetch` downloads them)")
     if benchmarks:
         return {b: benchmark_files(b, data_dir) for b in parse_benchmarks(benchmarks)}
-    out = {}
-    for b in HONESTY_BENCHMARKS:
-        try:
-            out[b] = benchmark_files(b, data_dir)
-        except UserError:
-            continue
+    out = present_benchmarks(data_dir)
     if not out:
         raise UserError(f"--data-dir {data_dir}: no SelfAware, KUQ, FalseQA, NEC or RefuNQ files found; "
                         f"`hcnr-deploy data fetch` downloads them")

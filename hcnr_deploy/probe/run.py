@@ -8,6 +8,7 @@ import shutil
 import time
 from pathlib import Path
 
+from eval_harness.atomic import refuse_existing, refuse_overlap
 from eval_harness.benchmarks import HONESTY_BENCHMARKS
 from eval_harness.errors import UserError
 from eval_harness.progress import progress_bar
@@ -30,15 +31,12 @@ def _check_options(test_size, batch_size, device, dtype, out: Path, overwrite: b
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
     if device not in DEVICES or dtype not in DTYPES:
         raise UserError(f"--device must be one of {', '.join(DEVICES)} and --dtype one of {', '.join(DTYPES)}")
-    if out.exists() and not overwrite:
-        raise UserError(f"--out {out} already exists; choose a new folder or pass --overwrite")
+    refuse_existing(out, overwrite)
 
 
 def _check_models(models: list[ProbedModel], out: Path):
-    for pm in models:
-        for folder in filter(None, (pm.folder, pm.base)):
-            if out == folder or out in folder.parents or folder in out.parents:
-                raise UserError(f"--out {out} overlaps {pm.option} {folder}; write the probe to a separate folder")
+    refuse_overlap(out, [(pm.option, folder) for pm in models for folder in (pm.folder, pm.base) if folder],
+                   "the probe")
     if len(models) == 2 and shape_of(models[0]) != shape_of(models[1]):
         (lm, wm), (lr, wr) = shape_of(models[0]), shape_of(models[1])
         raise UserError(f"--reference has {lr} decoder blocks of width {wr} but --model {lm} of width {wm}; a "

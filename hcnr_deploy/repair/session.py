@@ -32,6 +32,7 @@ import torch
 
 from hcnr_deploy.data import encode, load_jsonl
 from hcnr_deploy.engine.plan import check_fits
+from eval_harness.atomic import refuse_existing, refuse_overlap
 from eval_harness.errors import UserError
 from eval_harness.progress import progress_bar
 from hcnr_deploy.modelio import Checkpoint, FineTune, load_model, load_tokenizer, resolve_model_dir
@@ -78,11 +79,8 @@ def _progress(console, enabled: bool):
 def check_out(out, overwrite: bool, *folders: tuple[str, Path]) -> Path:
     """The resolved output folder; refuses an existing one (without `overwrite`) and one overlapping an input."""
     out = Path(out).expanduser().resolve()
-    if out.exists() and not overwrite:
-        raise UserError(f"--out {out} already exists; choose a new folder or pass --overwrite.")
-    for option, folder in folders:
-        if out == folder or out in folder.parents or folder in out.parents:
-            raise UserError(f"--out {out} overlaps {option} {folder}; write the repair to a separate folder.")
+    refuse_existing(out, overwrite)
+    refuse_overlap(out, folders, "the repair")
     return out
 
 

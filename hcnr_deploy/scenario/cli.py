@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from eval_harness.atomic import refuse_existing
 from eval_harness.errors import UserError
 from hcnr_deploy import choice as C
 
@@ -128,8 +129,8 @@ def demo(model, seed, cache_dir, fresh, out, overwrite, data_dir, limit, port, g
     from hcnr_deploy.scenario.demo import run_demo
     from hcnr_deploy.scenario.recipes import RECIPES
 
-    if out is not None and out.exists() and not overwrite:
-        raise UserError(f"--out {out} already exists; choose a new folder or pass --overwrite")
+    if out is not None:
+        refuse_existing(out, overwrite)
     if out is not None and not out.parent.is_dir():
         raise UserError(f"--out {out}: folder {out.parent} does not exist")
     if limit is not None and limit < 2:

@@ -9,6 +9,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from eval_harness.benchmarks import present_benchmarks
 from eval_harness.errors import UserError
 from hcnr_deploy.scenario.builds import build_base, build_data, build_ft
 from hcnr_deploy.scenario.cache import Steps, files_key, key_of
@@ -84,7 +85,7 @@ def run_demo(recipe: Recipe, root: Path, *, fresh: bool = False, out: Path | Non
     base = build_base(steps, recipe, scen, console)
     ft = build_ft(steps, recipe, base, scen, console)
     if data_dir is not None:  # the real benchmarks instead of the scenario's own questions (KUQ-format file)
-        if not any(_has_benchmark(data_dir, b) for b in ("selfaware", "kuq", "falseqa", "nec", "refunq")):
+        if not present_benchmarks(data_dir):
             raise UserError(f"--data-dir {data_dir}: no SelfAware, KUQ, FalseQA, NEC or RefuNQ files found; point it "
                             "at the folder holding them (e.g. ../shared/data) or leave it out")
     frontier = build_sweep(steps, recipe, base, ft, scen, data_dir=data_dir, limit=limit, port=port,
@@ -99,16 +100,6 @@ def run_demo(recipe: Recipe, root: Path, *, fresh: bool = False, out: Path | Non
     if out is not None:
         write_out(out, results, report, sweep_dir)
     return {"results": results, "frontier": frontier, "report": report}
-
-
-def _has_benchmark(data_dir: Path, name: str) -> bool:
-    from eval_harness.benchmarks import benchmark_files
-
-    try:
-        benchmark_files(name, Path(data_dir))
-        return True
-    except UserError:
-        return False
 
 
 def write_out(out: Path, results: dict, report: dict, sweep_dir: Path | None = None):
