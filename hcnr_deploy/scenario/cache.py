@@ -49,8 +49,8 @@ class Steps:
             self._say(f"[dim]{kind}: cached ({final})[/dim]")
             return final
         for stale in self.root.glob(f".{kind}-{key}.tmp-*"):  # left by a killed run
-            owner = stale / OWNER_FILE
-            if owner.is_file() and not _pid_alive(int(owner.read_text())):
+            owner = (stale / OWNER_FILE).read_text() if (stale / OWNER_FILE).is_file() else ""
+            if owner.isdigit() and not _pid_alive(int(owner)):
                 shutil.rmtree(stale, ignore_errors=True)
         from hcnr_deploy.modelio import AtomicDir
 
