@@ -12,9 +12,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from eval_harness.errors import UserError
 from hcnr_deploy import repair
 from hcnr_deploy.repair import candidates, session, state
+from eval_harness.errors import UserError
 
 from conftest import repair_pair
 
@@ -150,8 +150,8 @@ def test_cli_offload_flag(pair, tmp_path):
 def test_placement_moves_everything_but_the_blocks(pair):
     """`_place_outside_blocks` with a dtype standing in for the device: embeddings, rotary tables, final norm and
     LM head change, every decoder block's tensor stays as it was."""
-    from hcnr_deploy.modelio import load_model
     from hcnr_deploy.repair.streaming import decoder_blocks
+    from hcnr_deploy.modelio import load_model
 
     model = load_model(pair["base"], torch.float32, "cpu")
     _, layers = decoder_blocks(model)
@@ -172,8 +172,8 @@ class Float64Device(state.BlockOffload):
 
 
 def test_block_offload_round_trip_keeps_the_host_tensors_and_the_writes(pair):
-    from hcnr_deploy.modelio import load_model
     from hcnr_deploy.repair.streaming import decoder_blocks
+    from hcnr_deploy.modelio import load_model
 
     model = load_model(pair["base"], torch.float32, "cpu")
     _, layers = decoder_blocks(model)

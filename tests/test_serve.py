@@ -24,13 +24,13 @@ import psutil
 import pytest
 from click.testing import CliRunner
 
-from eval_harness.errors import UserError
-from hcnr_deploy import serve as serve_mod
-from hcnr_deploy.cli import main
 from hcnr_deploy.serve import free_port
+from hcnr_deploy.cli import main
+from eval_harness.errors import UserError
 from hcnr_deploy.serve import (RunningServer, ServeError, ServerPlan, adapter_weight_change, derive_lora_settings,
                                lora_delta_norm, plan_servers, round_lora_rank, serving, smoke_check)
 from hcnr_deploy.tiny import build_tiny_model, random_lora
+from hcnr_deploy import serve as serve_mod
 
 
 def serve_cli(*args):
