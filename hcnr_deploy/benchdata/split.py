@@ -18,6 +18,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from eval_harness.atomic import refuse_overlap
 from eval_harness.errors import UserError
 from eval_harness.jsonl import read_jsonl
 
@@ -86,8 +87,7 @@ def split_folder(data_dir: Path, out: Path, *, seed: int = 0, eval_share: float 
     if out.exists():
         raise UserError(f"--out {out} exists; choose a new folder")
     files = found_benchmarks(data_dir, benchmarks)
-    if data_dir.resolve() in out.resolve().parents or out.resolve() == data_dir.resolve():
-        raise UserError(f"--out {out} is inside --data-dir {data_dir}; write the split to a separate folder")
+    refuse_overlap(out.resolve(), [("--data-dir", data_dir.resolve())], "the split")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     counts: dict = {}
