@@ -286,6 +286,11 @@ def test_bad_inputs(bed, tmp_path, case):
     _fails(args, tmp_path / "out", expect)
 
 
+def test_out_inside_the_probed_model_is_refused(bed):
+    _fails(["--model", bed["planted"], "--data-dir", bed["data"], "--benchmarks", "selfaware"],
+           Path(bed["planted"]) / "probe-out", "overlaps --model")
+
+
 def test_existing_out_is_refused_unless_overwrite(bed, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
