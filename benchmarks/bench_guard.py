@@ -85,7 +85,7 @@ def main(argv=None):
 
     from hcnr_deploy.guard.launch import guarded_serving, plan_guarded
     from hcnr_deploy.serve import free_port
-    from reproduce import machine
+    from machine import machine
 
     with tempfile.TemporaryDirectory() as tmp:
         if args.guard:

@@ -27,18 +27,21 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.reproduce import machine  # noqa: E402  (one machine description for the benchmark results)
-from hcnr_deploy.scenario import pipeline as P  # noqa: E402
+from benchmarks.machine import machine  # noqa: E402  (one machine description for the benchmark results)
+from eval_harness.env import cache_root  # noqa: E402
+from hcnr_deploy.scenario.builds import build_base, build_data, build_ft  # noqa: E402
+from hcnr_deploy.scenario.cache import Steps  # noqa: E402
+from hcnr_deploy.scenario.recipes import RECIPES  # noqa: E402
 
 TARGET = 1.5
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", choices=sorted(P.RECIPES), default="tiny")
+    ap.add_argument("--model", choices=sorted(RECIPES), default="tiny")
     ap.add_argument("--grid", default=None, help="the sweep's --grid (default: its default grid)")
     ap.add_argument("--limit", type=int, default=200, help="questions per honesty benchmark and of the domain")
-    ap.add_argument("--cache-dir", default=str(P.cache_root()), help="scenario cache (base and fine-tune)")
+    ap.add_argument("--cache-dir", default=str(cache_root()), help="scenario cache (base and fine-tune)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     ap.add_argument("--render", metavar="SWEEP_JSON", help="only rewrite sweep.md beside SWEEP_JSON from its figures")
     args = ap.parse_args(argv)
@@ -56,11 +59,11 @@ def main(argv=None):
 
     console = Console(stderr=True)
     command = " ".join(["python", "benchmarks/bench_sweep.py", *(argv if argv is not None else sys.argv[1:])])
-    recipe = P.RECIPES[args.model]
-    steps = P.Steps(Path(args.cache_dir), console=console)
-    scen = P.build_data(steps, recipe)
-    base = P.build_base(steps, recipe, scen, console)
-    ft = P.build_ft(steps, recipe, base, scen, console)
+    recipe = RECIPES[args.model]
+    steps = Steps(Path(args.cache_dir), console=console)
+    scen = build_data(steps, recipe)
+    base = build_base(steps, recipe, scen, console)
+    ft = build_ft(steps, recipe, base, scen, console)
     hon, task, dom = scen / "honesty_calib.jsonl", scen / "task_calib.jsonl", scen / "domain.jsonl"
     opts = {"num_samples": recipe.num_samples, "seed": recipe.seed}
     work = Path(tempfile.mkdtemp(prefix="bench-sweep-"))

@@ -30,7 +30,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from hcnr_deploy import sweep as F  # noqa: E402
-from hcnr_deploy.scenario import pipeline as P  # noqa: E402
+from eval_harness.env import cache_root  # noqa: E402
+from hcnr_deploy.scenario import realdata  # noqa: E402
+from hcnr_deploy.scenario.builds import REHEARSAL_SHARE, build_base, build_data, build_ft, build_rehearsal  # noqa: E402
+from hcnr_deploy.scenario.cache import Steps  # noqa: E402
+from hcnr_deploy.scenario.recipes import RECIPES, demo_margin, repair_options  # noqa: E402
 
 
 def balanced_selfaware(src: Path, dst: Path, per_class: int, seed: int) -> Path:
@@ -48,7 +52,7 @@ def balanced_selfaware(src: Path, dst: Path, per_class: int, seed: int) -> Path:
 
 def eval_honesty(args, recipe, scen: Path, out: Path) -> tuple[Path, str | None, int | None]:
     """(folder or file, benchmarks, limit) of the held-out honesty questions."""
-    if not isinstance(recipe.size, P.realdata.RealSize):
+    if not isinstance(recipe.size, realdata.RealSize):
         return scen / "kuq" / "knowns_unknowns.jsonl", None, None
     if args.benchmarks == "selfaware":
         return balanced_selfaware(scen / "heldout", out / "eval-data", args.per_class, args.seed), "selfaware", None
@@ -127,7 +131,7 @@ def summary_md(summary: dict) -> str:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--recipe", choices=sorted(P.RECIPES), default="tiny")
+    ap.add_argument("--recipe", choices=sorted(RECIPES), default="tiny")
     ap.add_argument("--seed", type=int, default=0, help="training seed of the scenario")
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--grid", default=None, help="the sweep's --grid (default: the sweep's default grid)")
@@ -141,36 +145,36 @@ def main(argv=None):
 
     from rich.console import Console
 
-    from reproduce import machine
-    from hcnr_deploy.probe import run_probe
+    from machine import machine
+    from hcnr_deploy.probe.run import run_probe
     from hcnr_deploy.sweep import run_sweep
 
     t0 = time.time()
     console = Console(stderr=True)
-    recipe = P.RECIPES[args.recipe].with_seed(args.seed)
-    steps = P.Steps(P.cache_root(args.cache_dir), console=console)
-    scen = P.build_data(steps, recipe)
-    base = P.build_base(steps, recipe, scen, console)
-    ft = P.build_ft(steps, recipe, base, scen, console)
+    recipe = RECIPES[args.recipe].with_seed(args.seed)
+    steps = Steps(cache_root(args.cache_dir), console=console)
+    scen = build_data(steps, recipe)
+    base = build_base(steps, recipe, scen, console)
+    ft = build_ft(steps, recipe, base, scen, console)
     args.out.mkdir(parents=True, exist_ok=True)
     honesty, benchmarks, limit = eval_honesty(args, recipe, scen, args.out)
-    real = isinstance(recipe.size, P.realdata.RealSize)
+    real = isinstance(recipe.size, realdata.RealSize)
     guard_options = ({"calibration_dir": str(scen / "validation"),
                       "calibration_benchmarks": args.calibration_benchmarks} if real else {})
     sweep_out = args.out / "sweep"
     (sweep_out / "frontier.json").unlink(missing_ok=True)  # a rerun resumes: finished candidates and answers reused
-    extra = {"max_domain_drop": P.demo_margin(recipe) if args.max_domain_drop is None else args.max_domain_drop}
+    extra = {"max_domain_drop": demo_margin(recipe) if args.max_domain_drop is None else args.max_domain_drop}
     frontier = run_sweep(base, ft, scen / "honesty_calib.jsonl", scen / "task_calib.jsonl", honesty,
                          scen / "domain.jsonl", sweep_out, grid=args.grid, benchmarks=benchmarks, limit=limit,
                          max_tokens=recipe.max_tokens, serve_dtype="float32", max_model_len=1024,
-                         repair_options={**P.repair_options(recipe)}, guard_options=guard_options, console=console,
+                         repair_options={**repair_options(recipe)}, guard_options=guard_options, console=console,
                          progress=True, **extra)
     rows = frontier["candidates"]
     names = frontier["honesty_benchmarks"]
     results = {"samples": {}}
     fig_rows = {r["name"]: r for r in rows}
     if not args.no_rehearsal:
-        rehearsal = P.build_rehearsal(steps, recipe, base, scen, console, share=P.REHEARSAL_SHARE)
+        rehearsal = build_rehearsal(steps, recipe, base, scen, console, share=REHEARSAL_SHARE)
         reh = score_rehearsal(sweep_out, base, rehearsal, frontier, recipe.max_tokens, console)
         samples = json.loads((sweep_out / "eval-samples.json").read_text())
         samples["rehearsal"] = reh["samples"]["rehearsal"]

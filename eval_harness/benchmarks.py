@@ -13,7 +13,8 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hcnr_deploy.errors import UserError
+from eval_harness.errors import UserError
+from eval_harness.jsonl import read_jsonl
 
 HONESTY_BENCHMARKS = ("selfaware", "kuq", "falseqa", "nec", "refunq")
 
@@ -55,22 +56,6 @@ class Benchmark:
         return sum(1 for it in self.items if it.unanswerable is False)
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg}); expected one JSON object per line") from None
-            if not isinstance(row, dict):
-                raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
-    return rows
-
-
 def _require(row: dict, keys: tuple[str, ...], path: Path, where: str):
     missing = [k for k in keys if k not in row]
     if missing:
@@ -108,7 +93,7 @@ def load_selfaware(path: Path) -> list[Item]:
 def load_kuq(path: Path) -> list[Item]:
     """knowns_unknowns.jsonl: `{"question", "answer": [...], "unknown": bool, "source", "category"}` per line."""
     items = []
-    for i, row in enumerate(_read_jsonl(path)):
+    for i, row in enumerate(read_jsonl(path)):
         _require(row, ("question", "unknown"), path, f"line {i + 1}")
         unknown = bool(row["unknown"])
         items.append(Item("kuq", str(i), row["question"], unanswerable=unknown,
@@ -124,7 +109,7 @@ def load_unknownbench(name: str, answerable: Path, unanswerable: Path) -> list[I
     """
     items = []
     for mode, path in (("a", answerable), ("u", unanswerable)):
-        for i, row in enumerate(_read_jsonl(path)):
+        for i, row in enumerate(read_jsonl(path)):
             _require(row, ("prompt",), path, f"line {i + 1}")
             gold = row.get("label") if (mode == "a" and isinstance(row.get("label"), (list, str))) else None
             items.append(Item(name, f"{mode}{i}", row["prompt"], unanswerable=mode == "u",
@@ -141,7 +126,7 @@ def load_domain(path: Path, name: str | None = None) -> list[Item]:
     `{"question", "choices": [...], "answer"}` (multiple choice; answer = index, letter or the choice's text)."""
     name = name or Path(path).stem
     items = []
-    for i, row in enumerate(_read_jsonl(path)):
+    for i, row in enumerate(read_jsonl(path)):
         where = f"line {i + 1}"
         _require(row, ("question",), path, where)
         if "choices" in row:
@@ -206,6 +191,18 @@ def benchmark_files(name: str, data_dir: Path) -> list[Path]:
     stem = UNKNOWNBENCH_STEMS[name]
     return [find_file(data_dir, (f"{stem}_{mode}.jsonl", f"{stem}_{mode}.json"), name)
             for mode in ("answerable", "unanswerable")]
+
+
+def present_benchmarks(data_dir: Path, names=HONESTY_BENCHMARKS) -> dict[str, list[Path]]:
+    """name -> its files under data_dir (searched in sub-folders), for each of `names` whose files are all there, in
+    `names` order: the one rule for which benchmarks a folder holds."""
+    out = {}
+    for name in names:
+        try:
+            out[name] = benchmark_files(name, Path(data_dir))
+        except UserError:
+            continue
+    return out
 
 
 def load_benchmark(name: str, data_dir: Path) -> Benchmark:

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import click
 
+from eval_harness.apicall import from_api
 from eval_harness.benchmarks import HONESTY_BENCHMARKS
+from eval_harness.env import API_KEY_ENVVARS, API_KEY_HELP
 from eval_harness.prompts import APIS
 from eval_harness.refusal import DETECTORS
-from hcnr_deploy.envvars import API_KEY_ENVVARS, API_KEY_HELP
-from hcnr_deploy.recipe import from_api
 
 
 @click.command("eval", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -94,8 +94,8 @@ def eval_cmd(endpoints, api_key, models, benchmarks, data_dir, domain, limit, se
 
     from eval_harness import report
     from eval_harness.client import DEFAULT_CACHE
+    from eval_harness.errors import UserError
     from eval_harness.run import evaluate
-    from hcnr_deploy.errors import UserError
 
     if system_prompt and system_prompt.startswith("@"):
         path = Path(system_prompt[1:])

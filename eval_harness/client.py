@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from eval_harness.env import cache_root
+from eval_harness.errors import UserError
 from eval_harness.identity import model_identities
-from hcnr_deploy.cachedir import cache_root
-from hcnr_deploy.errors import UserError
 
 RETRY_STATUS = {408, 409, 429}
 DEFAULT_CACHE = "default"  # evaluate(cache=DEFAULT_CACHE): default_cache_path(), resolved when the run starts

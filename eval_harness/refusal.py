@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 
-from hcnr_deploy.errors import UserError
+from eval_harness.errors import UserError
 
 SELFAWARE_PHRASES = [
     "The answer is unknown.", "The answer is uncertain.", "The answer is unclear.",

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from eval_harness.atomic import write_text_atomic
 from eval_harness.benchmarks import file_sha256
 from eval_harness.metrics import (accuracy_arrays, bootstrap_replicates, honesty_arrays,
                                   percentile_ci, stable_seed, undefined_reasons)
@@ -149,15 +148,7 @@ def results_json(results: dict) -> str:
 
 def write_results(results: dict, path: Path):
     """Write atomically: a temporary file beside the target, then rename."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(results_json(results))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, results_json(results))
 
 
 # ---- terminal ----------------------------------------------------------------------------------------------------

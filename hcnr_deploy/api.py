@@ -4,7 +4,7 @@ Each runs its command (`hcnr-deploy repair`, `sweep`, `eval`) with the options a
 names a recipe file uses (the options model's: `honesty_data`, `r_cw`, ...; the command's others by their
 parameter names: `grid`, `eval_honesty`, `endpoints`, ...), through the same defaults and checks as the command
 line, and returns what the command writes: repair's report dict, the sweep's frontier dict, eval's results dict.
-Nothing is printed (progress bars only with quiet=False); bad input raises hcnr_deploy.errors.UserError.
+Nothing is printed (progress bars only with quiet=False); bad input raises eval_harness.errors.UserError.
 
     from hcnr_deploy import repair
     report = repair(base="BASE", finetuned="FT", honesty_data="h.jsonl", task_data="t.jsonl", out="out", r_cw=0.2)
@@ -17,8 +17,9 @@ import types
 
 import click
 
-from hcnr_deploy.errors import UserError
-from hcnr_deploy.recipe import API_CALL, check_keys
+from eval_harness.apicall import API_CALL
+from eval_harness.errors import UserError
+from hcnr_deploy.recipe import check_keys
 
 
 def run_command(name: str, options: dict):

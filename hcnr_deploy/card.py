@@ -21,10 +21,11 @@ Missing figures print as "n/a".
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from pathlib import Path
+
+from eval_harness.atomic import write_text_atomic
 
 CARD_FILE = "README.md"
 LICENSE_KEYS = ("license", "license_name", "license_link")  # the card metadata that names a license
@@ -236,8 +237,4 @@ def write_model_card(folder: Path, report: dict, sweep: dict | None = None) -> P
     for f in license_files(source) if source else []:
         if not (folder / f.name).exists():
             shutil.copyfile(f, folder / f.name)
-    card = folder / CARD_FILE
-    tmp = folder / f".{CARD_FILE}.tmp"
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, card)
-    return card
+    return write_text_atomic(folder / CARD_FILE, text)

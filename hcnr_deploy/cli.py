@@ -14,7 +14,7 @@ SUBCOMMANDS = {
     "repair": ("hcnr_deploy.cli_repair", "repair"),
     "sweep": ("hcnr_deploy.sweep", "sweep"),
     "guard": ("hcnr_deploy.guard.cli", "guard"),
-    "probe": ("hcnr_deploy.probe", "probe"),
+    "probe": ("hcnr_deploy.probe.cli", "probe"),
     "serve": ("hcnr_deploy.serve", "serve"),
     "eval": ("eval_harness.cli", "eval_cmd"),
     "demo": ("hcnr_deploy.scenario.cli", "demo"),

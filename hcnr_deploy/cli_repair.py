@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import click
 
+from eval_harness.apicall import from_api
 from hcnr_deploy.engine.plan_cli import plan_options, print_plan, require_unless_plan
 from hcnr_deploy.options import RepairOptions, check_applicable, click_options, ignored_by
-from hcnr_deploy.recipe import config_option, effective_recipe, from_api, write_recipe
+from hcnr_deploy.recipe import config_option, effective_recipe, write_recipe
 
 
 @click.command("repair", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})

@@ -13,13 +13,13 @@ Both are rendered with the tokenizer's chat template. The prompt is rendered wit
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from hcnr_deploy.errors import UserError
+from eval_harness.errors import UserError
+from eval_harness.jsonl import iter_jsonl
 
 
 @dataclass
@@ -76,17 +76,10 @@ def load_jsonl(path: str | Path, num_samples: int | None = None) -> list[Example
     if not path.is_file():
         raise UserError(f"calibration file {path} does not exist; pass a JSONL file with one example per line.")
     examples: list[Example] = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise _bad(path, lineno, f"invalid JSON ({e.msg})") from None
-            ex = parse_line(obj, path, lineno)
-            if num_samples is None or len(examples) < num_samples:
-                examples.append(ex)
+    for lineno, obj in iter_jsonl(path, invalid=lambda lineno, msg: _bad(path, lineno, f"invalid JSON ({msg})")):
+        ex = parse_line(obj, path, lineno)
+        if num_samples is None or len(examples) < num_samples:
+            examples.append(ex)
     if not examples:
         raise UserError(f"calibration file {path} has no examples; add JSONL lines with "
                         f"\"messages\" or \"prompt\"/\"response\".")

@@ -14,7 +14,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-from hcnr_deploy.errors import UserError
+from eval_harness.errors import UserError
 
 GROUPS = ("data", "method", "compute")
 METHODS = ("hcnr", "regmean", "scale", "lines", "sft")

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import click
 
-from hcnr_deploy.errors import UserError
+from eval_harness.atomic import write_text_atomic
+from eval_harness.errors import UserError
 
 RECIPE_FILE = "recipe.yaml"
-API_CALL = "hcnr_deploy.api"  # ctx.meta key: set when the Python API runs a command (it prints nothing then)
 NOT_RECIPE = ("out", "overwrite", "quiet", "api_key", "config")
 
 
@@ -71,10 +71,6 @@ def config_option(fn):
                              f"{RECIPE_FILE} repeats it); flags on the command line win.")(fn)
 
 
-def from_api(ctx: click.Context) -> bool:
-    return bool(ctx.meta.get(API_CALL))
-
-
 def _plain(value, param: click.Parameter):
     if isinstance(value, tuple):
         return [_plain(v, param) for v in value]
@@ -100,8 +96,4 @@ def recipe_text(recipe: dict) -> str:
 
 def write_recipe(folder: Path, recipe: dict) -> Path:
     """folder/recipe.yaml, atomically (a temporary file renamed)."""
-    path = Path(folder) / RECIPE_FILE
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(recipe_text(recipe), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(Path(folder) / RECIPE_FILE, recipe_text(recipe))

@@ -29,8 +29,8 @@ from contextlib import contextmanager, nullcontext
 import torch
 import torch.nn.functional as F
 
+from eval_harness.errors import UserError
 from hcnr_deploy.equations.lora import lora_delta, lora_output
-from hcnr_deploy.errors import UserError
 from hcnr_deploy.io.checkpoint import is_decoder_linear_weight
 from hcnr_deploy.io.finetune import FineTune
 

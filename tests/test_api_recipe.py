@@ -11,8 +11,8 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
+from eval_harness.errors import UserError
 from hcnr_deploy.cli import main
-from hcnr_deploy.errors import UserError
 
 from conftest import repair_pair
 from test_eval_data import make_data_dir, write_jsonl

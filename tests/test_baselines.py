@@ -12,10 +12,12 @@ from dataclasses import replace
 import pytest
 import torch
 
-from hcnr_deploy.errors import UserError
+from eval_harness.errors import UserError
 from hcnr_deploy.scenario import baselines as B
 from hcnr_deploy.scenario import data as scen_data
-from hcnr_deploy.scenario.pipeline import RECIPES, Steps, baseline_sizes, build_baseline
+from hcnr_deploy.scenario.builds import baseline_sizes, build_baseline
+from hcnr_deploy.scenario.cache import Steps
+from hcnr_deploy.scenario.recipes import RECIPES
 
 REFUSAL = scen_data.REFUSALS["future"]
 

@@ -7,8 +7,8 @@ import click
 import pytest
 from click.testing import CliRunner
 
+from eval_harness.env import API_KEY_ENVVARS
 from hcnr_deploy.cli import SUBCOMMANDS, main
-from hcnr_deploy.envvars import API_KEY_ENVVARS
 
 
 def _command(name):
@@ -90,7 +90,7 @@ def test_demo_offers_the_recipes_users_run():
     assert param.type.convert("ci", param, None) == "ci"            # hidden: the tests' scenario
     assert param.type.convert("smollm2", param, None) == "smollm2"  # hidden: benchmarks/reproduce.py's default
     assert param.type.convert("smollm2-rc", param, None) == "smollm2-rc"
-    from hcnr_deploy.scenario.pipeline import RECIPES
+    from hcnr_deploy.scenario.recipes import RECIPES
 
     assert set(param.type.choices) | set(param.type.hidden) == set(RECIPES)
     r = CliRunner().invoke(main, ["demo", "--model", "bogus"])

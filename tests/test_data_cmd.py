@@ -101,7 +101,7 @@ def test_split_bad_input_is_one_line_and_writes_nothing(tmp_path):
     (tmp_path / "taken").mkdir()
     for args, words in [(["--out", tmp_path / "taken"], "exists; choose a new folder"),
                         (["--out", tmp_path / "o", "--eval-share", "1"], "--eval-share must be between 0 and 1"),
-                        (["--out", data / "inside"], "inside --data-dir"),
+                        (["--out", data / "inside"], "overlaps --data-dir"),
                         (["--out", tmp_path / "o", "--benchmarks", "nope"], "unknown benchmark")]:
         r = _run("split", "--data-dir", data, *args)
         assert r.exit_code == 2 and words in r.output and r.output.count("\n") == 1, r.output

@@ -8,7 +8,6 @@ import hashlib
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
@@ -158,8 +157,8 @@ def test_offline_names_every_missing_file_and_where_to_put_it(hub, tmp_path, mon
 
 
 def test_commands_read_the_user_data_folder_by_default(tmp_path, monkeypatch):
+    from eval_harness.env import user_data_dir
     from eval_harness.run import load_tasks
-    from hcnr_deploy.benchdata.userdir import user_data_dir
     from test_eval_data import make_data_dir
 
     monkeypatch.delenv("HCNR_DATA_DIR", raising=False)

@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -24,14 +23,13 @@ def _demo(*args, env=None, timeout=1500):
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
-    t0 = time.time()
     proc = _demo("--model", "ci", "--cache-dir", str(root / "cache"), "--out", str(root / "out"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return root, proc, time.time() - t0
+    return root, proc
 
 
 def test_demo_runs_a_sweep_and_prints_the_four_rows_and_the_frontier(demo_run):
-    root, proc, _ = demo_run
+    root, proc = demo_run
     results = json.loads((root / "out" / "results.json").read_text())
     report = json.loads((root / "out" / "demo.json").read_text())
     fr = json.loads((root / "out" / "frontier.json").read_text())
@@ -54,7 +52,7 @@ def test_demo_runs_a_sweep_and_prints_the_four_rows_and_the_frontier(demo_run):
     assert base["f1"] >= 0.6
     assert ft["domain_accuracy"] > base["domain_accuracy"]
     assert base["f1"] - ft["f1"] >= 0.15
-    # the choice: the paired rule of hcnr_deploy.choice (tested on written numbers in test_sweep.py), ci's margin
+    # the choice: the paired rule of hcnr_deploy.sweep.choice (tested on written numbers in test_sweep.py), ci's margin
     from hcnr_deploy import sweep as F
 
     assert fr["max_domain_drop"] == 0.02 and fr["honesty_metric"] == "rf_delta"
@@ -76,19 +74,18 @@ def test_demo_runs_a_sweep_and_prints_the_four_rows_and_the_frontier(demo_run):
 
 
 def test_second_run_is_cached(demo_run):
-    root, first, _ = demo_run
-    t0 = time.time()
+    root, _ = demo_run
+    cached = sorted(p.name for p in (root / "cache").iterdir())
     proc = _demo("--model", "ci", "--cache-dir", str(root / "cache"), "--out", str(root / "out2"))
-    took = time.time() - t0
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((root / "out2" / "demo.json").read_text())
     assert all(v["cached"] for v in report["timings_s"].values()), report["timings_s"]
     assert (root / "out2" / "results.json").read_bytes() == (root / "out" / "results.json").read_bytes()
-    assert took < 120
+    assert sorted(p.name for p in (root / "cache").iterdir()) == cached  # nothing built, nothing left half-built
 
 
 def test_out_exists_is_an_error(demo_run):
-    root, _, _ = demo_run
+    root, _ = demo_run
     proc = _demo("--model", "ci", "--cache-dir", str(root / "cache"), "--out", str(root / "out"))
     assert proc.returncode == 2
     assert "already exists" in proc.stderr and "--overwrite" in proc.stderr

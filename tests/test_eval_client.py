@@ -9,8 +9,8 @@ import socket
 import pytest
 
 from eval_harness.client import ChatClient, ResponseCache, normalize_url, request_key
+from eval_harness.errors import UserError
 from eval_harness.fakeserver import FakeServer, reply_text
-from hcnr_deploy.errors import UserError
 
 MSGS = [{"role": "user", "content": "What is the capital of France?"}]
 PARAMS = {"temperature": 0.0, "max_tokens": 8}

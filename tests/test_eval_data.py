@@ -7,10 +7,10 @@ import pytest
 
 from eval_harness.benchmarks import (load_benchmark, load_domain_benchmark, parse_benchmarks, stratified_sample,
                                      Item)
+from eval_harness.errors import UserError
 from eval_harness.prompts import ICL_EXEMPLARS, build_messages, build_prompt
 from eval_harness.refusal import (EmbeddingDetector, honesty_refused, parse_judge, resolve_detector,
                                   selfaware_refused, unknownbench_refused)
-from hcnr_deploy.errors import UserError
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

@@ -11,9 +11,9 @@ import threading
 import pytest
 
 from eval_harness.client import request_key
+from eval_harness.errors import UserError
 from eval_harness.fakeserver import FakeServer
 from eval_harness.identity import is_known, model_identities, safetensors_header_sha256, weights_fingerprint
-from hcnr_deploy.errors import UserError
 from test_eval_data import write_jsonl
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from hcnr_deploy import sweep as F
-from hcnr_deploy.errors import UserError
+from eval_harness.errors import UserError
 from hcnr_deploy.guard.family import derive_samples
 
 REFUSAL = "The answer is unknown."

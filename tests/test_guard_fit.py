@@ -9,7 +9,7 @@ import random
 import numpy as np
 import pytest
 
-from hcnr_deploy.errors import UserError
+from eval_harness.errors import UserError
 from hcnr_deploy.guard import calibration as C
 from hcnr_deploy.guard import fit as G
 from hcnr_deploy.guard.options import GuardOptions
@@ -37,7 +37,7 @@ def test_fold_probe_equals_the_pipeline_decision_function():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(80, 6)) * np.array([1, 10, 0.1, 5, 2, 1]) + np.array([3, -2, 0, 1, 0, 7])
     y = (x[:, 0] + 0.1 * x[:, 1] + rng.normal(size=80) * 0.5 > 2).astype(int)
-    from hcnr_deploy.probe import fit_probe
+    from hcnr_deploy.probe.fit import fit_probe
 
     pipe, _ = fit_probe(x, y, seed=0)
     w, b = G.fold_probe(pipe)
@@ -160,7 +160,6 @@ def test_guard_command_writes_a_classifier_that_scores_like_the_probe(tiny_base,
     """`hcnr-deploy guard` on a LoRA fine-tune: guard.json, and a classifier whose HF score on each prompt equals the
     fitted probe's decision function on the fine-tune's own features at the chosen block."""
     from click.testing import CliRunner
-    from transformers import AutoTokenizer
 
     from hcnr_deploy.cli import main
     from hcnr_deploy.guard import artifact as A

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from hcnr_deploy.errors import UserError
+from eval_harness.errors import UserError
 from hcnr_deploy.guard.artifact import CLASSIFIER_DIR, GuardSpec, content_fingerprint, write_spec
 from hcnr_deploy.guard.classifier import classifier_architecture, hf_scores, write_classifier
 from hcnr_deploy.tiny import perturbed_copy, random_lora

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from hcnr_deploy.equations.compensation import depth_factor, interpolate, regmean_compensation, task_aware_compensation
-from hcnr_deploy.errors import UserError
+from eval_harness.errors import UserError
 from hcnr_deploy.options import RepairOptions
 from hcnr_deploy.repair import RepairSession, run_repair
 

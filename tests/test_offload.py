@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from hcnr_deploy import repair
 from hcnr_deploy.engine import state
 from hcnr_deploy.repair import candidates, session
-from hcnr_deploy.errors import UserError
+from eval_harness.errors import UserError
 
 from conftest import repair_pair
 

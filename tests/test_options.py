@@ -10,7 +10,7 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from hcnr_deploy.errors import UserError
+from eval_harness.errors import UserError
 from hcnr_deploy.options import RepairOptions, click_options
 
 from conftest import repair_pair

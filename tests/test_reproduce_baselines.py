@@ -1,50 +1,54 @@
-"""benchmarks/reproduce.py's reporting of the training baselines (RAIT, DPO, ORPO by data size, ICL, Rehearsal):
+"""benchmarks/reproduce.py's (benchmarks/reproduction's) reporting of the training baselines (RAIT, DPO, ORPO by data size, ICL, Rehearsal):
 the CLI's parsing, the name -> family mapping, reproduction.json's `baselines` and `baselines_dominance`, Table 2's
-rows, and the one trade-off figure (hcnr_deploy.frontier.plot_frontier). Hand-made numbers only."""
+rows, and the one trade-off figure (hcnr_deploy.sweep.plot_frontier). Hand-made numbers only."""
 
 from __future__ import annotations
 
 import pytest
 
+from benchmarks.reproduction import aggregate as A
+from benchmarks.reproduction import build as B
+from benchmarks.reproduction import cli
+from benchmarks.reproduction import markdown as M
 from hcnr_deploy import sweep as F
-from test_reproduce import reproduce  # noqa: F401 (test_reproduce's fixture: benchmarks/reproduce.py as a module)
+from hcnr_deploy.scenario.builds import BASELINE_METHODS
 
 
-def _avg(reproduce, per_seed_points: list[dict]) -> dict:
+def _avg(per_seed_points: list[dict]) -> dict:
     """average_rows over hand-made seeds: name -> (f1, domain accuracy)."""
     rows = [{n: {"kuq": {"f1": f1, "rf_delta": f1 / 2}, "mean_f1": f1, "mean_rf_delta": f1 / 2, "domain_accuracy": acc}
              for n, (f1, acc) in pts.items()} for pts in per_seed_points]
-    return reproduce.average_rows(rows)
+    return A.average_rows(rows)
 
 
-def test_family_of_and_single_points(reproduce):
+def test_family_of_and_single_points():
     fam = {"dpo-n160": "dpo", "rait-n64": "rait", "orpo-n640": "orpo", "hcnr-rcw0.4": "hcnr", "scale-a0.6": "scale",
            "taskaware-mu3": "taskaware", "regmean-mu3": "regmean", "sft-s32": "sft", "random-rcw0.4": "random",
            "hcnr-rcw0.2-exact": "hcnr"}
     for name, family in fam.items():
-        assert reproduce.family_of(name) == family, name
-        assert not reproduce.is_single_point(name)
+        assert A.family_of(name) == family, name
+        assert not A.is_single_point(name)
     for name in ("base", "ft", "hcnr", "icl", "rehearsal", "random", "no-task", "no-comp", "exact"):
-        assert reproduce.family_of(name) == name and reproduce.is_single_point(name)
+        assert A.family_of(name) == name and A.is_single_point(name)
 
 
-def test_baseline_methods_and_sizes_parse_or_name_the_valid_choices(reproduce):
-    methods = reproduce.P.BASELINE_METHODS
-    assert reproduce.baseline_methods(",".join(methods)) == list(methods)
-    assert reproduce.baseline_methods("") == []
-    assert reproduce.baseline_methods(" DPO, dpo ,orpo") == ["dpo", "orpo"]
-    assert "rait" not in reproduce.baseline_methods("rait,dpo", no_rait=True)
+def test_baseline_methods_and_sizes_parse_or_name_the_valid_choices():
+    methods = BASELINE_METHODS
+    assert B.baseline_methods(",".join(methods)) == list(methods)
+    assert B.baseline_methods("") == []
+    assert B.baseline_methods(" DPO, dpo ,orpo") == ["dpo", "orpo"]
+    assert "rait" not in B.baseline_methods("rait,dpo", no_rait=True)
     with pytest.raises(ValueError, match="unknown ppo; choose from " + ", ".join(methods)):
-        reproduce.baseline_methods("dpo,ppo")
-    assert reproduce.baseline_sizes_of("640,64,160,64") == [64, 160, 640]
+        B.baseline_methods("dpo,ppo")
+    assert B.baseline_sizes_of("640,64,160,64") == [64, 160, 640]
     for bad in ("64,x", "0,64", ""):
         with pytest.raises(ValueError, match="--baseline-sizes"):
-            reproduce.baseline_sizes_of(bad)
+            B.baseline_sizes_of(bad)
 
 
-def test_cli_rejects_an_unknown_baseline(reproduce, capsys):
+def test_cli_rejects_an_unknown_baseline(capsys):
     with pytest.raises(SystemExit) as e:
-        reproduce.main(["--baselines", "rait,sft"])
+        cli.main(["--baselines", "rait,sft"])
     assert e.value.code == 2
     assert "unknown sft; choose from rait, dpo, orpo" in capsys.readouterr().err
 
@@ -62,12 +66,12 @@ def _meta(train_scale: float) -> dict:
     return m
 
 
-def test_baselines_object_points_by_data_size_with_seed_means(reproduce):
+def test_baselines_object_points_by_data_size_with_seed_means():
     names = ["base", "ft", "icl", "rehearsal", "hcnr", "rait-n160", "rait-n64", "dpo-n160", "dpo-n64", "orpo-n64"]
     seed0 = {n: (0.1 * i / len(names), 0.5) for i, n in enumerate(names)}
     seed1 = {n: (f1 + 0.2, acc + 0.1) for n, (f1, acc) in seed0.items()}
-    avg = _avg(reproduce, [seed0, seed1])
-    out = reproduce.baselines_object(avg, {0: _meta(1.0), 1: _meta(3.0)})
+    avg = _avg([seed0, seed1])
+    out = A.baselines_object(avg, {0: _meta(1.0), 1: _meta(3.0)})
     assert set(out) == {"icl", "rait", "rehearsal", "dpo", "orpo"}
     assert [p["name"] for p in out["rait"]] == ["rait-n64", "rait-n160"]  # sorted by data size
     assert [p["data_size"] for p in out["dpo"]] == [64, 160]
@@ -78,15 +82,15 @@ def test_baselines_object_points_by_data_size_with_seed_means(reproduce):
     assert p["train_s"] == pytest.approx(2.0 * 160) and p["seconds"] == pytest.approx(2.0 * 160 + 5)
     assert p["n_seeds"] == 2 and p["per_seed"]["f1"] == pytest.approx([seed0["dpo-n160"][0], seed1["dpo-n160"][0]])
     (icl,) = out["icl"]
-    assert (icl["data_size"], icl["train_s"]) == (reproduce.ICL_SHOTS, 0.0) and reproduce.ICL_SHOTS == 4
+    assert (icl["data_size"], icl["train_s"]) == (B.ICL_SHOTS, 0.0) and B.ICL_SHOTS == 4
     (reh,) = out["rehearsal"]
     assert reh["data_size"] == 21 and reh["train_s"] == pytest.approx(200.0)
 
 
-def test_baselines_object_costs_from_the_seeds_that_built_them(reproduce):
-    avg = _avg(reproduce, [{"base": (0.5, 0.2), "ft": (0.1, 0.8), "rait-n64": (0.3, 0.7)}])
+def test_baselines_object_costs_from_the_seeds_that_built_them():
+    avg = _avg([{"base": (0.5, 0.2), "ft": (0.1, 0.8), "rait-n64": (0.3, 0.7)}])
     meta1 = {k: v for k, v in _meta(2.0).items() if k != "rait-n64"}
-    out = reproduce.baselines_object(avg, {0: _meta(1.0), 1: meta1})
+    out = A.baselines_object(avg, {0: _meta(1.0), 1: meta1})
     assert out["rait"][0]["train_s"] == pytest.approx(64.0)  # seed 1 did not build it
     assert out["icl"] == [] and out["rehearsal"] == [] and out["dpo"] == []
 
@@ -95,36 +99,36 @@ def _bl(*names):
     return {"x": [{"name": n} for n in names]}
 
 
-def test_dominance_of_every_training_free_point(reproduce):
+def test_dominance_of_every_training_free_point():
     pts = {"base": (0.9, 0.1), "ft": (0.2, 0.8), "sft-s32": (0.95, 0.95),  # neither is training-free
            "hcnr": (0.4, 0.7), "hcnr-rcw0.2": (0.3, 0.75), "scale-a0.6": (0.45, 0.6), "no-comp": (0.5, 0.5),
            "dpo-n640": (0.5, 0.75),   # >= on both against every one, strictly on one each
            "rait-n64": (0.6, 0.72),   # fails hcnr-rcw0.2 on domain accuracy
            "orpo-n64": (0.5, 0.5)}    # ties no-comp exactly: not domination
-    dom = reproduce.baselines_dominance(pts, _bl("dpo-n640", "rait-n64", "orpo-n64", "icl"))
+    dom = A.baselines_dominance(pts, _bl("dpo-n640", "rait-n64", "orpo-n64", "icl"))
     assert sorted(dom["training_free"]) == ["hcnr", "hcnr-rcw0.2", "no-comp", "scale-a0.6"]
     assert dom["dominating"] == ["dpo-n640"]
     assert dom["points"]["rait-n64"] == {"dominates_all": False, "not_dominated": ["hcnr-rcw0.2"]}
     assert dom["points"]["orpo-n64"]["not_dominated"] == ["hcnr", "hcnr-rcw0.2", "scale-a0.6", "no-comp"]
     assert "icl" not in dom["points"]  # not scored on the plane
-    s = reproduce.dominance_sentence(dom, pts)
+    s = M.dominance_sentence(dom, pts)
     assert s.startswith("dpo-n640 (F1 0.500, domain 0.750) dominates every training-free point (4 repair variants)")
 
 
-def test_no_dominance_and_no_training_free_points(reproduce):
+def test_no_dominance_and_no_training_free_points():
     pts = {"ft": (0.2, 0.8), "hcnr": (0.4, 0.7), "taskaware-mu3": (0.35, 0.78), "rehearsal": (0.38, 0.79),
            "icl": (0.5, 0.6)}
-    dom = reproduce.baselines_dominance(pts, _bl("rehearsal", "icl"))
+    dom = A.baselines_dominance(pts, _bl("rehearsal", "icl"))
     assert dom["dominating"] == [] and not dom["points"]["rehearsal"]["dominates_all"]
     assert dom["points"]["rehearsal"]["not_dominated"] == ["hcnr"]
-    assert reproduce.dominance_sentence(dom, pts).startswith("No baseline point dominates every training-free point")
-    dom = reproduce.baselines_dominance({"ft": (0.2, 0.8), "icl": (0.5, 0.9)}, _bl("icl"))
+    assert M.dominance_sentence(dom, pts).startswith("No baseline point dominates every training-free point")
+    dom = A.baselines_dominance({"ft": (0.2, 0.8), "icl": (0.5, 0.9)}, _bl("icl"))
     assert dom["dominating"] == [] and dom["points"]["icl"]["dominates_all"] is False
-    assert "No training-free point" in reproduce.dominance_sentence(dom, {})
+    assert "No training-free point" in M.dominance_sentence(dom, {})
 
 
-def test_table2_has_one_row_per_method_and_size(reproduce):
-    rows = reproduce.table2_baseline_rows(_meta(1.0))
+def test_table2_has_one_row_per_method_and_size():
+    rows = M.table2_baseline_rows(_meta(1.0))
     order = [r.split("`")[1] for r in rows if "`" in r]
     assert order == ["rait-n64", "rait-n160", "dpo-n64", "dpo-n160", "orpo-n64", "orpo-n160"]
     dpo160 = next(r for r in rows if "`dpo-n160`" in r)
@@ -134,11 +138,11 @@ def test_table2_has_one_row_per_method_and_size(reproduce):
     assert all(r.count("|") == 6 for r in rows)  # Table 2's five columns
 
 
-def test_plane_candidates_sort_curves_and_mark_single_points(reproduce):
+def test_plane_candidates_sort_curves_and_mark_single_points():
     names = ["base", "ft", "dpo-n640", "dpo-n64", "dpo-n160", "scale-a0.8", "scale-a0.2", "hcnr", "icl",
              "hcnr-rcw0.4", "hcnr-rcw0.1"]
-    plane = _avg(reproduce, [{n: (0.01 * i, 0.9 - 0.01 * i) for i, n in enumerate(names)}])
-    cands = reproduce.plane_candidates(plane, names)
+    plane = _avg([{n: (0.01 * i, 0.9 - 0.01 * i) for i, n in enumerate(names)}])
+    cands = A.plane_candidates(plane, names)
     by_fam = {}
     for c in cands:
         if not c["single"]:
@@ -151,7 +155,7 @@ def test_plane_candidates_sort_curves_and_mark_single_points(reproduce):
     assert cands[-1]["single"]
 
 
-def test_plot_frontier_draws_the_baselines_and_keeps_the_sweeps_figure(reproduce, tmp_path):
+def test_plot_frontier_draws_the_baselines_and_keeps_the_sweeps_figure(tmp_path):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -159,8 +163,8 @@ def test_plot_frontier_draws_the_baselines_and_keeps_the_sweeps_figure(reproduce
 
     names = ["base", "ft", "hcnr", "icl", "rehearsal", "rait-n64", "rait-n160", "dpo-n64", "orpo-n64",
              "taskaware-mu3", "hcnr-rcw0.4"]
-    plane = _avg(reproduce, [{n: (0.05 * i, 0.8 - 0.03 * i) for i, n in enumerate(names)}])
-    cands = reproduce.plane_candidates(plane, names)
+    plane = _avg([{n: (0.05 * i, 0.8 - 0.03 * i) for i, n in enumerate(names)}])
+    cands = A.plane_candidates(plane, names)
     seen = {}
     orig = plt.Axes.plot
 
@@ -190,14 +194,14 @@ def test_plot_frontier_draws_the_baselines_and_keeps_the_sweeps_figure(reproduce
     assert (tmp_path / "frontier.png").stat().st_size > 1000
 
 
-def _validity(reproduce):
-    v = {k: 0.5 for k in (*reproduce.VALIDITY_FIGURES, *reproduce.PROBE_FIGURES)}
+def _validity():
+    v = {k: 0.5 for k in (*A.VALIDITY_FIGURES, *A.PROBE_FIGURES)}
     return {**v, "base_f1": 0.7, "base_rf_delta": 0.5, "ft_f1": 0.2, "ft_domain": 0.8, "rehearsal_f1": 0.6,
             "rehearsal_domain": 0.79, "separable": True, "discriminating": True, "rehearsal_recovery": 0.8,
             "checks": {}, "reasons": [], "benchmarks": ["kuq"], "questions_per_class": {"kuq": [10, 10]}}
 
 
-def test_finalize_reports_the_baselines_on_hand_made_seeds(reproduce, tmp_path):
+def test_finalize_reports_the_baselines_on_hand_made_seeds(tmp_path):
     import argparse
     import json
 
@@ -215,8 +219,8 @@ def test_finalize_reports_the_baselines_on_hand_made_seeds(reproduce, tmp_path):
                               seed_mode="train",
                               sweep_seeds=None)
     seeds_out = {"n_per_class": {"kuq": [10, 10]}, "n_domain": 20}
-    reproduce.finalize(args, tmp_path, [0, 1], rows, recov, meta, seeds_out, ["kuq"], 0.0, "cmd", [0, 1],
-                       {s: _validity(reproduce) for s in (0, 1)}, {0: {}, 1: {}})
+    cli.finalize(args, tmp_path, [0, 1], rows, recov, meta, seeds_out, ["kuq"], 0.0, "cmd", [0, 1],
+                       {s: _validity() for s in (0, 1)}, {0: {}, 1: {}})
     summary = json.loads((tmp_path / "reproduction.json").read_text())
     assert [p["name"] for p in summary["baselines"]["rait"]] == ["rait-n64", "rait-n160"]
     assert summary["baselines"]["rait"][1]["f1"] == pytest.approx(0.51)

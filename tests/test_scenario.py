@@ -1,13 +1,15 @@
-"""Unit tests of the scenario's own logic: generated data, cache steps, summary arithmetic."""
+"""Unit tests of the scenario's own logic: generated data, cache steps, the demo's summary."""
 
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
+from eval_harness.env import cache_root
 from hcnr_deploy.scenario import data as scen_data
-from hcnr_deploy.scenario.pipeline import Steps, cache_root, summary
+from hcnr_deploy.scenario.cache import OWNER_FILE, Steps, key_of
 
 
 def test_data_is_deterministic_and_disjoint(tmp_path):
@@ -101,6 +103,21 @@ def test_failed_step_leaves_nothing(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == []
 
 
+def test_a_killed_runs_half_built_step_is_removed_a_running_ones_kept(tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    name = f"thing-{key_of({'a': 1})}"
+    for suffix, pid in (("killed", dead.pid), ("running", os.getpid())):
+        (tmp_path / f".{name}.tmp-{suffix}").mkdir()
+        (tmp_path / f".{name}.tmp-{suffix}" / OWNER_FILE).write_text(str(pid))
+    built = Steps(tmp_path).run("thing", {"a": 1}, lambda tmp: (tmp / "x.txt").write_text("x") and None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f".{name}.tmp-running", name])
+    assert sorted(p.name for p in built.iterdir()) == ["step.json", "x.txt"]  # the owner mark is not kept
+
+
 def test_cache_root_env(monkeypatch, tmp_path):
     monkeypatch.setenv("HCNR_DEPLOY_CACHE", str(tmp_path / "c"))
     assert cache_root() == tmp_path / "c"
@@ -108,17 +125,6 @@ def test_cache_root_env(monkeypatch, tmp_path):
     monkeypatch.delenv("HCNR_DEPLOY_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
     assert cache_root() == tmp_path / "x" / "hcnr-deploy"
-
-
-def test_summary_recovery_ratio():
-    def entry(f1, acc):
-        return {"kuq": {"f1": f1, "rf_delta": 0.1, "refusal_unanswerable": 0.5, "refusal_answerable": 0.1},
-                "domain": {"accuracy": acc}}
-
-    res = {"results": {"base": entry(0.9, 0.1), "ft": entry(0.3, 0.8), "repaired": entry(0.5, 0.7)}}
-    s = summary(res, "kuq")
-    assert s["recovery_ratio"] == pytest.approx(1 / 3)
-    assert s["domain_change"] == pytest.approx(-0.1)
 
 
 def _demo_frontier(chosen):
@@ -139,7 +145,8 @@ def _demo_frontier(chosen):
 def test_demo_prints_the_chosen_points_paired_intervals_or_that_it_ships_ft():
     """Issue 19, deliverable 4: recovery and domain change with their paired intervals; ft shipped said so."""
     from hcnr_deploy.scenario.cli import chosen_words
-    from hcnr_deploy.scenario.pipeline import RECIPES, demo_margin, demo_summary
+    from hcnr_deploy.scenario.demo import demo_summary
+    from hcnr_deploy.scenario.recipes import RECIPES, demo_margin
 
     s = demo_summary(_demo_frontier("regmean-mu10"))
     assert list(s["models"]) == ["base", "ft", "HCNR (paper settings)", "chosen: regmean-mu10"]
@@ -158,21 +165,6 @@ def test_demo_prints_the_chosen_points_paired_intervals_or_that_it_ships_ft():
     assert scen_data.TINY_SIZE.domain_eval == 400 == len(scen_data.build(scen_data.TINY_SIZE)["domain_eval"])
 
 
-def test_delta_scaling_adapter_scales_only_b(tiny_base, tiny_lora, tmp_path):
-    from safetensors.torch import load_file
-
-    from hcnr_deploy.scenario.pipeline import RECIPES, build_ft
-
-    scaled = build_ft(Steps(tmp_path), RECIPES["ci"], tiny_base, tmp_path, ft_dir=tiny_lora, scale_b=0.25)
-    a, b = load_file(tiny_lora / "adapter_model.safetensors"), load_file(scaled / "adapter_model.safetensors")
-    assert set(a) == set(b)
-    for k in a:
-        expect = a[k] * 0.25 if "lora_B" in k else a[k]
-        assert (b[k] - expect).abs().max() < 1e-7, k
-    assert json.loads((scaled / "adapter_config.json").read_text()) == \
-        json.loads((tiny_lora / "adapter_config.json").read_text())
-
-
 def test_demo_bad_input_is_one_line_error(tmp_path):
     from click.testing import CliRunner
 
@@ -189,8 +181,8 @@ def test_demo_bad_input_is_one_line_error(tmp_path):
 
 
 def test_rehearsal_mix_has_the_share_and_the_seed(tmp_path):
-    from hcnr_deploy.errors import UserError
-    from hcnr_deploy.scenario.pipeline import REHEARSAL_SHARE, rehearsal_rows
+    from eval_harness.errors import UserError
+    from hcnr_deploy.scenario.builds import REHEARSAL_SHARE, rehearsal_rows
 
     scen_data.write(tmp_path, scen_data.CI_SIZE, seed=0)
     task = [json.loads(x) for x in (tmp_path / "task_train.jsonl").read_text().splitlines()]
@@ -220,7 +212,8 @@ def test_rehearsal_is_the_fine_tune_recipe_on_the_mix(tmp_path, tiny_base):
 
     import torch
 
-    from hcnr_deploy.scenario.pipeline import RECIPES, build_ft, build_rehearsal
+    from hcnr_deploy.scenario.builds import build_ft, build_rehearsal
+    from hcnr_deploy.scenario.recipes import RECIPES
 
     scen = tmp_path / "data"
     scen_data.write(scen, scen_data.CI_SIZE, seed=0)

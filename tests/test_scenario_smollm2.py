@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 
 import pytest
 
 from eval_harness.benchmarks import load_benchmark
 from eval_harness.refusal import selfaware_refused, unknownbench_refused
-from hcnr_deploy.scenario import pipeline as P
+from eval_harness.jsonl import read_jsonl
+from hcnr_deploy.scenario import builds
 from hcnr_deploy.scenario import realdata as R
+from hcnr_deploy.scenario.cache import Steps
+from hcnr_deploy.scenario.recipes import RECIPES
 
 
 def _write_bench(root, n=60):
@@ -109,7 +113,7 @@ def test_reading_domain_answers_are_in_the_passage_and_eval_towns_are_new():
 
 def test_build_realdata_is_deterministic_disjoint_and_has_the_harness_formats(tmp_path, monkeypatch):
     src = _write_bench(tmp_path / "src", n=240)
-    monkeypatch.setattr(P, "build_smollm2", lambda steps: tmp_path / "smollm2-x")
+    monkeypatch.setattr(builds, "build_smollm2", lambda steps: tmp_path / "smollm2-x")
     calls = []
 
     def fake_greedy(model_dir, questions, **kw):
@@ -119,41 +123,33 @@ def test_build_realdata_is_deterministic_disjoint_and_has_the_harness_formats(tm
     monkeypatch.setattr(R, "greedy_answers", fake_greedy)
     size = R.RealSize(rt_answers=60, rt_refusals=30, candidates=60, rc_train=90, rc_eval=20, eval_per_class=10,
                       calib=16)
-    recipe = P.replace(P.RECIPES["smollm2-rc"], size=size)
-    outs = [P.build_realdata(P.Steps(tmp_path / f"cache{i}"), recipe, src) for i in (0, 1)]
+    recipe = replace(RECIPES["smollm2-rc"], size=size)
+    outs = [builds.build_realdata(Steps(tmp_path / f"cache{i}"), recipe, src) for i in (0, 1)]
     assert calls == [120, 120]
     for name in ("base_train.jsonl", "task_train.jsonl", "honesty_calib.jsonl", "task_calib.jsonl", "rait_train.jsonl",
                  "domain.jsonl", "kuq/knowns_unknowns.jsonl", "heldout/selfaware/SelfAware.json",
                  "validation/unknownbench/NEC/NEC_unanswerable.jsonl"):
         assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes(), name
     d = outs[0]
-    assert P.build_realdata(P.Steps(tmp_path / "cache0"), recipe, src) == d and calls == [120, 120]  # cached
-    base = P._rows(d / "base_train.jsonl")
+    assert builds.build_realdata(Steps(tmp_path / "cache0"), recipe, src) == d and calls == [120, 120]  # cached
+    base = read_jsonl(d / "base_train.jsonl")
     refusal_texts = set(R.REFUSAL_OF.values())
     assert sum(r["response"] in refusal_texts for r in base) == 30 and len(base) == 90
     held = {R.normalise(it.question) for b in R.BENCHMARKS for p in ("heldout", "validation")
             for it in load_benchmark(b, d / p).items}
     for name in ("base_train", "honesty_calib", "rait_train"):
-        assert not {R.normalise(r["prompt"]) for r in P._rows(d / f"{name}.jsonl")} & held, name
-    assert not {R.normalise(r["prompt"]) for r in P._rows(d / "base_train.jsonl")} & \
-        {R.normalise(r["prompt"]) for r in P._rows(d / "honesty_calib.jsonl")}
+        assert not {R.normalise(r["prompt"]) for r in read_jsonl(d / f"{name}.jsonl")} & held, name
+    assert not {R.normalise(r["prompt"]) for r in read_jsonl(d / "base_train.jsonl")} & \
+        {R.normalise(r["prompt"]) for r in read_jsonl(d / "honesty_calib.jsonl")}
     kuq = load_benchmark("kuq", d).items
     assert {R.normalise(i.question) for i in kuq} <= held and len(kuq) == 80
-    assert P.rehearsal_rows(d, 0.05)  # Rehearsal finds the refusal rows of the base data
+    assert builds.rehearsal_rows(d, 0.05)  # Rehearsal finds the refusal rows of the base data
     dom = json.loads((d / "domain.jsonl").read_text().splitlines()[0])
     assert set(dom) == {"question", "answers"}
 
 
-def test_recipe_fields():
-    r = P.RECIPES["smollm2-rc"]
-    assert r.model == "smollm2" and isinstance(r.size, R.RealSize)
-    assert r.size.rt_answers > r.size.rt_refusals  # more answers than refusals (the first probe)
-    assert r.ft_steps * r.ft_lr < 100 * 5e-4  # gentler than the probe's collapsing fine-tune
-    assert r.max_tokens == 32
-
-
 def test_missing_source_is_a_user_error(monkeypatch, tmp_path):
-    from hcnr_deploy.errors import UserError
+    from eval_harness.errors import UserError
 
     monkeypatch.setenv("HCNR_DEPLOY_BENCHMARKS", str(tmp_path / "nope"))
     with pytest.raises(UserError, match="HCNR_DEPLOY_BENCHMARKS"):

@@ -25,7 +25,7 @@ import pytest
 from click.testing import CliRunner
 
 from hcnr_deploy.cli import main
-from hcnr_deploy.errors import UserError
+from eval_harness.errors import UserError
 from hcnr_deploy.serve import (RunningServer, ServeError, ServerPlan, adapter_weight_change, free_port, plan_servers,
                                round_lora_rank, serving, smoke_check, vllm_build)
 from hcnr_deploy.equations.lora import lora_delta_norm
@@ -237,7 +237,7 @@ def test_bad_paths(tiny_base, tiny_lora, tmp_path):
 
 
 def test_served_names_with_separators_are_refused_in_the_python_api(tiny_base, tiny_lora):
-    from hcnr_deploy.errors import UserError
+    from eval_harness.errors import UserError
 
     with pytest.raises(UserError, match="not usable"):
         plan_servers(tiny_base, adapters={"a=b": tiny_lora}, check_ports=False)

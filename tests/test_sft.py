@@ -12,9 +12,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from eval_harness.errors import UserError
 from hcnr_deploy import sft
 from hcnr_deploy.data import encode, load_jsonl
-from hcnr_deploy.errors import UserError
 from hcnr_deploy.export import write_checkpoint, write_exact_adapter
 from hcnr_deploy.io.checkpoint import Checkpoint
 from hcnr_deploy.io.finetune import FineTune

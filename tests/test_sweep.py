@@ -20,9 +20,9 @@ import pytest
 from click.testing import CliRunner
 
 from eval_harness import metrics as M
+from eval_harness.errors import UserError
 from hcnr_deploy import sweep as F
 from hcnr_deploy.cli import main
-from hcnr_deploy.errors import UserError
 from test_eval_data import make_data_dir, write_jsonl
 from test_eval_e2e import settled_count
 from test_repair_pipeline import write_calibration

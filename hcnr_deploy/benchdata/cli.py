@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from hcnr_deploy.envvars import API_KEY_ENVVARS, API_KEY_HELP
+from eval_harness.env import API_KEY_ENVVARS, API_KEY_HELP
 
 CTX = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 
@@ -32,7 +32,7 @@ def _data_dir_option(help_text: str):
 
 
 def _resolve(data_dir):
-    from hcnr_deploy.benchdata.userdir import data_dir_or_default
+    from eval_harness.env import data_dir_or_default
 
     return data_dir_or_default(data_dir)
 
@@ -55,8 +55,8 @@ def fetch(data_dir, benchmarks, mirror):
     recorded at the first download, not pinned). `eval`, `sweep`, `probe` and `data split` read this folder
     when no --data-dir is given. Files already there and intact are kept.
     """
+    from eval_harness.env import user_data_dir
     from hcnr_deploy.benchdata.fetch import fetch as run_fetch
-    from hcnr_deploy.benchdata.userdir import user_data_dir
 
     folder = data_dir or user_data_dir()
     click.echo(f"data folder: {folder}")

@@ -21,8 +21,9 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from eval_harness.atomic import write_text_atomic
 from eval_harness.benchmarks import file_sha256 as sha256_of
-from hcnr_deploy.errors import UserError
+from eval_harness.errors import UserError
 
 GITHUB_RAW = "https://raw.githubusercontent.com"
 MIRROR_ENVVAR = "HCNR_DATA_MIRROR"
@@ -147,9 +148,7 @@ def fetch(folder: Path, benchmarks=None, mirror: str | None = None, console=prin
         console(f"downloaded {src.dest}" + ("" if src.sha256 else " (checksum not pinned: recorded in fetch.json)"))
     if done:
         manifest.update(done)
-        tmp = manifest_path.with_name(f".{MANIFEST}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(dict(sorted(manifest.items())), indent=2) + "\n")
-        os.replace(tmp, manifest_path)
+        write_text_atomic(manifest_path, json.dumps(dict(sorted(manifest.items())), indent=2) + "\n")
     if missing:
         where = "; ".join(f"{folder / s.dest} from {url_of(s, mirror)}" for s, _ in missing)
         raise UserError(f"could not download {len(missing)} file(s) ({missing[0][1]}): put each at {where} (the "

@@ -9,11 +9,11 @@ it as a refusal. Written as {"prompt", "response"} JSONL, the format `repair` an
 from __future__ import annotations
 
 import json
-import os
 import random
 from pathlib import Path
 
-from hcnr_deploy.errors import UserError
+from eval_harness.atomic import write_text_atomic
+from eval_harness.errors import UserError
 
 # Each holds "The answer is unknown." (a SelfAware phrase) and "not" (an UnknownBench word): every benchmark's
 # detector reads it as a refusal.
@@ -151,10 +151,8 @@ def build_honesty(data_dir: Path, out: Path, *, size: int = 256, refusal_share: 
         raise UserError(f"--data-dir {data_dir}: no usable question (unanswerable ones, or answerable ones with a gold "
                         f"answer{'' if endpoint else '; --endpoint adds the model own answers'}); nothing written")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(json.dumps({"prompt": r["prompt"], "response": r["response"]}, ensure_ascii=False) + "\n"
-                           for r in rows), encoding="utf-8")
-    os.replace(tmp, out)
+    write_text_atomic(out, "".join(json.dumps({"prompt": r["prompt"], "response": r["response"]}, ensure_ascii=False)
+                                   + "\n" for r in rows))
     per = {}
     for r in rows:
         per.setdefault(r["benchmark"], {"refusal": 0, "answer": 0})[r["kind"]] += 1

@@ -18,7 +18,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from hcnr_deploy.errors import UserError
+from eval_harness.atomic import refuse_overlap
+from eval_harness.errors import UserError
+from eval_harness.jsonl import read_jsonl
 
 PARTS = ("calibration", "evaluation")
 SPLIT_FILE = "split.json"
@@ -53,19 +55,14 @@ def part_of(question: str, eval_share: float, seed: int = 0, key=question_key) -
 
 def found_benchmarks(data_dir: Path, benchmarks=None) -> dict[str, list[Path]]:
     """benchmark -> its files under data_dir: those named (every file must be there), else every benchmark found."""
-    from eval_harness.benchmarks import HONESTY_BENCHMARKS, benchmark_files, parse_benchmarks
+    from eval_harness.benchmarks import benchmark_files, parse_benchmarks, present_benchmarks
 
     if not Path(data_dir).is_dir():
         raise UserError(f"--data-dir {data_dir} is not a folder; point it at the folder holding the benchmark files "
                         f"(`hcnr-deploy data fetch` downloads them)")
     if benchmarks:
         return {b: benchmark_files(b, data_dir) for b in parse_benchmarks(benchmarks)}
-    out = {}
-    for b in HONESTY_BENCHMARKS:
-        try:
-            out[b] = benchmark_files(b, data_dir)
-        except UserError:
-            continue
+    out = present_benchmarks(data_dir)
     if not out:
         raise UserError(f"--data-dir {data_dir}: no SelfAware, KUQ, FalseQA, NEC or RefuNQ files found; "
                         f"`hcnr-deploy data fetch` downloads them")
@@ -74,11 +71,10 @@ def found_benchmarks(data_dir: Path, benchmarks=None) -> dict[str, list[Path]]:
 
 def _read_rows(path: Path):
     """(rows, writer): the file's rows and a function writing rows back in the file's format."""
-    text = path.read_text(encoding="utf-8")
     if path.name == "SelfAware.json":
-        data = json.loads(text)
+        data = json.loads(path.read_text(encoding="utf-8"))
         return data["example"], lambda rows: json.dumps({**data, "example": rows}, indent=1, ensure_ascii=False) + "\n"
-    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    rows = read_jsonl(path)
     return rows, lambda rows: "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
 
 
@@ -91,8 +87,7 @@ def split_folder(data_dir: Path, out: Path, *, seed: int = 0, eval_share: float 
     if out.exists():
         raise UserError(f"--out {out} exists; choose a new folder")
     files = found_benchmarks(data_dir, benchmarks)
-    if data_dir.resolve() in out.resolve().parents or out.resolve() == data_dir.resolve():
-        raise UserError(f"--out {out} is inside --data-dir {data_dir}; write the split to a separate folder")
+    refuse_overlap(out.resolve(), [("--data-dir", data_dir.resolve())], "the split")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     counts: dict = {}

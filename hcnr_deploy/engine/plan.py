@@ -26,8 +26,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from eval_harness.errors import UserError
 from hcnr_deploy.engine.families import STREAMED, WHOLE_MODEL_FULL_LOGITS
-from hcnr_deploy.errors import UserError
 
 GIB = 2**30
 INTERPRETER_BYTES = int(0.56 * GIB)  # python + torch + transformers + hcnr_deploy imported (VmHWM, 2-core VM)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from hcnr_deploy.errors import UserError
+from eval_harness.errors import UserError
 from hcnr_deploy.io.checkpoint import DECODER_LINEAR_RE as DECODER_BLOCK_RE, layer_index
 from hcnr_deploy.io.finetune import FineTune
 

@@ -21,7 +21,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from hcnr_deploy.errors import UserError
+from eval_harness.errors import UserError
 
 GUARD_FORMAT = "hcnr-guard/1"
 GUARD_FILE = "guard.json"

@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 
 from eval_harness.benchmarks import load_benchmark
+from eval_harness.errors import UserError
 from eval_harness.prompts import build_messages
 from eval_harness.refusal import honesty_refused, selfaware_refused, unknownbench_refused
 from hcnr_deploy.data import load_jsonl
-from hcnr_deploy.errors import UserError
 
 MIN_ANSWERABLE = 16        # honesty-kind answerable questions below which the guard warns
 MIN_SHARE = 0.25           # ... or below this share of the unanswerable ones

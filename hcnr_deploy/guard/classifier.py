@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hcnr_deploy.errors import UserError
+from eval_harness.errors import UserError
 from hcnr_deploy.guard.features import right_padded
 from hcnr_deploy.io.atomic import AtomicDir
 from hcnr_deploy.io.checkpoint import DECODER_LINEAR_RE, Checkpoint, resolve_model_dir

@@ -106,8 +106,8 @@ def check_calibration_overlap(tasks, options: GuardOptions):
     if not options.calibration_dir:
         return
     from eval_harness.benchmarks import load_benchmark
+    from eval_harness.errors import UserError
     from eval_harness.metrics import normalize_answer
-    from hcnr_deploy.errors import UserError
 
     folder = Path(options.calibration_dir)
     names = C.calibration_benchmarks(folder, options.calibration_benchmarks)

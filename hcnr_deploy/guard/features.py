@@ -16,7 +16,7 @@ def _blocks_and_norm(model):
     layers = getattr(dec, "layers", None)
     norm = getattr(dec, "norm", None)
     if layers is None or norm is None:
-        from hcnr_deploy.errors import UserError
+        from eval_harness.errors import UserError
 
         raise UserError(f"{type(model).__name__}: the guard reads decoder blocks `model.layers` and a final `norm`, "
                         f"which this architecture does not have.")

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hcnr_deploy.probe import fit_probe
+from hcnr_deploy.probe.fit import fit_probe
 
 
 @dataclass

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import click
 
-from hcnr_deploy.errors import UserError
+from eval_harness.errors import UserError
 from hcnr_deploy.guard.artifact import GuardSpec, check_belongs, content_fingerprint, read_spec
 from hcnr_deploy.guard.front import API_KEY_ENV, FrontConfig, GuardRoute
 

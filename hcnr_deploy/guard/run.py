@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hcnr_deploy.errors import UserError
+from eval_harness.errors import UserError
 from hcnr_deploy.guard import artifact as A
 from hcnr_deploy.guard import calibration as C
 from hcnr_deploy.guard import fit as G
@@ -86,7 +86,7 @@ def fit_guard(model, tokenizer, cal: C.CalibrationSet, held_out: float, seed: in
 
 def load_finetune(base, finetuned, device: str, dtype: str):
     """(model with the fine-tune's weights, tokenizer, ProbedModel) as `probe` loads them."""
-    from hcnr_deploy.probe import load_probed, resolve_probed
+    from hcnr_deploy.probe.features import load_probed, resolve_probed
 
     pm = resolve_probed(finetuned, "model", "--finetuned", base)
     model, tok, _ = load_probed(pm, device, dtype)

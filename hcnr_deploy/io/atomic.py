@@ -8,7 +8,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from hcnr_deploy.errors import UserError
+from eval_harness.errors import UserError
 
 
 class AtomicDir:

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from hcnr_deploy.errors import UserError
+from eval_harness.errors import UserError
 from hcnr_deploy.io.tensorfile import SafetensorsFile, check_finite
 
 DECODER_LINEAR_RE = re.compile(r"(^|\.)layers\.(\d+)\.")

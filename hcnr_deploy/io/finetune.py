@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 
 from hcnr_deploy.equations.lora import lora_delta
-from hcnr_deploy.errors import UserError
+from eval_harness.errors import UserError
 from hcnr_deploy.io.checkpoint import Checkpoint
 from hcnr_deploy.io.tensorfile import SafetensorsFile, check_finite
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from hcnr_deploy.errors import UserError
+from eval_harness.errors import UserError
 
 
 def load_model(folder: Path, dtype: torch.dtype, device: str):

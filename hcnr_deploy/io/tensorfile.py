@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from hcnr_deploy.errors import UserError
+from eval_harness.errors import UserError
 
 
 def check_finite(t: torch.Tensor, name: str, where: Path | str):

@@ -7,7 +7,6 @@ the settings (every ``RepairOptions`` field, plus the paths) and the equivalent 
 
 from __future__ import annotations
 
-import platform
 import resource
 import shlex
 import sys
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from eval_harness.versions import versions as package_versions
 from hcnr_deploy import __version__
 from hcnr_deploy.export import write_checkpoint, write_exact_adapter, write_svd_adapter
 from hcnr_deploy.io.atomic import AtomicDir, write_json
@@ -51,14 +51,7 @@ def equivalent_command(base, finetuned, honesty_data, task_data, out, opts: Repa
 
 
 def versions() -> dict:
-    import importlib.metadata as md
-
-    out = {"hcnr_deploy": __version__, "python": platform.python_version()}
-    for pkg in ("torch", "transformers", "peft", "safetensors"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            out[pkg] = None
+    out = {"hcnr_deploy": __version__, **package_versions(("torch", "transformers", "peft", "safetensors"))}
     if torch.cuda.is_available():
         out["cuda"] = torch.version.cuda
     return out

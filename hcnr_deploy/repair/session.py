@@ -32,7 +32,9 @@ import torch
 
 from hcnr_deploy.data import encode, load_jsonl
 from hcnr_deploy.engine.plan import check_fits
-from hcnr_deploy.errors import UserError
+from eval_harness.atomic import refuse_existing, refuse_overlap
+from eval_harness.errors import UserError
+from eval_harness.progress import progress_bar
 from hcnr_deploy.io.checkpoint import Checkpoint, resolve_model_dir
 from hcnr_deploy.io.finetune import FineTune
 from hcnr_deploy.io.load import load_model, load_tokenizer
@@ -73,22 +75,14 @@ class Inputs:
 
 
 def _progress(console, enabled: bool):
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
-                               TimeElapsedColumn)
-
-    return Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("samples"), TimeElapsedColumn(), console=console, disable=not enabled,
-                    transient=False)
+    return progress_bar(console, enabled, spinner=True, unit="samples")
 
 
 def check_out(out, overwrite: bool, *folders: tuple[str, Path]) -> Path:
     """The resolved output folder; refuses an existing one (without `overwrite`) and one overlapping an input."""
     out = Path(out).expanduser().resolve()
-    if out.exists() and not overwrite:
-        raise UserError(f"--out {out} already exists; choose a new folder or pass --overwrite.")
-    for option, folder in folders:
-        if out == folder or out in folder.parents or folder in out.parents:
-            raise UserError(f"--out {out} overlaps {option} {folder}; write the repair to a separate folder.")
+    refuse_existing(out, overwrite)
+    refuse_overlap(out, folders, "the repair")
     return out
 
 

@@ -25,7 +25,7 @@ import random
 import time
 from pathlib import Path
 
-from hcnr_deploy.errors import UserError
+from eval_harness.errors import UserError
 from hcnr_deploy.scenario import data as scen_data
 
 METHODS = ("rait", "dpo", "orpo")

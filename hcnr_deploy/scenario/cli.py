@@ -8,8 +8,9 @@ from pathlib import Path
 
 import click
 
+from eval_harness.atomic import refuse_existing
+from eval_harness.errors import UserError
 from hcnr_deploy.sweep import choice as C
-from hcnr_deploy.errors import UserError
 
 
 def _fmt(v, signed=False):
@@ -124,10 +125,12 @@ def demo(model, seed, cache_dir, fresh, out, overwrite, data_dir, limit, port, g
     """
     from rich.console import Console
 
-    from hcnr_deploy.scenario.pipeline import RECIPES, cache_root, run_demo
+    from eval_harness.env import cache_root
+    from hcnr_deploy.scenario.demo import run_demo
+    from hcnr_deploy.scenario.recipes import RECIPES
 
-    if out is not None and out.exists() and not overwrite:
-        raise UserError(f"--out {out} already exists; choose a new folder or pass --overwrite")
+    if out is not None:
+        refuse_existing(out, overwrite)
     if out is not None and not out.parent.is_dir():
         raise UserError(f"--out {out}: folder {out.parent} does not exist")
     if limit is not None and limit < 2:

@@ -32,10 +32,10 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from eval_harness.errors import UserError
 from hcnr_deploy.benchdata.honesty import (REFUSAL_OF, _shuffled, first_sentence, is_refusal,  # noqa: F401
                                            rtuning_rows)
 from hcnr_deploy.benchdata.split import hash_unit, normalise
-from hcnr_deploy.errors import UserError
 from hcnr_deploy.scenario.data import qa
 
 BENCHMARKS = ("selfaware", "falseqa", "nec", "refunq")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from hcnr_deploy.envvars import API_KEY_ENVVARS, API_KEY_HELP
+from eval_harness.env import API_KEY_ENVVARS, API_KEY_HELP
 from hcnr_deploy.serve.plan import parse_named_paths, plan_servers
 
 
@@ -55,7 +55,6 @@ def serve(base, adapters, checkpoints, guards, served_name, host, port, api_key,
     if guards:
         from hcnr_deploy.guard.launch import serve_guarded
 
-    from rich.console import Console
 
     if guards:
         from hcnr_deploy.guard.launch import serve_guarded

@@ -10,7 +10,7 @@ import os
 import subprocess
 from dataclasses import dataclass
 
-from hcnr_deploy.errors import UserError
+from eval_harness.errors import UserError
 
 # What all vLLM servers on one GPU take together when serve splits it among them (vLLM's default for one: 0.92).
 GPU_MEMORY_SHARE = 0.9

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from hcnr_deploy.errors import UserError
+from eval_harness.errors import UserError
 from hcnr_deploy.hubmodel import local_model_dir
 
 # vLLM accepts these values of --max-lora-rank (vllm.config.lora.MaxLoRARanks).

@@ -12,7 +12,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hcnr_deploy.errors import UserError
+from eval_harness.errors import UserError
 from hcnr_deploy.hubmodel import cached_snapshot, is_hub_id
 from hcnr_deploy.serve.gpu import Placement, _flag_value, plan_gpu_placement, visible_gpus
 from hcnr_deploy.serve.lora import EXCLUDED_LORA_MODULES, LoraSettings, adapter_modules, derive_lora_settings, \

@@ -8,7 +8,8 @@ import json
 import shutil
 from pathlib import Path
 
-from hcnr_deploy.errors import UserError
+from eval_harness.errors import UserError
+from eval_harness.progress import progress_bar
 from hcnr_deploy.sweep.grid import METHODS, Candidate
 
 
@@ -78,8 +79,5 @@ def build_candidates(cands: list[Candidate], folder: Path, base, finetuned, hone
 
 
 def _progress(console, enabled: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(TextColumn("[bold]{task.description:<28}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), console=console, disable=not enabled)
+    return progress_bar(console, enabled, label="[bold]{task.description:<28}")
 

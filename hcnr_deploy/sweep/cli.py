@@ -10,10 +10,11 @@ from pathlib import Path
 import click
 
 from hcnr_deploy.engine.plan_cli import plan_options, print_plan, require_unless_plan
-from hcnr_deploy.envvars import API_KEY_ENVVARS, API_KEY_HELP
+from eval_harness.env import API_KEY_ENVVARS, API_KEY_HELP
 from hcnr_deploy.guard.options import GuardOptions
 from hcnr_deploy.options import click_options
-from hcnr_deploy.recipe import config_option, effective_recipe, from_api
+from eval_harness.apicall import from_api
+from hcnr_deploy.recipe import config_option, effective_recipe
 from hcnr_deploy.sweep import choice as C
 from hcnr_deploy.sweep.grid import DEFAULT_GRID, GRID_HELP
 from hcnr_deploy.sweep.run import EVAL_DEFAULTS

@@ -8,7 +8,7 @@ import dataclasses
 import itertools
 from dataclasses import dataclass, field
 
-from hcnr_deploy.errors import UserError
+from eval_harness.errors import UserError
 
 REFERENCES = ("base", "ft")
 

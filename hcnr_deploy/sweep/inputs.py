@@ -4,18 +4,17 @@ server's --max-model-len)."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 from pathlib import Path
 
-from hcnr_deploy.errors import UserError
+from eval_harness.errors import UserError
 
 
 def eval_tasks(eval_honesty: Path, eval_domain: Path, benchmarks, limit, seed, work: Path):
     """(tasks, data_dir, benchmark names): `eval_honesty` is a benchmark folder (read as `eval --data-dir` reads
     it) or one KUQ-format JSONL (copied to work/eval-data/knowns_unknowns.jsonl, scored as "kuq")."""
-    from eval_harness.benchmarks import HONESTY_BENCHMARKS, benchmark_files, parse_benchmarks
+    from eval_harness.benchmarks import parse_benchmarks, present_benchmarks
     from eval_harness.run import load_tasks
 
     eval_honesty = Path(eval_honesty)
@@ -33,14 +32,7 @@ def eval_tasks(eval_honesty: Path, eval_domain: Path, benchmarks, limit, seed, w
         names = ["kuq"]
     elif eval_honesty.is_dir():
         data_dir = eval_honesty
-        if benchmarks:
-            names = parse_benchmarks(benchmarks)
-        else:
-            names = []
-            for b in HONESTY_BENCHMARKS:
-                with contextlib.suppress(UserError):
-                    benchmark_files(b, data_dir)
-                    names.append(b)
+        names = parse_benchmarks(benchmarks) if benchmarks else list(present_benchmarks(data_dir))
         if not names:
             raise UserError(f"--eval-honesty {eval_honesty}: no SelfAware, KUQ, FalseQA, NEC or RefuNQ files found; "
                             f"point it at the folder holding them or at one KUQ-format JSONL")

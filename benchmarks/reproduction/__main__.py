@@ -1,0 +1,3 @@
+from benchmarks.reproduction.cli import main
+
+main()
