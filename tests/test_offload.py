@@ -93,13 +93,18 @@ def test_offload_holds_one_block_on_the_device_at_a_time(pair, tmp_path, monkeyp
     assert rec.violations == []
     assert rec.most == 1 and not rec.resident  # one block at a time, all back in CPU memory at the end
     n_layers = len(rec.layers)
-    # Fisher: 2 passes (honesty, task) x 2 batches x (forward over every block + backward down to block 0);
-    # Hessians: every block up to the deepest selected one, once, held across both streams
     last = max(int(m["name"].split(".layers.")[1].split(".")[0]) for m in rep["matrices"] if m["selected"])
     ins = [i for i, on in rec.calls if on]
-    fisher = 2 * 2 * 2 * n_layers
-    assert len(ins) == fisher + last + 1
-    assert ins[fisher:] == list(range(last + 1))
+    if kw.get("hessian_inputs") == "sequential":
+        # Fisher: 2 passes (honesty, task) x 2 batches x (forward over every block + backward down to block 0);
+        # Hessians: every block up to the deepest selected one, once, held across both streams
+        fisher = 2 * 2 * 2 * n_layers
+        assert len(ins) == fisher + last + 1
+        assert ins[fisher:] == list(range(last + 1))
+    else:  # the Grams ride on the Fisher passes, block-major: each block in once for the forward of every
+        # batch and once for their backward, per pass (honesty/base, task/finetuned); stage 2 moves nothing
+        up, down = list(range(n_layers)), list(range(n_layers - 1, -1, -1))
+        assert ins == 2 * (up + down)
     assert all(rec.calls[k] == (i, True) and rec.calls[k + 1] == (i, False)
                for k, (i, on) in enumerate(rec.calls) if on)  # each visit ends before the next begins
 

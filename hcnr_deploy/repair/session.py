@@ -39,7 +39,7 @@ from hcnr_deploy.repair import candidates as cand
 from hcnr_deploy.repair.report import build_report, write_output
 from hcnr_deploy.repair.state import (BlockOffload, ModelState, offload_error, place_outside_blocks,
                                       resolve_device_dtype, return_freed_memory)
-from hcnr_deploy.repair.stage2 import Pending, PatchStore, shared_stage2
+from hcnr_deploy.repair.stage2 import Pending, PatchStore, shared_stage2, shared_streams
 from hcnr_deploy.repair.statistics import Matrix, Statistics, eligible, stage_name as _stage
 from hcnr_deploy.repair.streaming import PLAIN_HEAD_MODELS, decoder_blocks
 
@@ -185,6 +185,7 @@ class RepairSession:
             return
         self.bar.stop()
         dev = self.inputs.device
+        self.stats.close()
         self.model = self.state = self.move = self.stats = None
         self._sft.clear()
         self.inputs = None
@@ -214,6 +215,7 @@ class RepairSession:
         todo = [(check_out(out, overwrite, ("--base", inp.base_dir), ("--finetuned", inp.ft_dir)),
                  self._options(changes)) for out, changes in jobs]
         reports: list[dict | None] = [None] * len(todo)
+        self.stats.want_grams(s for _, o in todo for s in shared_streams(o))  # Grams ride on the Fisher passes
         deferred: list[tuple[int, _Job]] = []
         try:
             for k, (out, o) in enumerate(todo):
@@ -226,7 +228,7 @@ class RepairSession:
                 pending = [job.pending for _, job in deferred]
                 self.stats.record("hessian", shared_stage2(
                     self.model, decoder_blocks(self.model), self.state, inp.finetune, pending, self.stats.encoded,
-                    self.opts.batch_size, inp.device, self.bar, self.move))
+                    self.opts.batch_size, inp.device, self.bar, self.move, self.stats.grams))
                 for k, job in deferred:
                     reports[k] = self._finish(job, overwrite, command)
         finally:
@@ -321,7 +323,8 @@ class RepairSession:
             losses: list[float] = []
             inp = self.inputs
             snaps = sft_snapshots(self.model, inp.finetune, inp.enc_hon, inp.enc_task, missing, lr=lr, seed=seed,
-                                  device=inp.device, progress=self.bar if self.progress else None, losses=losses)
+                                  device=inp.device, micro_batch=self.opts.batch_size,
+                                  progress=self.bar if self.progress else None, losses=losses)
             for n, factors in snaps.items():
                 runs[n] = (factors, losses[:n])
             self._sft_s[(lr, seed)] = round(self._sft_s.get((lr, seed), 0.0) + time.perf_counter() - t0, 4)
