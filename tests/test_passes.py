@@ -1,4 +1,4 @@
-"""Issue 20 item 2: one forward pass per (model state, data set): the Grams ride on the Fisher pass (engine/passes.py)."""
+"""Issue 20 item 2: one forward per (model state, data set), the Grams riding on the Fisher pass (engine/passes.py)."""
 
 from __future__ import annotations
 

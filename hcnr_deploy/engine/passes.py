@@ -26,6 +26,14 @@ from hcnr_deploy.repair.hooks import FisherHooks, HessianHooks
 from hcnr_deploy.repair.streaming import head_gradient, layer_inputs
 
 
+def fuse_pays(device) -> bool:
+    """Whether the Grams should ride on the Fisher pass on `device`: on the CPU, where one block's forward over the
+    calibration tokens costs more than writing and reading back its Grams (``8 (3 h^2 + I^2)`` bytes of disk
+    traffic per block and stream). On a GPU the forward is cheaper than that disk traffic (Llama-3.1-8B, 65k
+    tokens: a ~3 s forward against ~31 GB written and read per stream), so stage 2 runs its own forward there."""
+    return torch.device(device).type == "cpu"
+
+
 class GramStore:
     """One stream's Gram sums, one safetensors file per block (distinct inputs once; q/k/v and gate/up share):
     ``put(i, hooks)`` writes block i's, ``get(i, names)`` reads them back bit-identical, shared tensors shared
@@ -64,12 +72,14 @@ def _out(out):
 
 
 def fisher_with_grams(model, blocks, modules: dict[str, torch.nn.Module], gram_modules: dict[int, dict], batches,
-                      num_samples: int, granularity: str, device: str, store: GramStore, lowest: int = 0,
-                      move=None, park=None, advance=None) -> dict[str, torch.Tensor]:
+                      num_samples: int, granularity: str, device: str, store: GramStore | None, lowest: int = 0,
+                      move=None, park=None, advance=None, device_of=None) -> dict[str, torch.Tensor]:
     """Eq. 4, ``s[k] = mean_n sum_o (dL_n/dW[o,k])^2`` for `modules` (weight name -> Linear), and the Gram sums
     ``H = sum over tokens x x^T`` of `gram_modules` (block index -> {weight name: Linear}) into `store`, from one
-    forward (module doc). `park`: where the boundary states wait (default: the compute device; ``cpu`` with
-    --offload). `move(layer, on)` holds block i on the device for its forward and again for its backward."""
+    forward (module doc); without a `store`, the Fisher pass alone, block-major (with --offload: each block
+    copied in twice per pass instead of twice per batch). `park`: where the boundary states wait (default: the compute device; ``cpu`` with
+    --offload). `move(layer, on)` holds block i on the device for its forward and again for its backward;
+    `device_of(i)`: block i's device under a placement (parked states go back there)."""
     decoder, layers = blocks
     items = []
     for b in batches:
@@ -77,12 +87,16 @@ def fisher_with_grams(model, blocks, modules: dict[str, torch.nn.Module], gram_m
         h, kwargs = layer_inputs(decoder, layers, ids, att)
         items.append({"ids": ids, "mask": att, "loss": b.loss_mask.to(device), "kw": kwargs, "h": h,
                       "saved": [None] * len(layers)})
-    keep = (lambda t: t.to(park, non_blocking=True)) if park else (lambda t: t)
+    def keep(t):  # a boundary state parked in pinned host memory, copied asynchronously
+        if not park:
+            return t
+        return torch.empty(t.shape, dtype=t.dtype, pin_memory=t.is_cuda).copy_(t, non_blocking=t.is_cuda)
+
     with torch.no_grad():
         for i, layer in enumerate(layers):
             if move:
                 move(layer, True)
-            with HessianHooks(gram_modules.get(i, {})) as hooks:
+            with HessianHooks(gram_modules.get(i, {}) if store else {}) as hooks:
                 for it in items:
                     hooks.token_mask = it["mask"]
                     hooks._seen.clear()
@@ -90,12 +104,13 @@ def fisher_with_grams(model, blocks, modules: dict[str, torch.nn.Module], gram_m
                         it["saved"][i] = keep(it["h"])
                     it["h"] = _out(layer(it["h"], **it["kw"][i]))
                 hooks._seen.clear()
-            if i in gram_modules:
+            if store and i in gram_modules:
                 store.put(i, hooks)
             del hooks
             if move:
                 move(layer, False)
-    store.tokens = sum(int(it["mask"].sum()) for it in items)
+    if store:
+        store.tokens = sum(int(it["mask"].sum()) for it in items)
     for it in items:
         it["g"] = head_gradient(model, decoder, it.pop("h"), it["ids"], it["loss"])
     with FisherHooks(model, modules, granularity, embeddings=False) as fh:
@@ -103,7 +118,8 @@ def fisher_with_grams(model, blocks, modules: dict[str, torch.nn.Module], gram_m
             if move:
                 move(layers[i], True)
             for it in items:
-                x = it["saved"][i].to(device).detach().requires_grad_(True)
+                x = it["saved"][i]
+                x = (x.to(device_of(i) if device_of else device) if park else x).detach().requires_grad_(True)
                 it["saved"][i] = None
                 with torch.enable_grad():
                     torch.autograd.backward(_out(layers[i](x, **it["kw"][i])), it["g"])

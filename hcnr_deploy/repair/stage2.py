@@ -117,11 +117,12 @@ def stream_label(dataset: str, state: str) -> str:
 
 
 def shared_stage2(model, blocks, state, finetune, pending: list[Pending], encoded: dict[str, list], batch_size: int,
-                  device: str, bar, move=None, stored=None) -> float:
+                  device: str, bar, move=None, stored=None, device_of=None) -> float:
     """Every pending candidate's stage 2 from one block-streamed pass (module doc): the Grams of the union of
     the candidates' selected matrices, per stream they need, one block at a time. Fills each candidate's
     ``patches`` / ``new_a`` and ``compensation_s``; returns the seconds of the statistics themselves.
-    `stored`: ``{(data set, state): GramStore}`` from the Fisher passes (read back, not recomputed)."""
+    `stored`: ``{(data set, state): GramStore}`` from the Fisher passes (read back, not recomputed).
+    `device_of(i)`: block i's device under a placement (its edits are solved there)."""
     streams: list[tuple[str, str]] = []
     union: dict[str, Matrix] = {}
     for p in pending:
@@ -144,7 +145,8 @@ def shared_stage2(model, blocks, state, finetune, pending: list[Pending], encode
             t1 = time.perf_counter()
             hon, task = stream_label("honesty", p.opts.hessian_inputs), stream_label("task", "finetuned")
             compensate_group(group, finetune, sums.get(hon, {}), counts.get(hon, 1), sums.get(task, {}),
-                             counts.get(task, 1), p.opts, p.method, device, p.want_lora, p.patches, p.new_a)
+                             counts.get(task, 1), p.opts, p.method, device_of(i) if device_of else device,
+                             p.want_lora, p.patches, p.new_a)
             p.compensation_s += time.perf_counter() - t1
         sums.clear()
     return time.perf_counter() - t0 - sum(p.compensation_s for p in pending)

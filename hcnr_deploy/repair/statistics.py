@@ -167,12 +167,13 @@ class Statistics:
     forward. ``timings`` gets one entry per pass (``stage_name``); ``counts`` how often each ran (1 at most)."""
 
     def __init__(self, model, state, mats: list[Matrix], encoded: dict[str, list], batch_size: int, device: str,
-                 bar, move=None):
+                 bar, move=None, device_of=None):
         self.model, self.state, self.mats = model, state, mats
         self.encoded = encoded  # {"honesty": [...], "task": [...]}
         self.batch_size, self.device, self.bar, self.move = batch_size, device, bar, move
         self._fisher: dict[tuple, dict] = {}
         self._want: set[tuple[str, str]] = set()
+        self.device_of = device_of  # block index -> device, under a placement over several GPUs
         self.grams: dict[tuple[str, str], "GramStore"] = {}  # noqa: F821 (engine.passes)
         self.timings: dict[str, float] = {}
         self.counts: dict[str, int] = {}
@@ -188,11 +189,14 @@ class Statistics:
         key = (dataset, state, granularity)
         if key not in self._fisher:
             def compute():
+                from hcnr_deploy.engine.passes import fuse_pays  # engine.passes imports repair
+
                 self.state.set(state)
-                if (dataset, state) in self._want and (dataset, state) not in self.grams:
-                    blocks = decoder_blocks(self.model)
-                    if blocks is not None:
-                        return self._fused(blocks, dataset, state, granularity)
+                blocks = decoder_blocks(self.model)
+                fuse = (dataset, state) in self._want and (dataset, state) not in self.grams and fuse_pays(
+                    self.device)
+                if blocks is not None and (fuse or self.move is not None):
+                    return self._block_major(blocks, dataset, state, granularity, fuse)
                 return fisher_pass(self.model, self.mats, self.encoded[dataset], granularity, self.batch_size,
                                    self.device, self.bar, f"{dataset}, {state}", self.move)
             self._fisher[key] = self._timed(stage_name("fisher", dataset, state, granularity), compute)
@@ -202,24 +206,28 @@ class Statistics:
         """Stage 2 will need the Grams of these (data set, model state) pairs (fused into their Fisher pass)."""
         self._want |= set(streams)
 
-    def _fused(self, blocks, dataset: str, state: str, granularity: str) -> dict[str, torch.Tensor]:
+    def _block_major(self, blocks, dataset: str, state: str, granularity: str, fuse: bool):
+        """The Fisher pass block-major (engine/passes.py), with the Grams on its forward when `fuse`."""
         from hcnr_deploy.engine.passes import GramStore, fisher_with_grams  # engine.passes imports repair
 
         enc = self.encoded[dataset]
-        store = GramStore(f"{dataset}/{state}")
+        store = GramStore(f"{dataset}/{state}") if fuse else None
         modules = {m.name: self.model.get_submodule(m.module) for m in self.mats}
         by_block: dict[int, dict] = {}
         for m in self.mats:
             by_block.setdefault(layer_index(m.name), {})[m.name] = modules[m.name]
-        task = self.bar.add_task(f"Fisher + Hessian ({dataset}, {state})", total=len(enc))
+        task = self.bar.add_task(f"Fisher{' + Hessian' if fuse else ''} ({dataset}, {state})", total=len(enc))
         try:
             s = fisher_with_grams(self.model, blocks, modules, by_block, batches(enc, self.batch_size), len(enc),
                                   granularity, self.device, store, min(by_block), self.move,
-                                  park="cpu" if self.move else None, advance=lambda n: self.bar.advance(task, n))
+                                  park="cpu" if self.move else None, advance=lambda n: self.bar.advance(task, n),
+                                  device_of=self.device_of)
         except BaseException:
-            store.close()
+            if store:
+                store.close()
             raise
-        self.grams[(dataset, state)] = store
+        if store:
+            self.grams[(dataset, state)] = store
         return s
 
     @property
