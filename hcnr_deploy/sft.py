@@ -252,7 +252,8 @@ def sft_snapshots(model, finetune: FineTune, enc_hon, enc_task, steps: list[int]
                   checkpointing: bool = True) -> dict[int, Factors]:
     """SFT of the fine-tune on honesty + task calibration examples; LoRA factors after each of `steps`.
 
-    `model`: the base model in memory (modelio.load_model), all of it on `device`, left as found (its
+    `model`: the base model in memory (modelio.load_model), all of it on `device` (or its blocks over several
+    GPUs, engine/placement.py: each factor then lives beside its module), left as found (its
     weights may be in any state: the ones training needs are read from the checkpoints). `enc_hon`, `enc_task`:
     data.encode's (ids, response mask) lists, pooled and drawn in batches of `batch_size` from a
     `seed`ed shuffle. One run of max(steps) AdamW steps (constant `lr`, no weight decay, gradients
@@ -272,15 +273,16 @@ def sft_snapshots(model, finetune: FineTune, enc_hon, enc_task, steps: list[int]
         raise UserError(f"--lr must be positive, got {lr}.")
     want = torch.device(device)
     devices = {t.device for t in model.parameters()}
-    if any(d.type != want.type or (want.index is not None and d.index != want.index) for d in devices):
-        raise UserError(f"--method sft trains the whole model on one device ({device}) but its weights are on "
+    if any(d.type != want.type for d in devices):
+        raise UserError(f"--method sft trains the whole model on the {want.type} device(s) but its weights are on "
                         f"{', '.join(sorted(map(str, devices)))}; leave out --offload.")
     data = mask_to_labels(list(enc_hon) + list(enc_task))
     if not data:
         raise UserError("the sft method needs calibration examples; the honesty and task data are empty.")
     pad_id = getattr(model.config, "pad_token_id", None) or 0
     factors = initial_factors(model, finetune, rank, seed)
-    params = {m: (a.to(device).requires_grad_(True), b.to(device).requires_grad_(True))
+    where = {m: mod.weight.device for m, mod in model.named_modules() if m in factors}  # blocks over several GPUs
+    params = {m: (a.to(where[m]).requires_grad_(True), b.to(where[m]).requires_grad_(True))
               for m, (a, b) in factors.items()}
     scales = {m: scaling(finetune, m) for m in params}
     flat = [t for ab in params.values() for t in ab]
