@@ -6,11 +6,12 @@ which model state. ``Statistics`` computes the Fisher scores ``s[name]`` of ever
 per (data set, model state, granularity), and keeps them for every later candidate (``4 in`` bytes per
 matrix, or ``4 out in`` for element granularity).
 
-Gram sums ``H = sum over tokens x x^T`` (float32, in x in) are never kept for the whole model:
+Gram sums ``H = sum over tokens x x^T`` (float32, in x in) are never held in memory for the whole model:
 ``stream_block_grams`` runs the calibration hidden states through one decoder block at a time and hands
 each block's Grams to the caller (stage2.py: every candidate's edit of that block) before the next block
-runs. Matrices fed the same input (q/k/v, gate/up) share one tensor: a llama block's Grams take
-``4 (3 h^2 + I^2)`` bytes per stream (1 GB at Llama-3.1-8B's width).
+runs, or reads them back from a ``GramStore`` on disk where they rode on a Fisher pass of the same data and
+model state (engine/passes.py; on the CPU). Matrices fed the same input (q/k/v, gate/up) share one tensor: a
+llama block's Grams take ``4 (3 h^2 + I^2)`` bytes per stream (1 GB at Llama-3.1-8B's width).
 """
 
 from __future__ import annotations
@@ -161,8 +162,9 @@ def stream_block_grams(model, blocks, state, mats: list[Matrix], streams: list[t
 class Statistics:
     """Fisher scores of every eligible matrix, each computed at most once (see the module doc).
 
-    ``want_grams(streams)``: the (data set, model state) pairs whose Grams stage 2 will need; a Fisher pass on
-    one of them computes every eligible matrix's Grams on its forward (engine/passes.py) into ``grams[(data
+    ``want_grams(streams)``: the (data set, model state) pairs whose Grams stage 2 will need; on the CPU
+    (``fuse_pays``) a Fisher pass on one of them computes every eligible matrix's Grams on its forward
+    (engine/passes.py; with --offload that pass is block-major too, without Grams) into ``grams[(data
     set, state)]`` (a GramStore on disk, ``gram_bytes`` in all), which stage 2 reads instead of a second
     forward. ``timings`` gets one entry per pass (``stage_name``); ``counts`` how often each ran (1 at most)."""
 
