@@ -95,3 +95,21 @@ def test_repair_with_grams_from_the_fisher_pass_writes_the_same_bytes(pair, tmp_
         a, b = load_file(f), load_file(tmp_path / "fused" / f.name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f.name
     assert fused["matrices"]
+
+
+def test_the_grams_ride_on_the_fisher_pass_on_the_cpu_only_and_the_plan_says_so():
+    """On a GPU the forward is cheaper than the Grams' disk traffic (fuse_pays); the plan counts the fused streams
+    and the bytes they put on disk (every eligible matrix of every block: 4 (3 h^2 + I^2) per block)."""
+    from hcnr_deploy.engine import plan as P
+
+    assert passes.fuse_pays("cpu") and not passes.fuse_pays("cuda:1")
+    shape = P.Shape.from_config({"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336,
+                                 "num_attention_heads": 32, "num_key_value_heads": 8, "num_hidden_layers": 32,
+                                 "vocab_size": 128256, "torch_dtype": "bfloat16"})
+    kw = dict(num_samples=16, max_length=64, batch_size=4)
+    cpu, gpu = P.plan(shape, [("hcnr", {})], **kw), P.plan(shape, [("hcnr", {})], gpus=1, **kw)
+    assert cpu["stages"]["fused_streams"] == 1 and cpu["stages"]["grams_on_disk"] == 32 * 4 * (3 * 4096**2 + 14336**2)
+    assert gpu["stages"]["fused_streams"] == 0 and gpu["stages"]["grams_on_disk"] == 0
+    assert cpu["flops"]["hessian"] < gpu["flops"]["hessian"]  # the forward it saves
+    task_aware = P.plan(shape, [("hcnr", {"compensation": "task-aware"})], **kw)
+    assert task_aware["stages"]["fused_streams"] == 2  # honesty on the base and task on the fine-tune
