@@ -69,3 +69,44 @@ def test_the_plan_spreads_the_70b_model_over_8_gpus_and_offload_keeps_two_blocks
     assert P.refusal(eight, {"host": 1 << 42, "gpus": [80 * 10**9] * 8}, offload=False) is None
     msg = P.refusal(one, {"host": 1 << 42, "gpus": [141 * 10**9]}, offload=False)
     assert "on GPU 0" in msg and "--offload, more GPUs" in msg
+
+
+def test_a_repair_placed_over_two_stand_in_devices_writes_the_bytes_of_one(tmp_path, monkeypatch):
+    """The multi-device path on the CPU: two stand-in devices (both the CPU), the blocks split between them, every
+    block's inputs aligned by its pre-hook, statistics and edits per block device: the same bytes as one device."""
+    import torch
+    from safetensors.torch import load_file
+
+    from hcnr_deploy.engine import placement
+    from hcnr_deploy.repair import run_repair, session
+
+    from conftest import repair_pair
+
+    words = "the capital city river country born wrote unknown answer question sure Paris 1492 future".split()
+    pair = repair_pair(tmp_path / "m", "llama", 8, words)
+    r = pair["root"]
+    kw = dict(num_samples=8, max_length=40, batch_size=4, device="cpu", compensation="task-aware")
+    run_repair(pair["base"], pair["lora"], r / "hon.jsonl", r / "task.jsonl", tmp_path / "one", **kw)
+    seen, aligned = [], []
+    real_place, real_align = placement.place_model, placement.align_inputs
+
+    def place(*a, **k):
+        seen.append(real_place(*a, **k))
+        return seen[-1]
+
+    def align(module, device):
+        module.register_forward_pre_hook(lambda m, args: aligned.append(device))
+        return real_align(module, device)
+
+    monkeypatch.setattr(session, "parse_devices", lambda spec, visible: ["cpu", "cpu"])
+    monkeypatch.setattr(session, "place_model", place)
+    monkeypatch.setattr(placement, "align_inputs", align)
+    run_repair(pair["base"], pair["lora"], r / "hon.jsonl", r / "task.jsonl", tmp_path / "two", **kw)
+    (p,) = seen
+    assert p.blocks == (0, 0, 1) and p.describe() == "placement (cpu: blocks 0-1, cpu: block 2)"
+    assert aligned  # the pre-hooks ran
+    files = sorted((tmp_path / "one").glob("*.safetensors"))
+    assert files
+    for f in files:
+        a, b = load_file(f), load_file(tmp_path / "two" / f.name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f.name

@@ -43,7 +43,7 @@ class Placement:
         """``(device, first block, last block)`` per contiguous run."""
         out: list[tuple[str, int, int]] = []
         for i, d in enumerate(self.blocks):
-            if out and out[-1][0] == self.devices[d] and out[-1][2] == i - 1:
+            if i and self.blocks[i - 1] == d:
                 out[-1] = (out[-1][0], out[-1][1], i)
             else:
                 out.append((self.devices[d], i, i))
@@ -138,17 +138,10 @@ def spread(model, layers: list, placement: Placement, norm) -> list:
     device. Returns the hooks' handles."""
     import torch
 
-    inside = {id(layer) for layer in layers}
-
-    def walk(module):
-        if id(module) in inside:
-            return
-        module._apply(lambda t: t.to(placement.first), recurse=False)
-        for child in module.children():
-            walk(child)
+    from hcnr_deploy.repair.state import place_outside_blocks  # repair imports this module
 
     with torch.no_grad():
-        walk(model)
+        place_outside_blocks(model, layers, placement.first)
         if not placement.offload:
             for i, layer in enumerate(layers):
                 layer.to(placement.device_of(i))
@@ -169,8 +162,10 @@ def place_model(model, blocks, devices: list[str], offload: bool, say=print) -> 
     decoder, layers = blocks
     size = lambda m: sum(t.numel() * t.element_size() for t in [*m.parameters(), *m.buffers()])  # noqa: E731
     block = size(layers[0])
-    free = [torch.cuda.mem_get_info(torch.device(d))[0] for d in devices]
-    fixed = [f // 10 + (size(model) - len(layers) * block if k == 0 else 0) for k, f in enumerate(free)]
+    cuda = all(torch.device(d).type == "cuda" for d in devices)
+    free = [torch.cuda.mem_get_info(torch.device(d))[0] for d in devices] if cuda else None  # else an even split
+    fixed = [(free[k] // 10 if free else 0) + (size(model) - len(layers) * block if k == 0 else 0)
+             for k in range(len(devices))]
     placement = place_blocks(len(layers), block, devices, free, fixed, offload)
     spread(model, layers, placement, decoder.norm)
     say(placement.describe())
