@@ -77,9 +77,9 @@ def fisher_with_grams(model, blocks, modules: dict[str, torch.nn.Module], gram_m
     """Eq. 4, ``s[k] = mean_n sum_o (dL_n/dW[o,k])^2`` for `modules` (weight name -> Linear), and the Gram sums
     ``H = sum over tokens x x^T`` of `gram_modules` (block index -> {weight name: Linear}) into `store`, from one
     forward (module doc); without a `store`, the Fisher pass alone, block-major (with --offload: each block
-    copied in twice per pass instead of twice per batch). `park`: where the boundary states wait (default: the compute device; ``cpu`` with
-    --offload). `move(layer, on)` holds block i on the device for its forward and again for its backward;
-    `device_of(i)`: block i's device under a placement (parked states go back there)."""
+    copied in twice per pass instead of twice per batch). `park`: where the boundary states wait (default: the
+    compute device; ``cpu`` with --offload). `move(layer, on)` holds block i on the device for its forward and
+    again for its backward; `device_of(i)`: block i's device under a placement (parked states go back there)."""
     decoder, layers = blocks
     items = []
     for b in batches:

@@ -10,8 +10,8 @@ working dtype of b bytes; a batch is B samples of at most T tokens (``--max-leng
   and the next one copied in asynchronously; unchanged blocks are never copied back);
 - the Fisher pass: the hidden state at every block boundary of one batch (``L B T h b``), or of every sample
   (``L N T h b``, on the host with ``--offload``) when it runs block-major (engine/passes.py: with ``--offload``,
-  and on the CPU, where the Grams ride on it, one block's Grams beside), one block's activations and their gradients, the per-sample reductions (``B T^2`` floats)
-  and one 16 MB logits chunk;
+  and on the CPU, where the Grams ride on it, one block's Grams beside), one block's activations and their
+  gradients, the per-sample reductions (``B T^2`` floats) and one 16 MB logits chunk;
 - the stage-2 pass: every sample's hidden state at the current block, per stream not fused into a Fisher
   pass (``N T h b``), one block's Grams per stream (float32, ``4 in^2`` per distinct input: I, h, h, nh hd),
   and the float64 solves of one block by one candidate at a time (``SOLVE_BYTES``: e.g. obs ``32 I^2`` at
