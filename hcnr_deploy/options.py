@@ -40,6 +40,13 @@ def _at_least(n):
     return check
 
 
+def _device(v):
+    import re
+
+    ok = isinstance(v, str) and re.fullmatch(r"auto|cpu|cuda|cuda:\d+(,\d+)*", v)
+    return None if ok else "must be auto, cpu, cuda or cuda:N[,M...] (e.g. cuda:0,1,2,3)"
+
+
 def _non_negative(v):
     return None if _number(v) and v >= 0 else "must be >= 0"
 
@@ -106,8 +113,9 @@ class RepairOptions:
     max_rank: int = _opt(64, "method", "Rank of an SVD-extracted adapter.", check=_at_least(1))
     # compute: where and how the passes run
     seed: int = _opt(0, "compute", "Seed (random selection, SVD extraction, sft).", check=_at_least(0))
-    device: str = _opt("auto", "compute", "Where the calibration passes and solves run (auto: cuda when available).",
-                       choices=("auto", "cpu", "cuda"))
+    device: str = _opt("auto", "compute", "Where the calibration passes and solves run: auto (every visible GPU, "
+                       "else the CPU), cpu, cuda (GPU 0) or cuda:0,1,2,3 (the blocks placed over those GPUs).",
+                       check=_device)
     dtype: str = _opt("auto", "compute", "Working dtype of the calibration passes (auto: float32 on CPU, the "
                       "checkpoint's on GPU); outputs keep the fine-tune's dtype, solves run in float64.",
                       choices=("auto", "float32", "bfloat16", "float16"))
@@ -125,11 +133,12 @@ class RepairOptions:
         if self.method == "lines" and self.alpha + self.beta < 0:
             raise UserError(f"--alpha {self.alpha} --beta {self.beta}: the last block's factor alpha + beta must be "
                             f">= 0; raise --beta to at least {-self.alpha:g}.")
-        if self.device == "cuda":
+        if self.device.startswith("cuda"):
             import torch
 
-            if not torch.cuda.is_available():
-                raise UserError("--device cuda: no CUDA device is available; use --device cpu.")
+            from hcnr_deploy.engine.placement import parse_devices
+
+            parse_devices(self.device, torch.cuda.device_count() if torch.cuda.is_available() else 0)
 
     def replace(self, **changes) -> "RepairOptions":
         """A validated copy with `changes` (option names as keyword arguments)."""

@@ -35,6 +35,7 @@ from hcnr_deploy.io.checkpoint import is_decoder_linear_weight
 from hcnr_deploy.io.finetune import FineTune
 
 DEFAULT_FULL_RANK = 16  # rank of the fresh LoRA trained on a full fine-tune (a rank vLLM serves)
+SFT_BATCH = 16  # examples per optimizer step (--batch-size sets the micro-batch: gradient accumulation)
 
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # module name -> (A [r, in], B [out, r])
 
@@ -60,16 +61,37 @@ def mask_to_labels(encoded: list[tuple[list[int], list[int]]]) -> list[tuple[lis
     return [(ids, [t if m else -100 for t, m in zip(ids, mask)]) for ids, mask in encoded]
 
 
+def accumulated_loss(model, batch, pad_id: int, micro_batch: int, ctx) -> float:
+    """Backward of one batch's loss in micro-batches of `micro_batch` examples (gradient accumulation):
+    ``L = sum_m n_m L_m / sum_m n_m`` with ``L_m`` the model's mean cross-entropy over the ``n_m`` labelled
+    (shifted) tokens of micro-batch m, so the gradients are those of the whole batch's mean. Returns L."""
+    parts = [collate(batch[i:i + micro_batch], pad_id) for i in range(0, len(batch), micro_batch)]
+    total = sum(int((labels[:, 1:] != -100).sum()) for _, labels, _ in parts)
+    device = next(model.parameters()).device
+    out = 0.0
+    for ids, labels, mask in parts:
+        weight = int((labels[:, 1:] != -100).sum()) / max(total, 1)
+        with ctx():
+            loss = model(input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels.to(device)).loss
+        if weight:
+            (loss * weight).backward()
+            out += float(loss.detach()) * weight
+    return out
+
+
 def train_loop(model, params: list[torch.Tensor], data: list[tuple[list[int], list[int]]], *, steps: int,
                batch_size: int, lr: float, seed: int = 0, pad_id: int = 0, lr_lambda=None,
                weight_decay: float = 0.0, betas=(0.9, 0.98), clip: float = 1.0, bf16: bool = False,
-               progress=None, description: str = "training", on_step=None) -> list[float]:
+               progress=None, description: str = "training", on_step=None,
+               micro_batch: int | None = None) -> list[float]:
     """Train `params` of `model` for `steps` AdamW steps on `data` ((ids, labels) pairs); returns the losses.
 
     The loss is the model's own mean cross-entropy over labelled tokens of the batch. Batches are drawn
     epoch by epoch from a `random.Random(seed)` shuffle (leftovers of an epoch open the next batch);
     `lr_lambda(step)` scales the learning rate (None: constant); gradients are clipped to norm `clip`.
     `on_step(step)` is called after each step (1-based). `progress` is a rich Progress (optional).
+    `micro_batch` below `batch_size`: each batch's gradient is accumulated over micro-batches of that many
+    examples (``accumulated_loss``; the same update within rounding, less activation memory).
     The model is in train mode while training and in its previous mode afterwards.
     """
     torch.manual_seed(seed)
@@ -90,11 +112,14 @@ def train_loop(model, params: list[torch.Tensor], data: list[tuple[list[int], li
                 order += perm
             batch = [data[i] for i in order[:batch_size]]
             del order[:batch_size]
-            ids, labels, mask = (t.to(device) for t in collate(batch, pad_id))
-            ctx = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
-            with ctx:
-                loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-            loss.backward()
+            ctx = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
+            if micro_batch is not None and micro_batch < len(batch):
+                loss = torch.tensor(accumulated_loss(model, batch, pad_id, micro_batch, ctx))
+            else:
+                ids, labels, mask = (t.to(device) for t in collate(batch, pad_id))
+                with ctx():
+                    loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+                loss.backward()
             torch.nn.utils.clip_grad_norm_(params, clip)
             opt.step()
             if sched is not None:
@@ -166,6 +191,20 @@ def initial_factors(model, finetune: FineTune, rank: int | None = None, seed: in
 
 
 @contextmanager
+def checkpointed(model, on: bool = True):
+    """Gradient checkpointing (transformers', non-reentrant) while inside: each decoder block's activations are
+    recomputed in the backward instead of kept; the model's own setting is back on exit."""
+    if not on or not getattr(model, "supports_gradient_checkpointing", False) or model.is_gradient_checkpointing:
+        yield
+        return
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    try:
+        yield
+    finally:
+        model.gradient_checkpointing_disable()
+
+
+@contextmanager
 def trained_state(model, finetune: FineTune):
     """Every tensor of the checkpoint the adapter trains on (base for a LoRA fine-tune, Ws for a full one)
     is put into `model` and no parameter requires a gradient; on exit both are restored exactly (a tensor
@@ -205,18 +244,22 @@ def trained_state(model, finetune: FineTune):
 
 
 def sft_snapshots(model, finetune: FineTune, enc_hon, enc_task, steps: list[int], *, lr: float = 5e-4,
-                  batch_size: int = 16, seed: int = 0, rank: int | None = None, device: str = "cpu",
-                  progress=None, losses: list | None = None) -> dict[int, Factors]:
+                  batch_size: int = SFT_BATCH, seed: int = 0, rank: int | None = None, device: str = "cpu",
+                  progress=None, losses: list | None = None, micro_batch: int | None = None,
+                  checkpointing: bool = True) -> dict[int, Factors]:
     """SFT of the fine-tune on honesty + task calibration examples; LoRA factors after each of `steps`.
 
-    `model`: the base model in memory (io.load.load_model), all of it on `device`, left as found (its
+    `model`: the base model in memory (io.load.load_model), all of it on `device` (or its blocks over several
+    GPUs, engine/placement.py: each factor then lives beside its module), left as found (its
     weights may be in any state: the ones training needs are read from the checkpoints). `enc_hon`, `enc_task`:
     data.encode's (ids, response mask) lists, pooled and drawn in batches of `batch_size` from a
     `seed`ed shuffle. One run of max(steps) AdamW steps (constant `lr`, no weight decay, gradients
     clipped to norm 1); returns {n: {module: (A, B)}} (float32, CPU) for every n in `steps`, in the
     fine-tune adapter's convention (same rank and scaling: `scaling(finetune, module)`), or for a full
     fine-tune a fresh LoRA of rank `rank` (default 16, s = 1) on top of Ws (see `checkpoint_patches`).
-    `losses`, when given, receives each step's training loss.
+    `losses`, when given, receives each step's training loss. `micro_batch` (``--batch-size``): examples per
+    forward / backward, the gradient accumulated over a batch (``train_loop``); `checkpointing`: gradient
+    checkpointing of the decoder blocks (``checkpointed``). Neither changes the update beyond rounding.
     """
     wanted = sorted(set(int(s) for s in steps))
     if not wanted or wanted[0] < 1:
@@ -227,15 +270,16 @@ def sft_snapshots(model, finetune: FineTune, enc_hon, enc_task, steps: list[int]
         raise UserError(f"--lr must be positive, got {lr}.")
     want = torch.device(device)
     devices = {t.device for t in model.parameters()}
-    if any(d.type != want.type or (want.index is not None and d.index != want.index) for d in devices):
-        raise UserError(f"--method sft trains the whole model on one device ({device}) but its weights are on "
+    if any(d.type != want.type for d in devices):
+        raise UserError(f"--method sft trains the whole model on the {want.type} device(s) but its weights are on "
                         f"{', '.join(sorted(map(str, devices)))}; leave out --offload.")
     data = mask_to_labels(list(enc_hon) + list(enc_task))
     if not data:
         raise UserError("the sft method needs calibration examples; the honesty and task data are empty.")
     pad_id = getattr(model.config, "pad_token_id", None) or 0
     factors = initial_factors(model, finetune, rank, seed)
-    params = {m: (a.to(device).requires_grad_(True), b.to(device).requires_grad_(True))
+    where = {m: mod.weight.device for m, mod in model.named_modules() if m in factors}  # blocks over several GPUs
+    params = {m: (a.to(where[m]).requires_grad_(True), b.to(where[m]).requires_grad_(True))
               for m, (a, b) in factors.items()}
     scales = {m: scaling(finetune, m) for m in params}
     flat = [t for ab in params.values() for t in ab]
@@ -247,9 +291,10 @@ def sft_snapshots(model, finetune: FineTune, enc_hon, enc_task, steps: list[int]
 
     rng_devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
     with torch.random.fork_rng(devices=rng_devices), trained_state(model, finetune), \
-            lora_hooks(model, params, scales):  # the caller's global RNG state is left as well
+            lora_hooks(model, params, scales), checkpointed(model, checkpointing):  # caller's RNG state is left too
         run = train_loop(model, flat, data, steps=wanted[-1], batch_size=batch_size, lr=lr, seed=seed, pad_id=pad_id,
-                         progress=progress, description="sft: calibration examples", on_step=snapshot)
+                         progress=progress, description="sft: calibration examples", on_step=snapshot,
+                         micro_batch=micro_batch)
     if losses is not None:
         losses.extend(run)
     return snapshots

@@ -203,7 +203,7 @@ def _rel(a: dict, b: dict, names) -> float:
 
 def test_regmean_pipeline_equals_task_aware_at_r_iw_r_cw_one(pair, tmp_path):
     rep = _run(pair, "full", tmp_path / "regmean", method="regmean", task_weight=3.0)
-    ta = _run(pair, "full", tmp_path / "ta", r_iw=1.0, r_cw=1.0, compensation="task-aware", task_weight=3.0)
+    _run(pair, "full", tmp_path / "ta", r_iw=1.0, r_cw=1.0, compensation="task-aware", task_weight=3.0)
     a, b = _tensors(tmp_path / "regmean"), _tensors(tmp_path / "ta")
     assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
     assert rep["edited_fraction"] == 1.0 and rep["selected_matrices"] == rep["eligible_matrices"]

@@ -55,8 +55,8 @@ class RecordingOffload(state.BlockOffload):
 
     instances: list = []
 
-    def __init__(self, device, layers):
-        super().__init__(device, layers)
+    def __init__(self, device, layers, *a):
+        super().__init__(device, layers, *a)
         self.resident: set[int] = set()
         self.calls: list[tuple[int, bool]] = []
         self.most = 0
@@ -94,15 +94,46 @@ def test_offload_holds_one_block_on_the_device_at_a_time(pair, tmp_path, monkeyp
     assert rec.violations == []
     assert rec.most == 1 and not rec.resident  # one block at a time, all back in CPU memory at the end
     n_layers = len(rec.layers)
-    # Fisher: 2 passes (honesty, task) x 2 batches x (forward over every block + backward down to block 0);
-    # Hessians: every block up to the deepest selected one, once, held across both streams
     last = max(int(m["name"].split(".layers.")[1].split(".")[0]) for m in rep["matrices"] if m["selected"])
     ins = [i for i, on in rec.calls if on]
-    fisher = 2 * 2 * 2 * n_layers
-    assert len(ins) == fisher + last + 1
-    assert ins[fisher:] == list(range(last + 1))
+    # Fisher with --offload, block-major: each block in once for the forward of every batch and once for their
+    # backward, per pass (honesty/base, task/finetuned); on the CPU the Grams ride on those passes and stage 2
+    # moves nothing; sequential Hessians: every block up to the deepest selected one, once, across both streams
+    up, down = list(range(n_layers)), list(range(n_layers - 1, -1, -1))
+    hessian = list(range(last + 1)) if kw.get("hessian_inputs") == "sequential" else []
+    assert ins == 2 * (up + down) + hessian
     assert all(rec.calls[k] == (i, True) and rec.calls[k + 1] == (i, False)
                for k, (i, on) in enumerate(rec.calls) if on)  # each visit ends before the next begins
+
+
+class CopyingOffload(state.BlockOffload):
+    """The real mover with its copies switched on for the CPU (to(cpu, copy=True)): the copy path itself runs."""
+
+    instances: list = []
+
+    def __init__(self, device, layers, *a, **k):
+        super().__init__(device, layers, *a, **k)
+        self.active = True
+        CopyingOffload.instances.append(self)
+
+
+@pytest.mark.parametrize("ft, kw", [("lora", dict(compensation="task-aware")),
+                                    ("full", dict(hessian_inputs="sequential"))])
+def test_the_copy_path_gives_the_same_bytes_and_writes_back_only_what_changed(pair, tmp_path, monkeypatch, ft, kw):
+    """Copies in (with the next block prefetched), no write-back of a block the passes only read (the Grams ride on
+    the Fisher passes: no weight is written while a block is resident), write-back of repaired weights
+    (sequential Hessians): the bytes of the run without --offload."""
+    CopyingOffload.instances.clear()
+    monkeypatch.setattr(session, "BlockOffload", CopyingOffload)
+    _run(pair, ft, tmp_path / "plain", **kw)
+    _run(pair, ft, tmp_path / "offload", offload=True, **kw)
+    assert _files(tmp_path / "offload") == _files(tmp_path / "plain")
+    (mover,) = CopyingOffload.instances
+    assert mover.copied_in > 0 and mover.prefetch_hits > 0
+    if kw.get("hessian_inputs") == "sequential":
+        assert mover.written_back > 0
+    else:
+        assert mover.written_back == 0
 
 
 def test_offload_on_the_plain_path_would_be_caught(pair, tmp_path, monkeypatch):
@@ -168,8 +199,8 @@ def test_placement_moves_everything_but_the_blocks(pair):
 class Float64Device(state.BlockOffload):
     """A stand-in device: "on" turns the block's tensors into float64 copies, "off" copies them back."""
 
-    def _to_device(self, t):
-        return t.to(torch.float64)
+    def _to_device(self, t, device):
+        return t.detach().to(torch.float64)
 
 
 def test_block_offload_round_trip_keeps_the_host_tensors_and_the_writes(pair):
@@ -186,8 +217,10 @@ def test_block_offload_round_trip_keeps_the_host_tensors_and_the_writes(pair):
     assert all(p.dtype == torch.float64 for p in layer.parameters())
     assert all(p.dtype == torch.float32 for p in layers[0].parameters())
     w = layer.mlp.down_proj.weight
-    w.data[0, 0] = 0.5  # written while on the device (a state switch or a repaired weight)
+    with torch.no_grad():
+        w[0, 0] = 0.5  # written while on the device (a state switch or a repaired weight: an in-place copy)
     mover(layer, False)
+    assert mover.written_back == 1  # that tensor only: the others were only read, and are not copied back
     for n, p in layer.named_parameters():
         ptr, value = before[n]
         assert p.dtype == torch.float32 and p.data_ptr() == ptr, n  # back into the very same CPU tensor
@@ -195,8 +228,8 @@ def test_block_offload_round_trip_keeps_the_host_tensors_and_the_writes(pair):
             assert torch.equal(p, value), n
     assert w[0, 0] == 0.5 and torch.equal(w[1:], before["mlp.down_proj.weight"][1][1:])
     assert {n: p.data_ptr() for n, p in model.named_parameters() if ".layers.1." not in n} == others
-    assert not mover._host
+    assert not mover._on
     cpu = state.BlockOffload("cpu", layers)  # on the CPU: nothing moves, nothing is copied
     cpu(layer, True)
-    assert all(p.data_ptr() == before[n][0] for n, p in layer.named_parameters()) and not cpu._host
+    assert all(p.data_ptr() == before[n][0] for n, p in layer.named_parameters()) and not cpu._on
     cpu(layer, False)

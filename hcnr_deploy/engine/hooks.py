@@ -18,7 +18,35 @@ class StopForward(Exception):
     """Raised by a hook to end a forward pass early once the last needed module has run."""
 
 
-class FisherHooks:
+class ModuleHooks:
+    """Forward hooks (``_hook(name)``) on the named modules of ``self.modules``: registered on enter, every one
+    removed on exit (with ``_extra()``'s other handles), so no hook or state is left on the model."""
+
+    modules: dict[str, torch.nn.Module]
+
+    def _hook(self, name):
+        raise NotImplementedError
+
+    def _extra(self) -> list:
+        return []
+
+    def _clear(self):
+        pass
+
+    def __enter__(self):
+        self._handles = self._extra() + [mod.register_forward_hook(self._hook(name))
+                                         for name, mod in self.modules.items()]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self._clear()
+        return False
+
+
+class FisherHooks(ModuleHooks):
     """Forward hooks on the named Linear modules that accumulate per-sample squared gradients.
 
     Used as a context manager; on exit every hook is removed (no state is left on the model).
@@ -32,9 +60,8 @@ class FisherHooks:
         self.modules = modules
         self.granularity = granularity
         self.sums: dict[str, torch.Tensor] = {}
-        self._handles = []
 
-    def _forward_hook(self, name):
+    def _hook(self, name):
         def hook(module, inputs, output):
             if not output.requires_grad:
                 return
@@ -50,19 +77,10 @@ class FisherHooks:
             output.register_hook(grad_hook)
         return hook
 
-    def __enter__(self):
-        if self.embeddings:
-            emb = self.model.get_input_embeddings()
-            self._handles.append(emb.register_forward_hook(lambda m, i, o: o.requires_grad_(True)))
-        for name, mod in self.modules.items():
-            self._handles.append(mod.register_forward_hook(self._forward_hook(name)))
-        return self
-
-    def __exit__(self, *exc):
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-        return False
+    def _extra(self) -> list:
+        if not self.embeddings:
+            return []
+        return [self.model.get_input_embeddings().register_forward_hook(lambda m, i, o: o.requires_grad_(True))]
 
 
 # Gram sums are accumulated in this dtype (float64: the reference the float32 path is tested against).
@@ -85,7 +103,7 @@ def gram_product(x: torch.Tensor) -> torch.Tensor:
     return x.T @ x
 
 
-class HessianHooks:
+class HessianHooks(ModuleHooks):
     """Forward hooks accumulating ``X X^T`` (float32, in x in; ``gram_product``) of the named modules' inputs,
     padding masked.
 
@@ -101,7 +119,6 @@ class HessianHooks:
         self.tokens = 0
         self.token_mask: torch.Tensor | None = None
         self._seen: dict[int, tuple[str, weakref.ref]] = {}
-        self._handles = []
 
     def _hook(self, name):
         def hook(module, inputs, output):
@@ -114,7 +131,7 @@ class HessianHooks:
                 self._seen[key] = (name, weakref.ref(x))  # weak: inputs are freed as the forward goes on
                 xf = x.detach().reshape(-1, x.shape[-1])
                 if self.token_mask is not None:
-                    xf = xf[self.token_mask.reshape(-1).bool()]
+                    xf = xf[self.token_mask.reshape(-1).bool().to(xf.device)]  # the block's own device
                 h = gram_product(xf)
                 self.sums[name] = h if name not in self.sums else self.sums[name].add_(h)
             if module is self.stop_after:
@@ -124,14 +141,5 @@ class HessianHooks:
     def hessian(self, name: str) -> torch.Tensor:
         return self.sums[self.alias.get(name, name)]
 
-    def __enter__(self):
-        for name, mod in self.modules.items():
-            self._handles.append(mod.register_forward_hook(self._hook(name)))
-        return self
-
-    def __exit__(self, *exc):
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+    def _clear(self):
         self._seen.clear()
-        return False

@@ -5,16 +5,21 @@ The model of memory follows what the code holds (repair/stage2.py, statistics.py
 decoder of L blocks of width h, MLP width I, nh query heads and nkv key/value heads of size hd, vocabulary V,
 working dtype of b bytes; a batch is B samples of at most T tokens (``--max-length``), N samples per set:
 
-- the model, one copy in the working dtype (``--offload``: on the host, only the embeddings, head and the
-  block in use on the device);
-- the Fisher pass: the hidden state at every block boundary of one batch (``L B T h b``), one block's
-  activations and their gradients, the per-sample reductions (``B T^2`` floats) and one 16 MB logits chunk
-  (a family that is not streamed block by block, engine/families.py: the whole autograd graph, and the
-  full-vocabulary logits of every position where its head cannot run alone);
-- the stage-2 pass: every sample's hidden state at the current block, per stream (``N T h b``), one block's
-  Grams per stream (float32, ``4 in^2`` per distinct input: I, h, h, nh hd), and the float64 solves of one
-  block by one candidate at a time (``SOLVE_BYTES``: e.g. obs ``32 I^2`` at the MLP's down projection);
-- pending edits: new LoRA factors (float64, ``8 r in`` per matrix and candidate); a checkpoint's on disk.
+- the model, one copy in the working dtype, its blocks spread over the GPUs by ``placement.place_blocks``
+  (``--offload``: in pinned host memory, the embeddings, head and two blocks per device: the one running
+  and the next one copied in asynchronously; unchanged blocks are never copied back);
+- the Fisher pass: the hidden state at every block boundary of one batch (``L B T h b``), or of every sample
+  (``L N T h b``, on the host with ``--offload``) when it runs block-major (engine/passes.py: with ``--offload``,
+  and on the CPU, where the Grams ride on it, one block's Grams beside), one block's activations and their
+  gradients, the per-sample reductions (``B T^2`` floats) and one 16 MB logits chunk (a family
+  that is not streamed block by block, engine/families.py: the whole autograd graph, and the full-vocabulary
+  logits of every position where its head cannot run alone);
+- the stage-2 pass: every sample's hidden state at the current block, per stream not fused into a Fisher
+  pass (``N T h b``), one block's Grams per stream (float32, ``4 in^2`` per distinct input: I, h, h, nh hd),
+  and the float64 solves of one block by one candidate at a time (``SOLVE_BYTES``: e.g. obs ``32 I^2`` at
+  the MLP's down projection); every GPU holding blocks runs their statistics, so each gets these peaks;
+- pending edits: new LoRA factors (float64, ``8 r in`` per matrix and candidate); a checkpoint's on disk;
+  the fused streams' Grams of every eligible matrix on disk (``L 4 (3 h^2 + I^2)`` bytes per stream).
 
 The figures are upper bounds on activations (every sample taken at ``--max-length`` tokens).
 """
@@ -28,6 +33,7 @@ from pathlib import Path
 
 from eval_harness.errors import UserError
 from hcnr_deploy.engine.families import STREAMED, WHOLE_MODEL_FULL_LOGITS
+from hcnr_deploy.engine.placement import parse_devices, place_blocks
 
 GIB = 2**30
 INTERPRETER_BYTES = int(0.56 * GIB)  # python + torch + transformers + hcnr_deploy imported (VmHWM, 2-core VM)
@@ -164,11 +170,24 @@ def candidate_cost(shape: Shape, method: str, opts) -> tuple[float, bool, str]:
     return 0.0, False, method  # scale, sft: no Grams
 
 
+def fused_streams(candidates: list[tuple[str, dict]], hessian_inputs: str, with_task: bool) -> int:
+    """How many of stage 2's Gram streams ride on a Fisher pass (same data set and model state): the honesty
+    inputs of the base under a Fisher pass of s_hon on the base, the task inputs of the fine-tune under one of
+    s_task on the fine-tune (Statistics.want_grams)."""
+    hcnr = [o for m, o in candidates if m == "hcnr" and o.get("selection", "hcnr") != "random"]
+    hon = hessian_inputs == "base" and any(o.get("fisher_model", "paired") != "finetuned" for o in hcnr)
+    task = with_task and any(o.get("selection", "hcnr") == "hcnr" and o.get("fisher_model", "paired") != "base"
+                             for o in hcnr)
+    return int(hon) + int(task)
+
+
 def plan(shape: Shape, candidates: list[tuple[str, dict]], *, num_samples: int, max_length: int, batch_size: int,
          finetune: tuple[str, int] = ("full", 0), dtype: str = "auto", gpus: int = 0, offload: bool = False,
-         hessian_inputs: str = "base") -> dict:
-    """Predicted peaks and FLOPs of a repair (one candidate) or a sweep (several) on `gpus` GPUs (0: the CPU).
-    `candidates`: ``(method, repair options)``. Returns the JSON of ``--plan --json`` plus a ``stages`` table."""
+         hessian_inputs: str = "base", free_gpus: list[int] | None = None) -> dict:
+    """Predicted peaks and FLOPs of a repair (one candidate) or a sweep (several) on `gpus` GPUs (0: the CPU),
+    the blocks placed over them in proportion to `free_gpus` (free bytes per GPU; None: an even split).
+    `candidates`: ``(method, repair options)``. Returns the JSON of ``--plan --json`` plus a ``stages`` table
+    and the ``placement`` line."""
     on_gpu = gpus > 0
     b = working_dtype_bytes(shape, dtype, on_gpu)
     h, i_w, L, V = shape.hidden, shape.intermediate, shape.layers, shape.vocab
@@ -180,40 +199,65 @@ def plan(shape: Shape, candidates: list[tuple[str, dict]], *, num_samples: int, 
     kind, rank = finetune
     streamed = shape.passes == STREAMED
 
-    # Fisher pass (per batch): block boundaries, one block's activations + grads, per-sample reductions, logits
-    act = B * T * (6 * h + 2 * q + 2 * kv + 4 * i_w) * b
-    fisher = L * B * T * h * b + 3 * act + 2 * B * T * T * 4 + 2 * B * T * i_w * 4 + LOGITS_CHUNK
-    if not streamed:  # whole-model autograd graph; full-vocabulary logits where the head cannot run alone
-        fisher = L * 3 * act + (2 * B * T * V * 4 if shape.passes == WHOLE_MODEL_FULL_LOGITS else LOGITS_CHUNK)
-    fisher_scores = 2 * L * sum(i for _, _, i in shape.matrices()) * 8
-    # stage 2: per-stream hidden states, one block's Grams, its float64 solve
     fractions = [candidate_cost(shape, m, o) for m, o in candidates]
     with_grams = [f for f in fractions if f[0] > 0]
-    streams = (1 if with_grams else 0) + (1 if any(t for _, t, _ in with_grams) else 0) + (
+    with_task = any(t for _, t, _ in with_grams)
+    streams = (1 if with_grams else 0) + (1 if with_task else 0) + (
         1 if hessian_inputs not in ("base",) and with_grams else 0)
+    # the Grams ride on the Fisher pass on the CPU only (engine/passes.fuse_pays); with --offload or fused the
+    # Fisher pass is block-major and holds every sample's boundary states
+    fused = fused_streams(candidates, hessian_inputs, with_task) if streamed and with_grams and not on_gpu else 0
+    block_major = streamed and (fused or offload)
     ins = shape.inputs()
-    grams = streams * sum(4 * n * n for n in ins)
+    gram_block = sum(4 * n * n for n in ins)  # one stream's Grams of one block, float32
+    # Fisher pass (per batch): block boundaries, one block's activations + grads, per-sample reductions, logits
+    act = B * T * (6 * h + 2 * q + 2 * kv + 4 * i_w) * b
+    boundary = (N if block_major else B) * T * h * b  # per block: one batch's, or every sample's
+    fisher = 3 * act + 2 * B * T * T * 4 + 2 * B * T * i_w * 4 + LOGITS_CHUNK + (gram_block if fused else 0)
+    if not streamed:  # whole-model autograd graph; full-vocabulary logits where the head cannot run alone
+        fisher = L * 3 * act + (2 * B * T * V * 4 if shape.passes == WHOLE_MODEL_FULL_LOGITS else LOGITS_CHUNK)
+        boundary = 0
+    fisher_scores = 2 * L * sum(i for _, _, i in shape.matrices()) * 8
+    # stage 2: per-stream hidden states (streams not fused), one block's Grams, its float64 solve
+    grams = streams * gram_block
     solve = max((solve_peak(c, ins) for _, _, c in with_grams), default=0)
-    hidden_states = streams * (N * T * h * b + N * T * T + 2 * N * T * shape.head_dim * b)
+    hidden_states = (streams - fused) * (N * T * h * b + N * T * T + 2 * N * T * shape.head_dim * b)
     stage2 = hidden_states + grams + solve + B * T * (4 * h + 4 * i_w) * b
     lora_edits = len(with_grams) * L * sum(rank * i for _, _, i in shape.matrices()) * 8 if kind == "lora" else 0
 
-    resident = outside + 2 * block if offload else model  # the device's share of the model
-    peak_device = resident + max(fisher + fisher_scores, stage2 + fisher_scores + lora_edits)
+    def passes(n_blocks: int) -> int:  # a device holding n_blocks blocks' boundaries: its peak besides weights
+        return max(fisher + n_blocks * boundary + fisher_scores, stage2 + fisher_scores + lora_edits)
+
     write_buffer = SHARD_BYTES if kind == "full" else 0
+    head_bytes = 0 if shape.tied else V * h * b
+    placement = None
     if on_gpu:
-        gpu = [peak_device] + [0] * (gpus - 1)  # the passes use the first GPU only
-        host = INTERPRETER_BYTES + 2 * block + write_buffer + (model if offload else 0) + lora_edits
+        devices = [f"cuda:{d}" for d in range(gpus)]
+        share = [(outside - head_bytes if d == 0 else 0) + (head_bytes if d == gpus - 1 else 0) for d in range(gpus)]
+        fixed = [x + passes(0) for x in share]
+        per_block = block if offload else block + boundary  # the split's bound: boundaries live in the Fisher pass
+        try:
+            placement = place_blocks(L, per_block, devices, free_gpus, fixed, offload)
+        except UserError:  # does not fit the free memory: an even split, and the refusal says so
+            placement = place_blocks(L, per_block, devices, None, fixed, offload)
+        counts = [placement.blocks.count(d) for d in range(gpus)]
+        if offload:  # two blocks per device in use (running, next copied in); boundaries in pinned host memory
+            gpu = [x + (2 * block + passes(0) if c or d == 0 else 0) for d, (x, c) in enumerate(zip(share, counts))]
+        else:
+            gpu = [x + (c * block + passes(c) if c or d == 0 else 0) for d, (x, c) in enumerate(zip(share, counts))]
+        host = INTERPRETER_BYTES + 2 * block + write_buffer + lora_edits + (model + L * boundary if offload else 0)
+        resident = sum(share) + (2 * block * len([c for c in counts if c]) if offload else L * block)
     else:
+        resident = model
+        host = INTERPRETER_BYTES + model + passes(L) + min(write_buffer, model)
         gpu = []
-        host = INTERPRETER_BYTES + peak_device + min(write_buffer, model)
 
     # disk: the outputs, and a checkpoint's pending edits spilled until written
     adapter = L * sum(rank * (i + o) for _, o, i in shape.matrices()) * b
     artifact = adapter if kind == "lora" else model
     spill = 0 if kind == "lora" else sum(f * shape.block_linear * L * 4 * (1.0 if c == "regmean" else 0.5)
                                          for f, _, c in with_grams)
-    disk = int(len(candidates) * artifact + spill)
+    disk = int(len(candidates) * artifact + spill + fused * L * gram_block)
 
     # FLOPs: forward 2 P per token, activation backward 2 P more, attention, head; Grams; float64 solves
     tokens = N * T
@@ -224,7 +268,8 @@ def plan(shape: Shape, candidates: list[tuple[str, dict]], *, num_samples: int, 
     fisher_passes = {c for m, o in candidates if m == "hcnr" for c in ([] if o.get("selection") == "random" else (
         ["honesty", "task"] if o.get("selection", "hcnr") == "hcnr" else ["honesty"]))}
     flops = {"fisher": len(fisher_passes) * tokens * (3 * (2 * lin + attn) + 2 * head + per_sample),
-             "hessian": streams * tokens * (2 * lin + attn + 2 * sum(n * n for n in ins) * L),
+             "hessian": streams * tokens * 2 * sum(n * n for n in ins) * L + (streams - fused) * tokens * (
+                 2 * lin + attn),
              "compensation": sum(f * L * (sum(2 / 3 * n ** 3 for n in ins) + sum(2 * o * i * i for _, o, i in
                                                                                    shape.matrices()))
                                  for f, _, _ in with_grams)}
@@ -232,20 +277,25 @@ def plan(shape: Shape, candidates: list[tuple[str, dict]], *, num_samples: int, 
             "flops": {k: float(v) for k, v in flops.items()},
             "model_bytes": int(model), "block_bytes": int(block), "streamed": streamed,
             "passes": {"path": shape.passes, "reason": shape.passes_reason},
-            "stages": {"fisher": int(fisher), "stage2": int(stage2), "grams_per_block": int(grams),
-                       "solve": int(solve), "lora_edits": int(lora_edits), "resident_model": int(resident)}}
+            "placement": placement.describe() if placement else "cpu",
+            "stages": {"fisher": int(fisher + L * boundary), "stage2": int(stage2), "grams_per_block": int(grams),
+                       "solve": int(solve), "lora_edits": int(lora_edits), "resident_model": int(resident),
+                       "fused_streams": fused, "grams_on_disk": int(fused * L * gram_block)}}
 
 
 def seconds(p: dict, *, matmul_flops: float, fp64_flops: float, disk_Bps: float, pcie_Bps: float = 0.0,
             offload_visits: int = 0) -> dict:
     """Time per stage at stated rates: matmuls at `matmul_flops`, solves at `fp64_flops`, the model read and the
-    artifacts written at `disk_Bps`, and with --offload `offload_visits` block round trips at `pcie_Bps`."""
+    artifacts written at `disk_Bps`, and with --offload `offload_visits` block copies in at `pcie_Bps` (pinned,
+    asynchronous: the next block is copied while one runs, so the copies hide under the passes' compute and
+    only what exceeds it adds; unchanged blocks are not copied back)."""
     out = {"load": p["model_bytes"] / disk_Bps, "fisher": p["flops"]["fisher"] / matmul_flops,
            "hessian": p["flops"]["hessian"] / matmul_flops, "compensation": p["flops"]["compensation"] / fp64_flops,
            "export": p["disk_bytes"] / disk_Bps}
+    copies = offload_visits * p["block_bytes"] / pcie_Bps if offload_visits else 0.0
+    out["total"] = sum(out.values()) + max(0.0, copies - out["fisher"] - out["hessian"])
     if offload_visits:
-        out["offload_copies"] = offload_visits * 2 * p["block_bytes"] / pcie_Bps
-    out["total"] = sum(out.values())
+        out["offload_copies"] = copies
     return out
 
 
@@ -272,11 +322,13 @@ def available_memory() -> dict:
 def refusal(p: dict, free: dict, offload: bool, sweep: bool = False) -> str | None:
     """The one-line reason a planned run cannot fit the free memory, naming what would make it fit, or None."""
     gib = lambda x: f"{x / GIB:.1f} GiB"  # noqa: E731
-    fixes = ("--offload, " if not offload and p["gpu_bytes"] else "") + "a smaller --max-length or --num-samples" + (
-        ", a smaller --grid" if sweep else "")
-    if p["gpu_bytes"] and free["gpus"] and p["gpu_bytes"][0] > free["gpus"][0]:
-        return (f"the plan needs {gib(p['gpu_bytes'][0])} on GPU 0 and it has {gib(free['gpus'][0])} free "
-                f"(the model {gib(p['model_bytes'])}); try {fixes} (hcnr-deploy ... --plan shows the figures).")
+    fixes = ("--offload, more GPUs (--device cuda:0,1,...), " if not offload and p["gpu_bytes"] else "") + (
+        "a smaller --max-length or --num-samples") + (", a smaller --grid" if sweep else "")
+    for d, (need, has) in enumerate(zip(p["gpu_bytes"], free["gpus"] or [])):
+        if need > has:
+            name = p["devices"][d] if p.get("devices") else f"GPU {d}"
+            return (f"the plan needs {gib(need)} on {name} and it has {gib(has)} free "
+                    f"(the model {gib(p['model_bytes'])}); try {fixes} (hcnr-deploy ... --plan shows the figures).")
     if free["host"] is not None and p["host_bytes"] > free["host"]:
         return (f"the plan needs {gib(p['host_bytes'])} of host memory and {gib(free['host'])} is available "
                 f"(the model {gib(p['model_bytes'])}); try {fixes}"
@@ -290,8 +342,10 @@ def format_plan(p: dict, title: str) -> str:
     lines = [title, f"  model {gib(p['model_bytes'])} (one block {gib(p['block_bytes'])})"
              + ("" if p["streamed"] else f"; not streamed block by block ({p['passes']['reason']}): "
                                           f"{p['passes']['path']} passes")]
+    if p["gpu_bytes"]:
+        lines.append(f"  {p['placement']}")
     for d, g in enumerate(p["gpu_bytes"]):
-        lines.append(f"  GPU {d}: {gib(g)}" + (" (unused: the passes run on GPU 0)" if d and not g else ""))
+        lines.append(f"  GPU {d}: {gib(g)}" + (" (no blocks placed)" if d and not g else ""))
     lines += [f"  host RAM: {gib(p['host_bytes'])}", f"  disk: {gib(p['disk_bytes'])}",
               "  FLOPs: " + ", ".join(f"{k} {v:.3g}" for k, v in p["flops"].items())]
     return "\n".join(lines)
@@ -302,12 +356,20 @@ def plan_for_run(base, finetuned, opts, candidates: list[tuple[str, dict]]) -> d
     import torch
 
     shape = Shape.from_config(read_config(str(base)))
-    gpus = 0
-    if opts.device != "cpu" and (opts.device.startswith("cuda") or torch.cuda.is_available()):
-        gpus = max(1, torch.cuda.device_count()) if torch.cuda.is_available() else 1
-    return plan(shape, candidates, num_samples=opts.num_samples, max_length=opts.max_length,
-                batch_size=opts.batch_size, finetune=finetune_kind(finetuned), dtype=opts.dtype, gpus=gpus,
-                offload=opts.offload, hessian_inputs=opts.hessian_inputs)
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    devices = parse_devices(opts.device, visible or (1 << 10 if opts.device.startswith("cuda") else 0))
+    gpus = 0 if devices == ["cpu"] else len(devices)
+    free = available_memory()["gpus"] if visible else []
+    free_gpus = [free[int(d.split(":")[1])] for d in devices] if gpus and free else None
+    p = plan(shape, candidates, num_samples=opts.num_samples, max_length=opts.max_length,
+             batch_size=opts.batch_size, finetune=finetune_kind(finetuned), dtype=opts.dtype, gpus=gpus,
+             offload=opts.offload, hessian_inputs=opts.hessian_inputs, free_gpus=free_gpus)
+    if gpus:
+        p["devices"] = devices
+        p["placement"] = p["placement"].replace("cuda:", "gpu ")
+        for k, d in enumerate(devices):  # the plan numbers its devices 0..k-1; name them as --device did
+            p["placement"] = p["placement"].replace(f"gpu {k}:", f"{d}:")
+    return p
 
 
 def check_fits(base, finetuned, opts, candidates, sweep: bool = False):
@@ -319,7 +381,10 @@ def check_fits(base, finetuned, opts, candidates, sweep: bool = False):
         return
     if os.environ.get("HCNR_DEPLOY_NO_PLAN_CHECK"):
         return
-    reason = refusal(p, available_memory(), opts.offload, sweep)
+    free = available_memory()
+    if p.get("devices") and free["gpus"]:
+        free["gpus"] = [free["gpus"][int(d.split(":")[1])] for d in p["devices"]]
+    reason = refusal(p, free, opts.offload, sweep)
     if reason:
         raise UserError(f"this run cannot fit: {reason}")
 

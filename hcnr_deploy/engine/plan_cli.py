@@ -32,6 +32,6 @@ def print_plan(base, finetuned, opts, candidates: list[tuple[str, dict]], as_jso
     p = plan_for_run(base, finetuned, opts, candidates)
     if as_json:
         click.echo(json.dumps({k: p[k] for k in ("gpu_bytes", "host_bytes", "disk_bytes", "flops", "model_bytes",
-                                                  "block_bytes", "streamed", "passes", "stages")}, indent=2))
+                                                  "block_bytes", "streamed", "passes", "placement", "stages")}, indent=2))
     else:
         click.echo(format_plan(p, title))

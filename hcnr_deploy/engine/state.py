@@ -89,29 +89,92 @@ class ModelState:
 
 
 class BlockOffload:
-    """--offload: ``move(layer, True)`` puts one decoder block on the compute device while it runs,
-    ``move(layer, False)`` copies it back into the same CPU tensors (so weights written meanwhile come back,
-    and no second host copy appears beside pages the checkpoint was mapped into). On the CPU every move is a
-    no-op, so the offloaded code path gives the same bytes there. (Blocks must not share a tensor with
-    themselves twice; llama/mistral/qwen blocks do not.)"""
+    """--offload: ``move(layer, True)`` puts one decoder block on its device while it runs, ``move(layer, False)``
+    takes it off again. The blocks' host tensors are pinned (CUDA) and copied in asynchronously; while block i
+    runs, the next block in the direction of travel (i+1 going up, i-1 coming down) is copied in on a side
+    stream. Taking a block off copies back only the tensors written while it was on the device (a state switch
+    or a repaired weight; seen by their version counters): the weights the passes only read are dropped, never
+    written back. A prefetched copy whose host tensors changed meanwhile is copied again. On the CPU every move is
+    a no-op (``active`` False), so the offloaded code path gives the same bytes there; a test sets ``active`` to
+    run the copies on the CPU. `device_of(i)` (a placement) names block i's device. (Blocks must not share a
+    tensor with themselves twice; llama/mistral/qwen blocks do not.)"""
 
-    def __init__(self, device: str, layers: list):
+    def __init__(self, device: str, layers: list, device_of=None):
         self.device = torch.device(device)
         self.layers = layers
-        self._host: dict[int, list[torch.Tensor]] = {}  # id(block) -> its CPU tensors while it is on the device
+        self.device_of = device_of or (lambda i: self.device)
+        self.active = self.device.type != "cpu"
+        self.copied_in = self.written_back = self.prefetch_hits = 0  # tensors / blocks, for the tests
+        self._on: dict[int, tuple[list, list]] = {}  # block -> (its host tensors, device versions after copy-in)
+        self._ahead: tuple[int, list, list, object] | None = None  # (block, device copies, host versions, event)
+        self._last = -1
+        self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        if self.device.type == "cuda":
+            for layer in layers:
+                layer._apply(lambda t: t if t.is_pinned() else t.pin_memory())
 
-    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
-        return t.to(self.device)
+    def _tensors(self, layer) -> list[torch.Tensor]:
+        out: list[torch.Tensor] = []
+        layer._apply(lambda t: out.append(t) or t)  # the order _apply visits them in
+        return out
+
+    def _to_device(self, t: torch.Tensor, device) -> torch.Tensor:
+        return t.detach().to(device, non_blocking=True, copy=True)
+
+    def _copy(self, i: int) -> list[torch.Tensor]:
+        self.copied_in += len(self._tensors(self.layers[i]))
+        return [self._to_device(t, self.device_of(i)) for t in self._tensors(self.layers[i])]
+
+    def _prefetch(self, i: int):
+        if not 0 <= i < len(self.layers) or i in self._on:
+            self._ahead = None
+            return
+        host = self._tensors(self.layers[i])
+        versions = [t._version for t in host]
+        if self._stream is None:
+            self._ahead = (i, self._copy(i), versions, None)
+            return
+        self._stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self._stream):
+            copies = self._copy(i)
+            event = torch.cuda.Event()
+            event.record(self._stream)
+        self._ahead = (i, copies, versions, event)
 
     def __call__(self, layer, on: bool):
-        if self.device.type == "cpu":
+        if not self.active:
             return
+        i = self.layers.index(layer)
         if on:
-            host = self._host.setdefault(id(layer), [])
-            layer._apply(lambda t: host.append(t.detach()) or self._to_device(t))  # detach: keeps the CPU storage
+            params = self._tensors(layer)
+            host = [t.detach() for t in params]  # keeps the host storage once the parameters point at the copies
+            ahead, self._ahead = self._ahead, None
+            if ahead and ahead[0] == i and ahead[2] == [t._version for t in params]:
+                copies = ahead[1]
+                self.prefetch_hits += 1
+                if ahead[3] is not None:
+                    torch.cuda.current_stream(self.device).wait_event(ahead[3])
+                    for c in copies:
+                        c.record_stream(torch.cuda.current_stream(self.device))
+            else:
+                copies = self._copy(i)
+            it = iter(copies)
+            layer._apply(lambda t: next(it))
+            self._on[i] = (host, [t._version for t in self._tensors(layer)])
+            self._prefetch(i + (1 if i >= self._last else -1))
+            self._last = i
         else:
-            back = iter(self._host.pop(id(layer)))  # _apply visits the tensors in the same order
-            layer._apply(lambda t: next(back).copy_(t))
+            host, versions = self._on.pop(i)
+            back = iter(zip(host, versions))
+
+            def restore(t):
+                h, v = next(back)
+                if t._version != v:  # written while on the device
+                    h.copy_(t)
+                    self.written_back += 1
+                return h
+
+            layer._apply(restore)
 
 
 def offload_error(base_dir: Path, model_type) -> UserError:

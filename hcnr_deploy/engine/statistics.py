@@ -6,11 +6,12 @@ which model state. ``Statistics`` computes the Fisher scores ``s[name]`` of ever
 per (data set, model state, granularity), and keeps them for every later candidate (``4 in`` bytes per
 matrix, or ``4 out in`` for element granularity).
 
-Gram sums ``H = sum over tokens x x^T`` (float32, in x in) are never kept for the whole model:
+Gram sums ``H = sum over tokens x x^T`` (float32, in x in) are never held in memory for the whole model:
 ``stream_block_grams`` runs the calibration hidden states through one decoder block at a time and hands
 each block's Grams to the caller (stage2.py: every candidate's edit of that block) before the next block
-runs. Matrices fed the same input (q/k/v, gate/up) share one tensor: a llama block's Grams take
-``4 (3 h^2 + I^2)`` bytes per stream (1 GB at Llama-3.1-8B's width).
+runs, or reads them back from a ``GramStore`` on disk where they rode on a Fisher pass of the same data and
+model state (engine/passes.py; on the CPU). Matrices fed the same input (q/k/v, gate/up) share one tensor: a
+llama block's Grams take ``4 (3 h^2 + I^2)`` bytes per stream (1 GB at Llama-3.1-8B's width).
 """
 
 from __future__ import annotations
@@ -107,20 +108,23 @@ def deepest_block(model, mats: list[Matrix]):
 
 def stream_block_grams(model, blocks, state, mats: list[Matrix], streams: list[tuple[str, str, list]],
                        batch_size: int, device: str, bar, lap, move=None, sequential: bool = False,
-                       label_of=None):
+                       label_of=None, stored=None):
     """Generator over decoder blocks 0..deepest of `mats`: yields ``(i, group, sums, counts)`` with `group`
     the matrices of block i, ``sums[label][name]`` their Gram sums and ``counts[label]`` the token count per
     stream. `streams` are ``(label, model state, encoded samples)``; each block runs once per stream.
     `sequential`: after the caller has written block i's repaired weights (between two ``next``), the
     block re-runs so the next block's inputs come from it repaired. `move(layer, on)` (--offload) holds
-    the block on the device from its first pass to its last."""
+    the block on the device from its first pass to its last. `stored` (label -> engine.passes.GramStore):
+    streams whose Grams the Fisher pass already computed; they are read back, not run again."""
     decoder, layers = blocks
+    stored = stored or {}
     by_layer: dict[int, list[Matrix]] = {}
     for m in mats:
         by_layer.setdefault(layer_index(m.name), []).append(m)
     last = max(by_layer)
     data, tasks = {}, {}
-    for label, st, enc in streams:
+    live = [s for s in streams if s[0] not in stored]
+    for label, st, enc in live:
         state.set(st, state.names_in(None))
         items = []
         for b in batches(enc, batch_size):
@@ -135,9 +139,12 @@ def stream_block_grams(model, blocks, state, mats: list[Matrix], streams: list[t
         group = by_layer.get(i, [])
         modules = {m.name: model.get_submodule(m.module) for m in group}
         sums, counts = {}, {}
-        if move:
+        if move and live:
             move(layers[i], True)
         for label, st, _ in streams:
+            if label in stored:
+                sums[label], counts[label] = stored[label].get(i, [m.name for m in group]), stored[label].tokens
+                continue
             state.set(st, state.names_in(i))
             hooks, counts[label] = block_hessians(layers[i], modules, data[label], i, keep_outputs=not (
                 sequential and group), advance=lambda n, t=tasks[label]: bar.advance(t, n))
@@ -146,24 +153,31 @@ def stream_block_grams(model, blocks, state, mats: list[Matrix], streams: list[t
         lap("hessian")
         yield i, group, sums, counts
         if sequential and group:  # the next block's inputs come from this block repaired
-            for label, _, _ in streams:
+            for label, _, _ in live:
                 block_hessians(layers[i], {}, data[label], i)
             lap("hessian")
-        if move:
+        if move and live:
             move(layers[i], False)
 
 
 class Statistics:
     """Fisher scores of every eligible matrix, each computed at most once (see the module doc).
 
-    ``timings`` gets one entry per pass (``stage_name``); ``counts`` how often each ran (1 at most)."""
+    ``want_grams(streams)``: the (data set, model state) pairs whose Grams stage 2 will need; on the CPU
+    (``fuse_pays``) a Fisher pass on one of them computes every eligible matrix's Grams on its forward
+    (engine/passes.py; with --offload that pass is block-major too, without Grams) into ``grams[(data
+    set, state)]`` (a GramStore on disk, ``gram_bytes`` in all), which stage 2 reads instead of a second
+    forward. ``timings`` gets one entry per pass (``stage_name``); ``counts`` how often each ran (1 at most)."""
 
     def __init__(self, model, state, mats: list[Matrix], encoded: dict[str, list], batch_size: int, device: str,
-                 bar, move=None):
+                 bar, move=None, device_of=None):
         self.model, self.state, self.mats = model, state, mats
         self.encoded = encoded  # {"honesty": [...], "task": [...]}
         self.batch_size, self.device, self.bar, self.move = batch_size, device, bar, move
         self._fisher: dict[tuple, dict] = {}
+        self._want: set[tuple[str, str]] = set()
+        self.device_of = device_of  # block index -> device, under a placement over several GPUs
+        self.grams: dict[tuple[str, str], "GramStore"] = {}  # noqa: F821 (engine.passes)
         self.timings: dict[str, float] = {}
         self.counts: dict[str, int] = {}
 
@@ -178,11 +192,57 @@ class Statistics:
         key = (dataset, state, granularity)
         if key not in self._fisher:
             def compute():
+                from hcnr_deploy.engine.passes import fuse_pays  # engine.passes imports repair
+
                 self.state.set(state)
+                blocks = decoder_blocks(self.model)
+                fuse = (dataset, state) in self._want and (dataset, state) not in self.grams and fuse_pays(
+                    self.device)
+                if blocks is not None and (fuse or self.move is not None):
+                    return self._block_major(blocks, dataset, state, granularity, fuse)
                 return fisher_pass(self.model, self.mats, self.encoded[dataset], granularity, self.batch_size,
                                    self.device, self.bar, f"{dataset}, {state}", self.move)
             self._fisher[key] = self._timed(stage_name("fisher", dataset, state, granularity), compute)
         return self._fisher[key]
+
+    def want_grams(self, streams):
+        """Stage 2 will need the Grams of these (data set, model state) pairs (fused into their Fisher pass)."""
+        self._want |= set(streams)
+
+    def _block_major(self, blocks, dataset: str, state: str, granularity: str, fuse: bool):
+        """The Fisher pass block-major (engine/passes.py), with the Grams on its forward when `fuse`."""
+        from hcnr_deploy.engine.passes import GramStore, fisher_with_grams  # engine.passes imports repair
+
+        enc = self.encoded[dataset]
+        store = GramStore(f"{dataset}/{state}") if fuse else None
+        modules = {m.name: self.model.get_submodule(m.module) for m in self.mats}
+        by_block: dict[int, dict] = {}
+        for m in self.mats:
+            by_block.setdefault(layer_index(m.name), {})[m.name] = modules[m.name]
+        task = self.bar.add_task(f"Fisher{' + Hessian' if fuse else ''} ({dataset}, {state})", total=len(enc))
+        try:
+            s = fisher_with_grams(self.model, blocks, modules, by_block, batches(enc, self.batch_size), len(enc),
+                                  granularity, self.device, store, min(by_block), self.move,
+                                  park="cpu" if self.move else None, advance=lambda n: self.bar.advance(task, n),
+                                  device_of=self.device_of)
+        except BaseException:
+            if store:
+                store.close()
+            raise
+        if store:
+            self.grams[(dataset, state)] = store
+        return s
+
+    @property
+    def gram_bytes(self) -> int:
+        """Bytes of Grams kept on disk for stage 2 (and any later candidate of the session)."""
+        return sum(g.nbytes for g in self.grams.values())
+
+    def close(self):
+        """Remove the Grams kept on disk."""
+        for g in self.grams.values():
+            g.close()
+        self.grams.clear()
 
     def record(self, stage: str, seconds: float):
         """One more pass of `stage` (e.g. ``hessian``, the shared block-streamed stage 2) that took `seconds`."""

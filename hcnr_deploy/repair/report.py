@@ -23,10 +23,11 @@ from hcnr_deploy.engine.families import config_stream_plan
 from hcnr_deploy.engine.statistics import Matrix
 
 SIMPLIFICATIONS = [
-    "--offload keeps the decoder blocks in CPU memory (one model copy in the working dtype there) and moves one "
-    "block at a time to the device while it runs (Fisher: each block twice per batch, forward and backward; "
-    "Hessians: once per block), synchronously and copied back after each visit (no prefetch overlapping "
-    "compute); the embeddings, final norm and LM head stay on the device. Only the architectures streamed "
+    "--offload keeps the decoder blocks in pinned CPU memory (one model copy in the working dtype there) and "
+    "copies one block at a time to the device while it runs (Fisher, block-major: each block twice per pass; "
+    "Hessians: once per block), asynchronously with the next block prefetched, and copies a block back only when "
+    "a weight was written while it was there; the embeddings, final norm and LM head stay on the device. Only "
+    "the architectures streamed "
     "block by block (llama, mistral, qwen2, qwen3) can offload. Without it the device holds one model copy in "
     "the working dtype.",
     "Block-by-block passes (Fisher with block-level recomputation, Hessians streamed one block at a time) cover "

@@ -8,19 +8,18 @@
 ``RepairOptions.replace``) and returns the report dict, written with the artifact into `out`
 atomically; its bytes equal a fresh ``run_repair`` with the same options. ``write_many([(out, changes),
 ...])`` writes several: their stage 2 runs as one block-streamed pass (stage2.py), each block's Grams
-computed once for every candidate and freed before the next block. Per write, options of the "data"
-and "compute" groups (except ``seed`` and ``hessian_memory_gb``) must equal the session's: they define
-the statistics, and a different value is a ``UserError``. Every "method" option may change: Fisher
-scores are kept per (data set, model state, granularity) and computed once on first need;
-``--hessian-inputs sequential`` (Hessians that depend on the candidate) runs its own streamed stage 2
-per candidate. ``--method sft`` trains once per (lr, seed) and step count; ``session.sft([16, 32, 64])``
-trains once for all three (constant learning rate: a snapshot is the shorter run). ``seed`` may change
-per write (random selection, SVD extraction and sft only).
+computed once for every candidate (on the Fisher pass of the same data and model state where there is one,
+engine/passes.py) and freed before the next block. Per write, options of the "data" and "compute" groups
+(except ``seed`` and ``hessian_memory_gb``) must equal the session's: they define the statistics, and a
+different value is a ``UserError``. Every "method" option may change: Fisher scores are kept per (data set,
+model state, granularity) and computed once on first need; ``--hessian-inputs sequential`` (Hessians that
+depend on the candidate) runs its own streamed stage 2 per candidate. ``--method sft`` trains once per (lr,
+seed) and step count; ``session.sft([16, 32, 64])`` trains once for all three (constant learning rate: a
+snapshot is the shorter run). ``seed`` may change per write (random selection, SVD extraction and sft only).
 
-Memory: the model, the Fisher scores (``4 in`` bytes per matrix), one block's Grams during stage 2, and
-each pending candidate's edits (LoRA factors; a checkpoint's restored values are spilled to disk).
-``run_repair`` is a session with one write.
-"""
+Memory: the model (over several GPUs: engine/placement.py), the Fisher scores (``4 in`` bytes per matrix), one block's
+Grams, each pending candidate's edits (LoRA factors; a checkpoint's restored values and the fused passes' Grams are
+spilled to disk). ``run_repair`` is a session with one write."""
 
 from __future__ import annotations
 
@@ -31,6 +30,7 @@ from pathlib import Path
 import torch
 
 from hcnr_deploy.data import encode, load_jsonl
+from hcnr_deploy.engine.placement import parse_devices, place_model
 from hcnr_deploy.engine.plan import check_fits
 from eval_harness.atomic import refuse_existing, refuse_overlap
 from eval_harness.errors import UserError
@@ -43,7 +43,7 @@ from hcnr_deploy.repair import candidates as cand
 from hcnr_deploy.repair.report import build_report, write_output
 from hcnr_deploy.engine.state import (BlockOffload, ModelState, offload_error, place_outside_blocks,
                                       resolve_device_dtype, return_freed_memory)
-from hcnr_deploy.repair.stage2 import Pending, PatchStore, shared_stage2
+from hcnr_deploy.repair.stage2 import Pending, PatchStore, shared_stage2, shared_streams
 from hcnr_deploy.engine.statistics import Matrix, Statistics, eligible, stage_name as _stage
 from hcnr_deploy.engine.streaming import PLAIN_HEAD_MODELS, decoder_blocks
 
@@ -145,23 +145,26 @@ class RepairSession:
                 self.console.print(f"[yellow]note[/]: {notes[-1]}")
         enc_hon = encode(tokenizer, hon, o.max_length)
         enc_task = encode(tokenizer, task_examples, o.max_length)
-        dev, dt = resolve_device_dtype(o.device, o.dtype, base_ck.config)
+        devices = parse_devices(o.device, torch.cuda.device_count() if torch.cuda.is_available() else 0)
+        dev, dt = resolve_device_dtype(devices[0] if len(devices) > 1 else o.device, o.dtype, base_ck.config)
         if o.offload and base_ck.config.get("model_type") not in PLAIN_HEAD_MODELS:
             raise offload_error(base_dir, base_ck.config.get("model_type"))
         if dev.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
-        model = load_model(base_dir, dt, "cpu" if o.offload else dev)
+        model = load_model(base_dir, dt, "cpu" if o.offload or len(devices) > 1 else dev)
         for name, p in model.named_parameters():
             if not torch.isfinite(p).all():
                 raise UserError(f"tensor {name} of --base {base_dir} contains NaN or Inf values; the checkpoint is "
                                 f"corrupt, re-export it before repairing.")
-        move = None
+        move, blocks = None, decoder_blocks(model)
+        self.placement = place_model(model, blocks, devices, o.offload, self.console.print) if devices[1:] else None
+        device_of = self.placement.device_of if self.placement else None
         if o.offload:
-            blocks = decoder_blocks(model)
             if blocks is None:
                 raise offload_error(base_dir, base_ck.config.get("model_type"))
-            place_outside_blocks(model, blocks[1], dev)
-            move = BlockOffload(dev, blocks[1])
+            if not self.placement:
+                place_outside_blocks(model, blocks[1], dev)
+            move = BlockOffload(dev, blocks[1], device_of)
         state = ModelState(model, finetune, dt)
         mats = eligible(model, finetune)
         if not mats:
@@ -172,7 +175,7 @@ class RepairSession:
         self.bar = _progress(self.console, self.progress)
         self.bar.start()
         self.stats = Statistics(model, state, mats, {"honesty": enc_hon, "task": enc_task}, o.batch_size, dev,
-                                self.bar, move)
+                                self.bar, move, device_of)
         self._load_s = round(time.perf_counter() - t0, 4)
 
     def close(self):
@@ -181,6 +184,7 @@ class RepairSession:
             return
         self.bar.stop()
         dev = self.inputs.device
+        self.stats.close()
         self.model = self.state = self.move = self.stats = None
         self._sft.clear()
         self.inputs = None
@@ -210,6 +214,7 @@ class RepairSession:
         todo = [(check_out(out, overwrite, ("--base", inp.base_dir), ("--finetuned", inp.ft_dir)),
                  self._options(changes)) for out, changes in jobs]
         reports: list[dict | None] = [None] * len(todo)
+        self.stats.want_grams(s for _, o in todo for s in shared_streams(o))  # Grams ride on the Fisher passes
         deferred: list[tuple[int, _Job]] = []
         try:
             for k, (out, o) in enumerate(todo):
@@ -222,7 +227,7 @@ class RepairSession:
                 pending = [job.pending for _, job in deferred]
                 self.stats.record("hessian", shared_stage2(
                     self.model, decoder_blocks(self.model), self.state, inp.finetune, pending, self.stats.encoded,
-                    self.opts.batch_size, inp.device, self.bar, self.move))
+                    self.opts.batch_size, inp.device, self.bar, self.move, self.stats.grams, self.stats.device_of))
                 for k, job in deferred:
                     reports[k] = self._finish(job, overwrite, command)
         finally:
@@ -317,7 +322,8 @@ class RepairSession:
             losses: list[float] = []
             inp = self.inputs
             snaps = sft_snapshots(self.model, inp.finetune, inp.enc_hon, inp.enc_task, missing, lr=lr, seed=seed,
-                                  device=inp.device, progress=self.bar if self.progress else None, losses=losses)
+                                  device=inp.device, micro_batch=self.opts.batch_size,
+                                  progress=self.bar if self.progress else None, losses=losses)
             for n, factors in snaps.items():
                 runs[n] = (factors, losses[:n])
             self._sft_s[(lr, seed)] = round(self._sft_s.get((lr, seed), 0.0) + time.perf_counter() - t0, 4)

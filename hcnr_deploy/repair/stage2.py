@@ -20,7 +20,6 @@ from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file, save_file
 
 from hcnr_deploy.io.checkpoint import layer_index
@@ -93,10 +92,23 @@ class Pending:
     by_layer: dict = field(default_factory=dict)
 
     def streams(self) -> list[tuple[str, str]]:
-        """(data set, model state) of the Grams this candidate needs: the honesty inputs in
-        ``--hessian-inputs`` state, and for task-aware / regmean the task inputs of the fine-tune."""
-        out = [("task", "finetuned")] if self.method in ("task-aware", "regmean") else []
-        return out + ([("honesty", self.opts.hessian_inputs)] if self.method != "none" else [])
+        return gram_streams(self.method, self.opts.hessian_inputs)
+
+
+def gram_streams(method: str, hessian_inputs: str) -> list[tuple[str, str]]:
+    """(data set, model state) of the Grams a candidate's stage 2 needs (`method`: a ``--compensation`` or
+    ``regmean``): the honesty inputs in ``--hessian-inputs`` state, and for task-aware / regmean the task
+    inputs of the fine-tune."""
+    out = [("task", "finetuned")] if method in ("task-aware", "regmean") else []
+    return out + ([("honesty", hessian_inputs)] if method != "none" else [])
+
+
+def shared_streams(o: RepairOptions) -> list[tuple[str, str]]:
+    """The Gram streams candidate `o` takes from the shared pass (none for the methods without Grams and for
+    ``--hessian-inputs sequential``, whose Grams depend on the candidate)."""
+    if o.method not in ("hcnr", "regmean") or o.hessian_inputs == "sequential":
+        return []
+    return gram_streams(o.compensation if o.method == "hcnr" else "regmean", o.hessian_inputs)
 
 
 def stream_label(dataset: str, state: str) -> str:
@@ -104,10 +116,12 @@ def stream_label(dataset: str, state: str) -> str:
 
 
 def shared_stage2(model, blocks, state, finetune, pending: list[Pending], encoded: dict[str, list], batch_size: int,
-                  device: str, bar, move=None) -> float:
+                  device: str, bar, move=None, stored=None, device_of=None) -> float:
     """Every pending candidate's stage 2 from one block-streamed pass (module doc): the Grams of the union of
     the candidates' selected matrices, per stream they need, one block at a time. Fills each candidate's
-    ``patches`` / ``new_a`` and ``compensation_s``; returns the seconds of the statistics themselves."""
+    ``patches`` / ``new_a`` and ``compensation_s``; returns the seconds of the statistics themselves.
+    `stored`: ``{(data set, state): GramStore}`` from the Fisher passes (read back, not recomputed).
+    `device_of(i)`: block i's device under a placement (its edits are solved there)."""
     streams: list[tuple[str, str]] = []
     union: dict[str, Matrix] = {}
     for p in pending:
@@ -119,9 +133,10 @@ def shared_stage2(model, blocks, state, finetune, pending: list[Pending], encode
         return 0.0
     t0 = time.perf_counter()
     spec = [(stream_label(ds, st), st, encoded[ds]) for ds, st in streams]
+    kept = {stream_label(ds, st): g for (ds, st), g in (stored or {}).items()}
     for i, _, sums, counts in stream_block_grams(model, blocks, state, list(union.values()), spec, batch_size, device,
                                                  bar, lambda stage: None, move,
-                                                 label_of=lambda label, st: label.replace("/", ", ")):
+                                                 label_of=lambda label, st: label.replace("/", ", "), stored=kept):
         for p in pending:
             group = p.by_layer.get(i)
             if not group:
@@ -129,7 +144,8 @@ def shared_stage2(model, blocks, state, finetune, pending: list[Pending], encode
             t1 = time.perf_counter()
             hon, task = stream_label("honesty", p.opts.hessian_inputs), stream_label("task", "finetuned")
             compensate_group(group, finetune, sums.get(hon, {}), counts.get(hon, 1), sums.get(task, {}),
-                             counts.get(task, 1), p.opts, p.method, device, p.want_lora, p.patches, p.new_a)
+                             counts.get(task, 1), p.opts, p.method, device_of(i) if device_of else device,
+                             p.want_lora, p.patches, p.new_a)
             p.compensation_s += time.perf_counter() - t1
         sums.clear()
     return time.perf_counter() - t0 - sum(p.compensation_s for p in pending)
