@@ -36,6 +36,7 @@ from scale_models import SHAPES, build_lora, build_model, write_calibration
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
+
 def matmul_rate(dtype: torch.dtype, device: str, n: int = 2048, seconds: float = 3.0) -> float:
     """Sustained FLOP/s of an n x n matmul in `dtype` on `device`."""
     a = torch.randn(n, n, device=device).to(dtype)
