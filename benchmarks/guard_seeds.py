@@ -68,13 +68,22 @@ def table(summaries: list[dict], margin: float) -> str:
     return "\n".join(lines) + "\n"
 
 
+def load(folder: Path) -> dict:
+    """A guard_frontier.py summary.json, or a sweep's frontier.json (its folder name stands for the seed)."""
+    if (folder / "summary.json").exists():
+        return json.loads((folder / "summary.json").read_text())
+    f = json.loads((folder / "frontier.json").read_text())
+    return {"seed": folder.name, "points": f["candidates"], "chosen": f["chosen"]}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("dirs", nargs="+", type=Path, help="guard_frontier.py --out folders (each with summary.json)")
+    ap.add_argument("dirs", nargs="+", type=Path,
+                    help="guard_frontier.py --out folders (summary.json) or sweep folders (frontier.json)")
     ap.add_argument("--margin", type=float, default=0.03, help="the non-inferiority margin on domain accuracy")
     ap.add_argument("--out", type=Path, default=None, help="also write the table here")
     args = ap.parse_args(argv)
-    summaries = sorted((json.loads((d / "summary.json").read_text()) for d in args.dirs), key=lambda s: s["seed"])
+    summaries = sorted((load(d) for d in args.dirs), key=lambda s: str(s["seed"]))
     text = table(summaries, args.margin)
     if args.out:
         args.out.write_text(text)

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from hcnr_deploy.engine.families import stream_plan
 from hcnr_deploy.engine.hooks import FisherHooks, HessianHooks
 from hcnr_deploy.engine.streaming import head_gradient, layer_inputs
 
@@ -111,8 +112,9 @@ def fisher_with_grams(model, blocks, modules: dict[str, torch.nn.Module], gram_m
                 move(layer, False)
     if store:
         store.tokens = sum(int(it["mask"].sum()) for it in items)
+    epilogue = stream_plan(model).epilogue
     for it in items:
-        it["g"] = head_gradient(model, decoder, it.pop("h"), it["ids"], it["loss"])
+        it["g"] = head_gradient(model, decoder, it.pop("h"), it["ids"], it["loss"], epilogue)
     with FisherHooks(model, modules, granularity, embeddings=False) as fh:
         for i in range(len(layers) - 1, lowest - 1, -1):
             if move:

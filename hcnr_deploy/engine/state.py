@@ -17,6 +17,9 @@ from hcnr_deploy.io.checkpoint import DECODER_LINEAR_RE as DECODER_BLOCK_RE, lay
 from hcnr_deploy.io.finetune import FineTune
 
 
+ONE_DEVICE = ("auto", "cpu", "cuda")  # where a whole-model forward on one device runs (probe, guard fit)
+
+
 def resolve_device_dtype(device: str, dtype: str, config: dict) -> tuple[str, torch.dtype]:
     """``auto`` device: cuda when available; ``auto`` dtype: float32 on CPU, the checkpoint's dtype on GPU."""
     if device == "auto":

@@ -12,6 +12,7 @@ from eval_harness.atomic import refuse_existing, refuse_overlap
 from eval_harness.benchmarks import HONESTY_BENCHMARKS
 from eval_harness.errors import UserError
 from eval_harness.progress import progress_bar
+from hcnr_deploy.engine.state import ONE_DEVICE
 from hcnr_deploy.options import RepairOptions
 from hcnr_deploy.probe.features import ProbedModel, extract_all, resolve_probed, shape_of
 from hcnr_deploy.probe.fit import CONDITIONS, PROBE, fit_all
@@ -20,7 +21,7 @@ from hcnr_deploy.probe.report import build_report, plot_figure
 
 
 _REPAIR_FIELDS = {f.name: f for f in dataclasses.fields(RepairOptions)}
-DEVICES = _REPAIR_FIELDS["device"].metadata["choices"]  # the repair's choices: one declaration
+DEVICES = ONE_DEVICE
 DTYPES = _REPAIR_FIELDS["dtype"].metadata["choices"]
 
 
