@@ -58,3 +58,39 @@ def test_guard_grid_family_parses_and_checks_its_values():
         F.parse_grid("guard:fr=1.5")
     with pytest.raises(UserError, match="block must be"):
         F.parse_grid("guard:block=last")
+
+
+def test_first_device_of_a_repair_device_list():
+    from hcnr_deploy.engine.state import first_device
+
+    assert [first_device(d) for d in ("auto", "cpu", "cuda", "cuda:1", "cuda:2,3")] == \
+        ["auto", "cpu", "cuda", "cuda:1", "cuda:2"]
+
+
+def test_sweep_guard_stage_fits_on_the_first_gpu_of_a_list_and_notes_it(tmp_path, monkeypatch):
+    """A sweep given --device cuda:0,1 (the repair over two GPUs): the guard family's fit, which holds the whole
+    model on one device, gets cuda:0, and frontier.json's notes say so."""
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from hcnr_deploy.guard import family
+    from hcnr_deploy.sweep.run import Sweep, guard_stage
+
+    seen = {}
+
+    def fake_points(cands, results, *args, device, **kwargs):
+        seen["device"] = device
+        return {c.name: (None, None) for c in cands}
+
+    monkeypatch.setattr(family, "guard_points", fake_points)
+    monkeypatch.setattr(family, "write_guard_point", lambda *a, **k: None)
+    s = Sweep("b", "f", "h", "t", "e", "d", tmp_path, console=Console(quiet=True))
+    s.cands = F.parse_grid("guard:fr=0.05")[2:]
+    s.options = SimpleNamespace(device="cuda:0,1", dtype="auto", num_samples=8, seed=0, batch_size=8)
+    guard_stage(s, {}, ["selfaware"], {})
+    assert seen["device"] == "cuda:0"
+    assert len(s.notes) == 1 and "cuda:0 alone" in s.notes[0] and "--device cuda:0,1" in s.notes[0]
+    s.notes, s.options.device = [], "cpu"
+    guard_stage(s, {}, ["selfaware"], {})
+    assert seen["device"] == "cpu" and s.notes == []

@@ -195,3 +195,26 @@ def test_guard_command_writes_a_classifier_that_scores_like_the_probe(tiny_base,
     np.testing.assert_allclose(hf_scores(out / "classifier", prompts), expected, rtol=1e-4, atol=1e-4)
     again = CliRunner().invoke(main, args)                      # an existing --out is refused, nothing changed
     assert again.exit_code != 0 and "--overwrite" in again.output
+
+
+def test_guard_device_is_one_device_a_gpu_list_is_a_one_line_error(tiny_base, tiny_lora, tmp_path, monkeypatch):
+    """`guard --device cuda:0,1` (a repair's multi-GPU list) on a machine with two GPUs: the guard's forward holds
+    the whole model on one device, so the list is refused before any work (exit 2, one line, nothing written)."""
+    import torch
+    from click.testing import CliRunner
+
+    from hcnr_deploy.cli import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    _write(tmp_path / "h.jsonl", [{"prompt": f"q{i}?", "response": "The answer is unknown." if i % 2 else "Yes."}
+                                  for i in range(16)])
+    _write(tmp_path / "t.jsonl", [{"prompt": f"t{i}?", "response": "Red."} for i in range(8)])
+    out = tmp_path / "guard"
+    res = CliRunner().invoke(main, ["guard", "--base", str(tiny_base), "--finetuned", str(tiny_lora),
+                                    "--honesty-data", str(tmp_path / "h.jsonl"), "--task-data",
+                                    str(tmp_path / "t.jsonl"), "--out", str(out), "--device", "cuda:0,1", "-q"])
+    lines = res.output.strip().splitlines()
+    assert res.exit_code == 2 and len(lines) == 1, (res.exit_code, res.output, res.exception)
+    assert "--device cuda:0,1" in lines[0] and "one device" in lines[0] and "auto, cpu, cuda" in lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["h.jsonl", "t.jsonl"]

@@ -299,3 +299,16 @@ def test_existing_out_is_refused_unless_overwrite(bed, tmp_path):
     assert result.exit_code == 2 and "already exists" in result.stderr and (out / "keep").exists()
     probe_ok(bed, out, "--overwrite")
     assert sorted(p.name for p in out.iterdir()) == ["probe.json", "probe.png"]
+
+
+def test_device_and_dtype_are_checked_before_any_work(tmp_path):
+    """run_probe takes --device from engine/state.ONE_DEVICE (a repair's GPU list is refused, as guard refuses it)."""
+    from eval_harness.errors import UserError
+    from hcnr_deploy.probe.run import run_probe
+
+    with pytest.raises(UserError, match=r"--device cuda:0,1: this command runs the whole model on one device; "
+                                        r"pass one of auto, cpu, cuda"):
+        run_probe("no-such-model", tmp_path / "out", device="cuda:0,1")
+    with pytest.raises(UserError, match="--dtype float8: pass one of auto, float32"):
+        run_probe("no-such-model", tmp_path / "out", dtype="float8")
+    assert not (tmp_path / "out").exists()

@@ -20,6 +20,19 @@ from hcnr_deploy.io.finetune import FineTune
 ONE_DEVICE = ("auto", "cpu", "cuda")  # where a whole-model forward on one device runs (probe, guard fit)
 
 
+def check_one_device(device: str):
+    """A command whose forward holds the whole model on one device (probe, guard) takes --device from ONE_DEVICE."""
+    if device not in ONE_DEVICE:
+        raise UserError(f"--device {device}: this command runs the whole model on one device; pass one of "
+                        f"{', '.join(ONE_DEVICE)} (cuda is GPU 0; set CUDA_VISIBLE_DEVICES to use another)")
+
+
+def first_device(device: str) -> str:
+    """The one device of a repair's --device for a whole-model forward: cuda:N[,M...] gives cuda:N; auto, cpu and
+    cuda stay (auto: cuda when available)."""
+    return device if device in ONE_DEVICE else device.split(",")[0]
+
+
 def resolve_device_dtype(device: str, dtype: str, config: dict) -> tuple[str, torch.dtype]:
     """``auto`` device: cuda when available; ``auto`` dtype: float32 on CPU, the checkpoint's dtype on GPU."""
     if device == "auto":

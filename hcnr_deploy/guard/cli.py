@@ -22,10 +22,13 @@ from hcnr_deploy.options import RepairOptions, click_options
               help="JSONL of task (domain) examples: their prompts count as answerable.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Guard folder (must not exist).")
 @click_options("calibration", "guard", cls=GuardOptions)
-@click_options("data", "compute", only=("num_samples", "seed", "device", "dtype", "batch_size"))
+@click_options("data", "compute", only=("num_samples", "seed", "dtype", "batch_size"))
+@click.option("--device", default="auto", show_default=True,
+              help="Where the forward passes run, the whole model on one device: auto (cuda when available), cpu "
+                   "or cuda (GPU 0; CUDA_VISIBLE_DEVICES picks another).")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-def guard(base, finetuned, honesty_data, task_data, out, overwrite, quiet, **options):
+def guard(base, finetuned, honesty_data, task_data, out, device, overwrite, quiet, **options):
     """Fit the honesty guard of a fine-tune: a probe on one block's state that refuses before the fine-tune answers.
 
     \b
@@ -48,6 +51,6 @@ def guard(base, finetuned, honesty_data, task_data, out, overwrite, quiet, **opt
     from hcnr_deploy.guard.run import run_guard
 
     run_guard(base, finetuned, honesty_data, task_data, out, options=gopts, num_samples=compute.num_samples,
-              seed=compute.seed, device=compute.device, dtype=compute.dtype, batch_size=compute.batch_size,
+              seed=compute.seed, device=device, dtype=compute.dtype, batch_size=compute.batch_size,
               overwrite=overwrite, console=Console(stderr=True, quiet=quiet), progress=not quiet,
               command=shlex.join(["hcnr-deploy", "guard", *sys.argv[2:]]))

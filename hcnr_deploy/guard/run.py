@@ -136,9 +136,11 @@ def run_guard(base, finetuned, honesty_data, task_data, out, *, options: GuardOp
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from hcnr_deploy.engine.state import check_one_device
     from hcnr_deploy.guard.classifier import write_classifier
     from hcnr_deploy.io.atomic import AtomicDir
 
+    check_one_device(device)
     options = options or GuardOptions()
     console = console or Console(stderr=True, quiet=not progress)
     out = Path(out).expanduser()

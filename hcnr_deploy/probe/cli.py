@@ -7,7 +7,8 @@ from pathlib import Path
 import click
 
 from eval_harness.benchmarks import HONESTY_BENCHMARKS
-from hcnr_deploy.probe.run import DEVICES, DTYPES
+from hcnr_deploy.engine.state import ONE_DEVICE
+from hcnr_deploy.probe.run import DTYPES
 
 
 @click.command("probe", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -29,7 +30,7 @@ from hcnr_deploy.probe.run import DEVICES, DTYPES
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for --limit and the train/test split.")
 @click.option("--test-size", type=float, default=0.33, show_default=True,
               help="Fraction of each class held out to score the probes.")
-@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
+@click.option("--device", type=click.Choice(ONE_DEVICE), default="auto", show_default=True,
               help="Where the forward passes run (auto: cuda when available).")
 @click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True,
               help="Dtype of the forward passes (auto: float32 on CPU, the checkpoint's on GPU); features are "

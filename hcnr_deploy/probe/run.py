@@ -12,7 +12,7 @@ from eval_harness.atomic import refuse_existing, refuse_overlap
 from eval_harness.benchmarks import HONESTY_BENCHMARKS
 from eval_harness.errors import UserError
 from eval_harness.progress import progress_bar
-from hcnr_deploy.engine.state import ONE_DEVICE
+from hcnr_deploy.engine.state import check_one_device
 from hcnr_deploy.options import RepairOptions
 from hcnr_deploy.probe.features import ProbedModel, extract_all, resolve_probed, shape_of
 from hcnr_deploy.probe.fit import CONDITIONS, PROBE, fit_all
@@ -21,7 +21,6 @@ from hcnr_deploy.probe.report import build_report, plot_figure
 
 
 _REPAIR_FIELDS = {f.name: f for f in dataclasses.fields(RepairOptions)}
-DEVICES = ONE_DEVICE
 DTYPES = _REPAIR_FIELDS["dtype"].metadata["choices"]
 
 
@@ -30,8 +29,9 @@ def _check_options(test_size, batch_size, device, dtype, out: Path, overwrite: b
         raise UserError(f"--test-size must be a fraction strictly between 0 and 1 (e.g. 0.33), got {test_size}")
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
-    if device not in DEVICES or dtype not in DTYPES:
-        raise UserError(f"--device must be one of {', '.join(DEVICES)} and --dtype one of {', '.join(DTYPES)}")
+    check_one_device(device)
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype}: pass one of {', '.join(DTYPES)}")
     refuse_existing(out, overwrite)
 
 

@@ -225,12 +225,19 @@ def guard_stage(s: Sweep, results: dict, names, artifacts: dict) -> dict:
     from hcnr_deploy.guard.family import guard_points, write_guard_point
     from hcnr_deploy.guard.options import GuardOptions
 
+    from hcnr_deploy.engine.state import first_device
+
     t0 = time.perf_counter()
     o = s.options
+    device = first_device(o.device)
+    if device != o.device:
+        s.notes.append(f"the guard family's probes ran on {device} alone: --device {o.device} places the repair's "
+                       f"blocks over several GPUs, the guard's forward holds the whole model on one device.")
+        s.console.print(f"[yellow]note[/]: {s.notes[-1]}")
     with s.console.status("guard family: probes on the calibration questions, scores of the evaluated prompts"):
         specs = guard_points(guards, results, s.base_dir, s.ft_dir, s.honesty_data, s.task_data, names,
                              options=GuardOptions(**(s.guard_options or {})), num_samples=o.num_samples, seed=o.seed,
-                             device=o.device, dtype=o.dtype, batch_size=o.batch_size, console=s.console)
+                             device=device, dtype=o.dtype, batch_size=o.batch_size, console=s.console)
     for c in guards:
         artifacts[c.name] = s.out / "candidates" / c.name
         write_guard_point(artifacts[c.name], *specs[c.name], with_classifier=False)
