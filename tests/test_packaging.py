@@ -51,3 +51,9 @@ def test_plotting_and_probing_libraries_are_core_dependencies():
 def test_eval_harness_is_the_lower_layer():
     """Nothing in eval_harness imports hcnr_deploy (the layering of DESIGN.md section 7)."""
     assert [f"{path}: {m}" for path, m in _module_imports("eval_harness") if m.split(".")[0] == "hcnr_deploy"] == []
+
+
+def test_every_progress_bar_comes_from_the_one_builder():
+    """rich.progress is imported only by eval_harness/progress.py (progress_bar): every command's bars look alike."""
+    assert [f"{path}: {m}" for pkg in ("hcnr_deploy", "eval_harness") for path, m in _module_imports(pkg)
+            if m == "rich.progress" and path != "eval_harness/progress.py"] == []

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from eval_harness.errors import UserError
+from eval_harness.progress import progress_bar
 from hcnr_deploy.guard import artifact as A
 from hcnr_deploy.guard import calibration as C
 from hcnr_deploy.guard import fit as G
@@ -134,7 +135,6 @@ def run_guard(base, finetuned, honesty_data, task_data, out, *, options: GuardOp
               overwrite: bool = False, console=None, progress: bool = True, command: str | None = None) -> dict:
     """Fit the guard and write `out`; returns guard.json's content."""
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from hcnr_deploy.engine.state import check_one_device
     from hcnr_deploy.guard.classifier import write_classifier
@@ -157,8 +157,7 @@ def run_guard(base, finetuned, honesty_data, task_data, out, *, options: GuardOp
         console.print(f"[yellow]warning:[/] the refusal text {cal.refusal_text!r} is not read as a refusal by the "
                       f"{', '.join(misses)} detectors; pass --refusal-text with a phrase they recognise.")
     model, tok, _ = load_finetune(base, finetuned, device, dtype)
-    with Progress(TextColumn("{task.description:<20}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, disable=not progress) as bar:
+    with progress_bar(console, progress, label="{task.description:<20}") as bar:
         gf = fit_guard(model, tok, cal, options.held_out, seed, batch_size, bar)
     block = gf.block_of(options.block)
     spec = guard_spec(gf, block, options.false_refusal, base, finetuned, options,
