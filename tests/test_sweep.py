@@ -366,6 +366,23 @@ def test_scoring_length_is_the_longest_prompt_through_the_chat_template(tiny_bas
     assert scoring_max_model_len(n_short, 64, [], 2048) == 256
 
 
+def test_a_failed_write_of_a_sweep_file_keeps_the_old_one_and_leaves_no_temporary(tmp_path, monkeypatch):
+    """sweep.json and frontier.json are written as eval_harness.atomic writes every file: the old content or the
+    new, never half, and nothing left beside them when the write fails."""
+    from hcnr_deploy.sweep.workdir import write_json
+
+    path = tmp_path / "sweep.json"
+    write_json(path, {"a": 1})
+
+    def fail(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", fail)
+    with pytest.raises(OSError, match="disk full"):
+        write_json(path, {"a": 2})
+    assert json.loads(path.read_text()) == {"a": 1} and [p.name for p in tmp_path.iterdir()] == ["sweep.json"]
+
+
 def test_unfinished_dir_with_other_settings_is_refused(tiny_base, tiny_lora, tmp_path):
     from hcnr_deploy.sweep import prepare_dir
 

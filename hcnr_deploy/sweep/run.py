@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from eval_harness.atomic import refuse_overlap
+from eval_harness.atomic import refuse_overlap, write_text_atomic
 from eval_harness.errors import UserError
 from eval_harness.versions import versions
 from hcnr_deploy.recipe import write_recipe
@@ -27,7 +27,7 @@ from hcnr_deploy.sweep.inputs import check_overlap, context_limit, eval_tasks, l
 from hcnr_deploy.sweep.report import copy_artifact, frontier_markdown, write_card
 from hcnr_deploy.sweep.score import serve_and_score
 from hcnr_deploy.sweep.table import plot_frontier
-from hcnr_deploy.sweep.workdir import SCHEMA, input_key, prepare_dir, unscored_frontier, write_json, write_text
+from hcnr_deploy.sweep.workdir import SCHEMA, input_key, prepare_dir, unscored_frontier, write_json
 
 
 EVAL_DEFAULTS = dict(max_tokens=64, concurrency=16, n_boot=1000)
@@ -280,7 +280,7 @@ def frontier_stage(s: Sweep, results, tasks, names, domain_task, built, guard_sp
     ch = next(r for r in rows if r["name"] == chosen)
     copy_artifact(artifacts[chosen], s.out / "chosen",
                   lambda tmp: write_card(tmp, reports.get(chosen), ch, figures, s.max_domain_drop, frontier))
-    write_text(s.out / "frontier.md", frontier_markdown(frontier))
+    write_text_atomic(s.out / "frontier.md", frontier_markdown(frontier))
     plot_frontier(rows, chosen, s.out / "frontier.png", f"{Path(str(s.finetuned)).name}: domain accuracy vs "
                                                         f"honesty F1 ({', '.join(names)})")
     return frontier

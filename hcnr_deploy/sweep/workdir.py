@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 
+from eval_harness.atomic import write_text_atomic
 from eval_harness.benchmarks import file_sha256
 from eval_harness.errors import UserError
 
@@ -37,14 +37,8 @@ def input_key(base_dir: Path, ft_dir: Path, honesty_data, task_data, repair_opti
             "task_data": file_sha256(Path(task_data))[:16], "repair_options": repair_options}
 
 
-def write_text(path: Path, text: str):
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_json(path: Path, obj):
-    write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+    write_text_atomic(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
 def prepare_dir(out: Path, key: dict, overwrite: bool) -> bool:
