@@ -111,6 +111,38 @@ def test_split_bad_input_is_one_line_and_writes_nothing(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".o.tmp")]
 
 
+def test_split_failing_midway_or_racing_another_writer_leaves_nothing_of_its_own(tmp_path, monkeypatch):
+    """The split is written in an AtomicDir: a failure after some files were written leaves no --out and no
+    temporary folder; an --out that another process creates meanwhile is a one-line error and stays as it was."""
+    from eval_harness.errors import UserError
+    from hcnr_deploy.benchdata import split as S
+
+    data = make_data_dir(tmp_path / "data")
+    read, calls = S._read_rows, []
+
+    def fail_second(path):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError("read error")
+        return read(path)
+
+    monkeypatch.setattr(S, "_read_rows", fail_second)
+    with pytest.raises(OSError, match="read error"):
+        S.split_folder(data, tmp_path / "o")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+
+    def race(path):
+        (tmp_path / "o").mkdir(exist_ok=True)
+        (tmp_path / "o" / "theirs").write_text("x")
+        return read(path)
+
+    monkeypatch.setattr(S, "_read_rows", race)
+    with pytest.raises(UserError, match="appeared while this command ran; nothing was written"):
+        S.split_folder(data, tmp_path / "o")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "o"]
+    assert [p.name for p in (tmp_path / "o").iterdir()] == ["theirs"]
+
+
 @needs_data
 def test_honesty_data_from_the_calibration_half(split_dir, tmp_path):
     from eval_harness.refusal import selfaware_refused, unknownbench_refused

@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from eval_harness.atomic import refuse_overlap
 from eval_harness.errors import UserError
 from eval_harness.jsonl import read_jsonl
+from hcnr_deploy.io.atomic import AtomicDir
 
 PARTS = ("calibration", "evaluation")
 SPLIT_FILE = "split.json"
@@ -88,10 +86,8 @@ def split_folder(data_dir: Path, out: Path, *, seed: int = 0, eval_share: float 
         raise UserError(f"--out {out} exists; choose a new folder")
     files = found_benchmarks(data_dir, benchmarks)
     refuse_overlap(out.resolve(), [("--data-dir", data_dir.resolve())], "the split")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     counts: dict = {}
-    try:
+    with AtomicDir(out) as tmp:
         for b, paths in files.items():
             key = QUESTION_FIELD[b]
             for path in paths:
@@ -110,11 +106,6 @@ def split_folder(data_dir: Path, out: Path, *, seed: int = 0, eval_share: float 
                 "hash": "sha256 of the SQuAD-normalised question" + ("" if seed == 0 else f", prefixed '{seed}:'"),
                 "questions": counts}
         (tmp / SPLIT_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        os.chmod(tmp, 0o755)
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return meta
 
 

@@ -32,7 +32,8 @@ class AtomicDir:
         if self.target.exists():
             if not self.overwrite:
                 shutil.rmtree(self.tmp, ignore_errors=True)
-                raise UserError(f"--out {self.target} appeared while repairing; nothing was written.")
+                raise UserError(f"--out {self.target} appeared while this command ran; nothing was written (choose "
+                                f"a new folder).")
             old = self.target.with_name(f".{self.target.name}.old-{os.getpid()}")
             os.rename(self.target, old)
             os.rename(self.tmp, self.target)
