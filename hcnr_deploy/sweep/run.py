@@ -222,10 +222,9 @@ def guard_stage(s: Sweep, results: dict, names, artifacts: dict) -> dict:
     guards = [c for c in s.cands if c.family == "guard"]
     if not guards:
         return {}
+    from hcnr_deploy.engine.state import first_device
     from hcnr_deploy.guard.family import guard_points, write_guard_point
     from hcnr_deploy.guard.options import GuardOptions
-
-    from hcnr_deploy.engine.state import first_device
 
     t0 = time.perf_counter()
     o = s.options
