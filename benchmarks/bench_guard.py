@@ -27,15 +27,17 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 QUESTIONS = [f"Question {i}: where does the river near town number {i} flow, and why?" for i in range(256)]
 
 
-def tiny_guard(root: Path, block: int):
-    """A tiny Llama, a random LoRA fine-tune and a guard on block `block` that never refuses."""
+def tiny_guard(root: Path, block: int, arch: str = "llama"):
+    """A tiny model of `arch` (4 blocks, hidden 256, configured like the family's released models), a random LoRA
+    fine-tune and a guard on block `block` with a random probe that never refuses."""
     import numpy as np
 
     from hcnr_deploy.guard.artifact import CLASSIFIER_DIR, GuardSpec, content_fingerprint, write_spec
     from hcnr_deploy.guard.classifier import write_classifier
-    from hcnr_deploy.tiny import build_tiny_model, random_lora
+    from hcnr_deploy.tiny import RELEASED_LIKE, build_tiny_model, random_lora
 
-    base = build_tiny_model(root / "base", arch="llama", hidden_size=256, num_layers=4, seed=0)
+    base = build_tiny_model(root / "base", arch=arch, hidden_size=256, num_layers=4, seed=0,
+                            config_fields=RELEASED_LIKE[arch])
     ft = random_lora(base, root / "ft", rank=8, seed=1)
     w = np.random.default_rng(0).normal(size=256).astype(np.float32)
     write_classifier(base, ft, block, w, 0.0, root / "guard" / CLASSIFIER_DIR)

@@ -17,6 +17,9 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# config fields that make a tiny model of each family look like its released models in what serving depends on:
+# Qwen2.5 (0.5B-3B) ties its embeddings, Mistral-7B-v0.1 attends over a 4096-token sliding window
+RELEASED_LIKE = {"llama": {}, "qwen2": {"tie_word_embeddings": True}, "mistral": {"sliding_window": 4096}}
 
 _WORDS = (
     "the a of to and in is it you that he was for on are with as I his they be at one have this from "
@@ -103,8 +106,10 @@ def tiny_config(arch: str = "llama", hidden_size: int = 128, num_layers: int = 2
 
 def build_tiny_model(out_dir: str | Path, arch: str = "llama", hidden_size: int = 128, num_layers: int = 2,
                      seed: int = 0, vocab_size: int = 512, init_std: float | None = 0.05,
-                     corpus: list[str] | None = None, intermediate_size: int | None = None):
+                     corpus: list[str] | None = None, intermediate_size: int | None = None,
+                     config_fields: dict | None = None):
     """Write a random-weight model of `arch` and its tokenizer (trained on `corpus`) to `out_dir`; return the path.
+    `config_fields` are set on the config before the weights are drawn (e.g. RELEASED_LIKE[arch]).
 
     The default weights are larger than transformers' init (std 0.02) so that greedy outputs of a tiny
     model depend visibly on every matrix; `init_std=None` keeps transformers' init (for training from scratch).
@@ -117,6 +122,8 @@ def build_tiny_model(out_dir: str | Path, arch: str = "llama", hidden_size: int 
     config = tiny_config(arch, hidden_size, num_layers, len(tokenizer), intermediate_size)
     if init_std is not None:
         config.initializer_range = init_std
+    for key, value in (config_fields or {}).items():
+        setattr(config, key, value)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.generation_config = GenerationConfig(eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id)

@@ -18,7 +18,7 @@ import torch
 from eval_harness.errors import UserError
 from hcnr_deploy.guard.artifact import CLASSIFIER_DIR, GuardSpec, content_fingerprint, write_spec
 from hcnr_deploy.guard.classifier import classifier_architecture, hf_scores, write_classifier
-from hcnr_deploy.tiny import perturbed_copy, random_lora
+from hcnr_deploy.tiny import RELEASED_LIKE, build_tiny_model, perturbed_copy, random_lora
 
 QUESTIONS = ["What is the capital of France?", "Who wrote the unknown answer?", "hello", "Why is the river long?",
              "When was the city born?", "How many people live in Paris?", "Is 42 the answer?",
@@ -81,14 +81,15 @@ def make_guard(folder: Path, base: Path, finetuned: Path, block: int, threshold:
 # ---------------------------------------------------------------- the classifier checkpoint (HF)
 
 
-@pytest.mark.parametrize("kind,block", [("lora", 0), ("lora", 1), ("full", 0)])
-def test_classifier_score_is_the_probe_on_the_finetune(tiny_base, tiny_lora, tmp_path, kind, block):
-    ft = tiny_lora if kind == "lora" else perturbed_copy(tiny_base, tmp_path / "full", scale=0.05, seed=3)
+def assert_classifier_is_the_probe(base: Path, ft: Path, block: int, out: Path, architecture: str):
+    """The classifier folder holds blocks 0..block (per-block config fields cut to match), no LM head, the score
+    head (w, b); its HF score equals w . final_norm(h_block) + b of the fine-tune itself."""
     w, b = probe_weights()
-    out = write_classifier(tiny_base, ft, block, w, b, tmp_path / "cls")
+    write_classifier(base, ft, block, w, b, out)
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["architectures"] == ["LlamaForSequenceClassification"]
+    assert cfg["architectures"] == [architecture]
     assert cfg["num_hidden_layers"] == block + 1 and cfg["num_labels"] == 1 and cfg["pad_token_id"] == 0
+    assert len(cfg.get("layer_types", range(block + 1))) == block + 1
     from safetensors import safe_open
 
     with safe_open(out / "model.safetensors", "pt") as f:
@@ -96,9 +97,25 @@ def test_classifier_score_is_the_probe_on_the_finetune(tiny_base, tiny_lora, tmp
         assert torch.equal(f.get_tensor("score.bias"), torch.tensor([b], dtype=torch.float32))
     assert not any(n.startswith("lm_head") or f"layers.{block + 1}." in n for n in names)
     assert (out / "tokenizer.json").is_file() and "model.norm.weight" in names
-    prompts = prompt_ids(tiny_base)
+    prompts = prompt_ids(base)
     got = hf_scores(out, prompts, batch_size=4)  # padded batches: the last real token is read
-    np.testing.assert_allclose(got, reference_scores(tiny_base, ft, block, w, b, prompts), atol=1e-4)
+    np.testing.assert_allclose(got, reference_scores(base, ft, block, w, b, prompts), atol=1e-4)
+
+
+@pytest.mark.parametrize("kind,block", [("lora", 0), ("lora", 1), ("full", 0)])
+def test_classifier_score_is_the_probe_on_the_finetune(tiny_base, tiny_lora, tmp_path, kind, block):
+    ft = tiny_lora if kind == "lora" else perturbed_copy(tiny_base, tmp_path / "full", scale=0.05, seed=3)
+    assert_classifier_is_the_probe(tiny_base, ft, block, tmp_path / "cls", "LlamaForSequenceClassification")
+
+
+@pytest.mark.parametrize("arch,architecture", [("qwen2", "Qwen2ForSequenceClassification"),
+                                               ("mistral", "MistralForSequenceClassification")])
+def test_classifier_score_is_the_probe_for_qwen2_and_mistral(arch, architecture, tmp_path):
+    """A 3-block base shaped like the released models (Qwen2: tied embeddings and q/k/v biases, 3 layer_types;
+    Mistral: a sliding window) and a LoRA on every projection; the classifier keeps blocks 0..1."""
+    base = build_tiny_model(tmp_path / "base", arch=arch, num_layers=3, seed=0, config_fields=RELEASED_LIKE[arch])
+    ft = random_lora(base, tmp_path / "lora", rank=8, seed=1)
+    assert_classifier_is_the_probe(base, ft, 1, tmp_path / "cls", architecture)
 
 
 def test_classifier_architecture_names():
