@@ -372,11 +372,12 @@ def plan_for_run(base, finetuned, opts, candidates: list[tuple[str, dict]]) -> d
     return p
 
 
-def check_fits(base, finetuned, opts, candidates, sweep: bool = False):
-    """Refuse, before anything is loaded, a run the plan says cannot fit the free memory (``UserError``).
-    A model whose config.json cannot be read is left to the run (it fails there with its own message)."""
+def check_fits(base, finetuned, opts, candidates, sweep: bool = False, planner=plan_for_run):
+    """Refuse, before anything is loaded, a run the plan (`planner`'s) says cannot fit the free memory
+    (``UserError``). A model whose config.json cannot be read is left to the run (it fails there with its own
+    message)."""
     try:
-        p = plan_for_run(base, finetuned, opts, candidates)
+        p = planner(base, finetuned, opts, candidates)
     except UserError:
         return
     if os.environ.get("HCNR_DEPLOY_NO_PLAN_CHECK"):

@@ -26,10 +26,11 @@ def require_unless_plan(plan: bool, **values):
             raise click.MissingParameter(ctx=ctx, param=param)
 
 
-def print_plan(base, finetuned, opts, candidates: list[tuple[str, dict]], as_json: bool, title: str):
+def print_plan(base, finetuned, opts, candidates: list[tuple[str, dict]], as_json: bool, title: str, planner=None):
+    """`planner(base, finetuned, opts, candidates)`: plan.plan_for_run unless given."""
     from hcnr_deploy.engine.plan import format_plan, plan_for_run
 
-    p = plan_for_run(base, finetuned, opts, candidates)
+    p = (planner or plan_for_run)(base, finetuned, opts, candidates)
     if as_json:
         click.echo(json.dumps({k: p[k] for k in ("gpu_bytes", "host_bytes", "disk_bytes", "flops", "model_bytes",
                                                   "block_bytes", "streamed", "passes", "placement", "stages")}, indent=2))

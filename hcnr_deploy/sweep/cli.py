@@ -72,6 +72,9 @@ from hcnr_deploy.sweep.run import EVAL_DEFAULTS
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars; only the table.")
 @click.option("--build-only", is_flag=True, help="Build every candidate and stop before serving (frontier.json lists "
               "them unscored); rerun without it, here or where the folder is copied, to serve and score them.")
+@click.option("--keep-candidates", is_flag=True, help="A full fine-tune: keep every candidate checkpoint in "
+              "OUT/candidates/. Without it each is built, served, scored and deleted in turn (the choice kept), so at "
+              "most two checkpoints are on disk, at the cost of one statistics pass per candidate.")
 @click.argument("vllm_args", nargs=-1, type=click.UNPROCESSED, metavar="[-- VLLM_ARGS...]")
 @click_options("data", "compute")
 @click_options("calibration", cls=GuardOptions)
@@ -79,14 +82,16 @@ from hcnr_deploy.sweep.run import EVAL_DEFAULTS
 @plan_options
 def sweep(base, finetuned, honesty_data, task_data, eval_honesty, eval_domain, out, grid, max_domain_drop,
           honesty_metric, benchmarks, limit, endpoint, port, api_key, serve_dtype, trust_cache_names, max_tokens,
-          concurrency, n_boot, startup_timeout, overwrite, quiet, build_only, vllm_args, plan, plan_json, **options):
+          concurrency, n_boot, startup_timeout, overwrite, quiet, build_only, keep_candidates, vllm_args, plan, plan_json,
+          **options):
     """Measure the honesty/domain frontier of repair methods on your model and ship the chosen point.
 
     \b
     Fisher and Gram/Hessian statistics are computed once; every candidate (base, ft, HCNR over R_CW, a
     random-selection control, HCNR with task-aware compensation over MU, RegMean over MU, delta scaling over
     A, depth-dependent delta scaling (LiNeS) over A and B, calibration SFT over steps) is written to
-    OUT/candidates/, served (LoRA: adapters on one vLLM engine; full: checkpoints one after another),
+    OUT/candidates/, served (LoRA: adapters on one vLLM engine; full: checkpoints one after another, each
+    deleted once scored unless it is the choice so far or --keep-candidates),
     scored by the eval harness, and placed on the honesty/domain plane:
     OUT/frontier.json, frontier.md, frontier.png, and OUT/chosen/, ready for `hcnr-deploy serve`: the
     highest --honesty-metric among the candidates that beat ft's with 95% paired confidence, keep domain
@@ -114,10 +119,14 @@ def sweep(base, finetuned, honesty_data, task_data, eval_honesty, eval_domain, o
     guard_options = {k: options.pop(k) for k in list(options) if k in GuardOptions.__dataclass_fields__}
     repair_options = options
     if plan:
+        from hcnr_deploy.engine.plan import finetune_kind
         from hcnr_deploy.options import RepairOptions
+        from hcnr_deploy.sweep.bounded import one_at_a_time_plan
 
+        bounded = finetune_kind(finetuned)[0] == "full" and not (keep_candidates or build_only or endpoint)
         return print_plan(base, finetuned, RepairOptions(**repair_options), planned(parse_grid(grid)), plan_json,
-                          f"plan: sweep {base}")
+                          f"plan: sweep {base}" + (" (candidates one at a time)" if bounded else ""),
+                          planner=one_at_a_time_plan if bounded else None)
     if not from_api(ctx):
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so a killed sweep stops its servers, cleans temps
     console = Console(stderr=True, quiet=quiet)
@@ -127,7 +136,7 @@ def sweep(base, finetuned, honesty_data, task_data, eval_honesty, eval_domain, o
                          port=port, vllm_args=vllm_args, serve_dtype=serve_dtype, api_key=api_key,
                          max_tokens=max_tokens, concurrency=concurrency,
                          n_boot=n_boot, startup_timeout=startup_timeout, overwrite=overwrite,
-                         trust_cache_names=trust_cache_names, build_only=build_only,
+                         trust_cache_names=trust_cache_names, build_only=build_only, keep_candidates=keep_candidates,
                          repair_options=repair_options, guard_options=guard_options, console=console,
                          progress=not quiet,
                          command=None if from_api(ctx) else shlex.join(["hcnr-deploy", "sweep", *sys.argv[2:]]),

@@ -2,7 +2,8 @@
 
 1. statistics + candidates (build.py): one repair session, every grid point written to DIR/candidates/NAME;
 2. serve (score.py): a LoRA fine-tune's candidates as adapters of one vLLM engine, a full fine-tune's checkpoints
-   one after another; with --endpoint, nothing is served here;
+   one after another; with --endpoint, nothing is served here. A full fine-tune's candidates are built, served,
+   scored and deleted one at a time (bounded.py) unless --keep-candidates, --build-only or --endpoint;
 3. eval: the eval harness on the held-out honesty and domain questions, its response cache in DIR;
 4. frontier: per-candidate figures (figures.py), Pareto frontier, the choice (choice.py), frontier.{json,md,png}
    and DIR/chosen/ (report.py, table.py).
@@ -20,6 +21,7 @@ from eval_harness.errors import UserError
 from eval_harness.versions import versions
 from hcnr_deploy.recipe import write_recipe
 from hcnr_deploy.sweep import choice as C
+from hcnr_deploy.sweep.bounded import build_and_score_one_at_a_time, is_edit, one_at_a_time_plan, prune
 from hcnr_deploy.sweep.build import build_candidates, planned
 from hcnr_deploy.sweep.figures import candidate_figures, mark_pareto, unanswerable_share
 from hcnr_deploy.sweep.grid import DEFAULT_GRID, METHODS, parse_grid
@@ -68,6 +70,7 @@ class Sweep:
     api_key: str | None = None
     recipe: dict | None = None
     build_only: bool = False
+    keep_candidates: bool = False
     # resolved by `resolve`
     options: object = None
     cands: list = field(default_factory=list)
@@ -95,6 +98,16 @@ def run_sweep(base, finetuned, honesty_data, task_data, eval_honesty, eval_domai
                     f"honesty {', '.join(names)}, domain {domain_task}; {'resuming ' if resumed else ''}{s.out}")
     s.timings["prepare"] = round(time.perf_counter() - t_start, 3)
 
+    if one_at_a_time(s):
+        t0 = time.perf_counter()
+        built, results, runs = build_and_score_one_at_a_time(s, lambda models, arts: serve_stage(
+            s, tasks, data_dir, names, models, arts), names, domain_task)
+        s.timings["candidates"] = round(time.perf_counter() - t0 - s.timings["serve"] - s.timings["eval"], 3)
+        write_results(s, results)
+        run = {"resumed": resumed, "built": built["built"], "reused": built["reused"], "requests": runs,
+               "one_at_a_time": True}
+        return finish(s, results, tasks, names, domain_task, built, run, t_start)
+
     t0 = time.perf_counter()
     built = build_stage(s)
     s.timings["candidates"] = round(time.perf_counter() - t0, 3)
@@ -108,7 +121,20 @@ def run_sweep(base, finetuned, honesty_data, task_data, eval_honesty, eval_domai
         write_json(s.out / "frontier.json", frontier)
         return frontier
 
-    results, run["requests"] = score_stage(s, tasks, data_dir, names, built["artifacts"])
+    results, s.timings["serve"], s.timings["eval"], run["requests"] = serve_stage(
+        s, tasks, data_dir, names, [c.name for c in s.cands if c.family != "guard"], built["artifacts"])
+    write_results(s, results)
+    return finish(s, results, tasks, names, domain_task, built, run, t_start)
+
+
+def one_at_a_time(s: Sweep) -> bool:
+    """Whether the candidates are built, served, scored and deleted one at a time (bounded.py): a full fine-tune
+    scored here, unless --keep-candidates (or --build-only, whose candidates are for scoring elsewhere)."""
+    return not (s.is_lora or s.keep_candidates or s.build_only or s.endpoint)
+
+
+def finish(s: Sweep, results, tasks, names, domain_task, built, run, t_start) -> dict:
+    """The guard points, the frontier and frontier.json (written last: its presence marks DIR finished)."""
     guard_specs = guard_stage(s, results, names, built["artifacts"])
     write_json(s.out / "eval-samples.json", results["samples"])  # every answer and verdict (guard points: derived)
 
@@ -118,7 +144,14 @@ def run_sweep(base, finetuned, honesty_data, task_data, eval_honesty, eval_domai
     s.timings["statistics"] = built["statistics"]
     s.timings["total"] = round(time.perf_counter() - t_start, 3)
     frontier["timings_s"] = s.timings
-    write_json(s.out / "frontier.json", frontier)  # last: its presence marks DIR finished
+    if run.get("one_at_a_time"):  # the chosen checkpoint stays; the weight edit that led before a guard won goes
+        edits = [c.name for c in s.cands if is_edit(c)]
+        prune(s.out / "candidates", frontier["chosen"], edits)
+        run["deleted"] = [n for n in edits if n != frontier["chosen"]]
+        for r in frontier["candidates"]:
+            if r["name"] in run["deleted"]:
+                r["artifact"] = None
+    write_json(s.out / "frontier.json", frontier)
     return frontier
 
 
@@ -166,7 +199,8 @@ def check_inputs(s: Sweep):
             from hcnr_deploy.guard.options import GuardOptions
 
             check_calibration_overlap(tasks, GuardOptions(**(s.guard_options or {})))
-    check_fits(s.base_dir, s.ft_dir, s.options, planned(s.cands), sweep=True)
+    check_fits(s.base_dir, s.ft_dir, s.options, planned(s.cands), sweep=True,
+               **({"planner": one_at_a_time_plan} if one_at_a_time(s) else {}))
 
 
 def build_stage(s: Sweep) -> dict:
@@ -197,24 +231,26 @@ def scoring_model_len(s: Sweep, tasks) -> int | None:
     return scoring_max_model_len(longest, s.max_tokens, s.vllm_args, min(limits) if limits else None)
 
 
-def score_stage(s: Sweep, tasks, data_dir, names, artifacts) -> tuple[dict, list]:
-    """Stages 2 + 3: serve and score every built candidate; eval-results.json and lm-eval/ written."""
-    from eval_harness.lmeval import write_lmeval
-
+def serve_stage(s: Sweep, tasks, data_dir, names, models: list[str], artifacts: dict) -> tuple[dict, float, float,
+                                                                                              list]:
+    """Stages 2 + 3: serve and score `models` (built candidates, base, ft); (results, serve s, eval s, runs)."""
     cache = s.out / "eval-cache.sqlite"
     eval_kwargs = dict(benchmarks=names, data_dir=data_dir, domain=[Path(s.eval_domain)], limit=s.limit,
                        seed=s.options.seed, max_tokens=s.max_tokens, concurrency=s.concurrency, n_boot=s.n_boot,
                        cache=cache, console=s.console, progress=s.progress, log_samples=True, api_key=s.api_key,
                        **({"trust_cache_names": True} if s.trust_cache_names else {}))
-    results, serve_s, eval_s, runs = serve_and_score(
-        [c.name for c in s.cands if c.family != "guard"], artifacts, s.is_lora, eval_kwargs, endpoint=s.endpoint,
-        port=s.port, vllm_args=list(s.vllm_args), serve_dtype=s.serve_dtype,
-        max_model_len=scoring_model_len(s, tasks), startup_timeout=s.startup_timeout, log_dir=s.out / "logs",
-        console=s.console, api_key=s.api_key)
-    s.timings["serve"], s.timings["eval"] = serve_s, eval_s
+    return serve_and_score(
+        models, artifacts, s.is_lora, eval_kwargs, endpoint=s.endpoint, port=s.port, vllm_args=list(s.vllm_args),
+        serve_dtype=s.serve_dtype, max_model_len=scoring_model_len(s, tasks), startup_timeout=s.startup_timeout,
+        log_dir=s.out / "logs", console=s.console, api_key=s.api_key)
+
+
+def write_results(s: Sweep, results: dict):
+    """eval-results.json and lm-eval/ (lm-evaluation-harness's layout) of every model scored."""
+    from eval_harness.lmeval import write_lmeval
+
     write_json(s.out / "eval-results.json", {k: v for k, v in results.items() if k != "samples" and k[0] != "_"})
-    write_lmeval(results, s.out / "lm-eval", results.get("_identities"))  # lm-evaluation-harness's layout
-    return results, runs
+    write_lmeval(results, s.out / "lm-eval", results.get("_identities"))
 
 
 def guard_stage(s: Sweep, results: dict, names, artifacts: dict) -> dict:
@@ -259,7 +295,8 @@ def frontier_stage(s: Sweep, results, tasks, names, domain_task, built, guard_sp
         if c.name in guard_specs:  # no weight changed; its block, threshold and calibration figures
             ef, params = 0.0, {**params, **guard_params(guard_specs[c.name][0])}
         rows.append({"name": c.name, "family": c.family, "method": c.method, "params": params,
-                     **figures[c.name], "edited_fraction": ef, "artifact": str(artifacts[c.name]),
+                     **figures[c.name], "edited_fraction": ef,
+                     "artifact": str(artifacts[c.name]) if c.name in artifacts else None,
                      "repair_seconds": (rep.get("timings_s") or {}).get("total")})
     mark_pareto(rows)
     chosen, reason = C.choose(rows, s.max_domain_drop, s.honesty_metric)
@@ -294,7 +331,8 @@ def settings_of(s: Sweep) -> dict:
             "honesty_metric": s.honesty_metric, "benchmarks": s.benchmarks,
             "limit": s.limit, "endpoint": s.endpoint, "port": None if s.endpoint else s.port,
             "vllm_args": list(s.vllm_args), "serve_dtype": s.serve_dtype, "max_tokens": s.max_tokens,
-            "concurrency": s.concurrency, "bootstrap": s.n_boot, "repair_options": s.repair_options,
+            "concurrency": s.concurrency, "bootstrap": s.n_boot, "keep_candidates": s.keep_candidates,
+            "repair_options": s.repair_options,
             "guard_options": s.guard_options or {}, "command": s.command}
 
 

@@ -40,10 +40,17 @@ def serve_and_score(names, artifacts, is_lora, eval_kwargs, *, endpoint, port, v
             t2 = time.perf_counter()
             eval_s += t2 - t1
         serve_s += time.perf_counter() - t2
-        if merged is None:
-            merged = res
-        else:
-            merged["results"].update(res["results"])
-            merged["samples"].update(res["samples"])
-            merged.setdefault("_identities", {}).update(res.get("_identities") or {})
+        merged = res if merged is None else merge_results(merged, res)
     return merged, round(serve_s, 3), round(eval_s, 3), runs
+
+
+def merge_results(merged: dict, res: dict) -> dict:
+    """`res` (the eval harness's results of other models on the same questions) merged into `merged`."""
+    merged["results"].update(res["results"])
+    merged["samples"].update(res["samples"])
+    merged.setdefault("_identities", {}).update(res.get("_identities") or {})
+    config = merged.get("config")
+    if config is not None:
+        config["models"] = [*config.get("models", []), *[m for m in res["results"] if m not in config["models"]]]
+        config.setdefault("endpoints", {}).update((res.get("config") or {}).get("endpoints") or {})
+    return merged
