@@ -53,6 +53,22 @@ def rows():
                     yield (model, job, machine, "yes" if offload else "no", p, t, fits)
 
 
+def full_finetune_rows():
+    """A full fine-tune's sweep on one H200 (70B: --offload): every checkpoint kept (--keep-candidates) against
+    one at a time (sweep/bounded.py: one session, so one statistics pass, per candidate)."""
+    from hcnr_deploy.sweep.bounded import one_at_a_time
+
+    grid = [(c.method, c.repair_kwargs) for c in F.parse_grid(None) if c.family in F.METHODS and c.family not in (
+        "sft", "guard")]
+    for model, cfg in CONFIGS.items():
+        shape = Shape.from_config(cfg)
+        offload = model.endswith("70B")
+        kw = dict(finetune=("full", 0), dtype="auto", gpus=1, offload=offload, **OPTIONS)
+        for mode, p in (("--keep-candidates", plan(shape, grid, **kw)),
+                        ("one at a time", one_at_a_time([plan(shape, [c], **kw) for c in grid], len(grid)))):
+            yield model, mode, offload, p, seconds(p, **RATES)
+
+
 def main():
     print("| model | job | GPUs | --offload | largest GPU GiB | host GiB | disk GiB | fits | est. time | offload "
           "copies (hidden under compute up to the passes' time) |")
@@ -64,6 +80,12 @@ def main():
     print(f"\nRates: {RATES}; options {OPTIONS}; LoRA rank 16 fine-tune; blocks placed over every GPU "
           f"(engine/placement.py, an even split here); on a GPU stage 2 runs its own forward (the Grams ride on "
           f"the Fisher pass on the CPU only: engine/passes.fuse_pays).")
+    print("\n| model | full fine-tune sweep (default grid, no sft), 1 x H200 | --offload | host GiB | disk GiB | "
+          "est. time (statistics, solves, export) |")
+    print("|---|---|---|---:|---:|---:|")
+    for model, mode, off, p, t in full_finetune_rows():
+        print(f"| {model} | {mode} | {'yes' if off else 'no'} | {p['host_bytes'] / GIB:.1f} | "
+              f"{p['disk_bytes'] / GIB:.0f} | {t['total'] / 60:.1f} min |")
 
 
 if __name__ == "__main__":

@@ -115,3 +115,29 @@ def test_the_grams_ride_on_the_fisher_pass_on_the_cpu_only_and_the_plan_says_so(
     assert cpu["flops"]["hessian"] < gpu["flops"]["hessian"]  # the forward it saves
     task_aware = P.plan(shape, [("hcnr", {"compensation": "task-aware"})], **kw)
     assert task_aware["stages"]["fused_streams"] == 2  # honesty on the base and task on the fine-tune
+
+
+@pytest.mark.parametrize("ft", ["full"])
+def test_fisher_scores_kept_on_disk_are_read_by_a_later_session_and_give_the_same_bytes(pair, tmp_path, ft):
+    """A session with a statistics folder writes its Fisher scores there; a later one reads them instead of running
+    the Fisher passes, and writes the bytes of a session without the folder (its Grams from stage 2's forward)."""
+    from hcnr_deploy.repair import RepairOptions, RepairSession
+
+    r = pair["root"]
+    args = (pair["base"], pair[ft], r / "hon.jsonl", r / "task.jsonl", RepairOptions(**SMALL))
+    with RepairSession(*args) as plain:
+        plain.write_many([(tmp_path / "plain", {})])
+    store = tmp_path / "statistics"
+    with RepairSession(*args, statistics_dir=store) as first:
+        first.write_many([(tmp_path / "first", {})])
+        assert any(k.startswith("fisher_") and not k.endswith("_read") for k in first.timings)
+    assert sorted(p.name for p in store.iterdir()) == ["fisher-honesty-base-column.safetensors",
+                                                       "fisher-task-finetuned-column.safetensors"]
+    with RepairSession(*args, statistics_dir=store) as later:
+        later.write_many([(tmp_path / "later", {})])
+        fisher = [k for k in later.timings if k.startswith("fisher_")]
+        assert fisher and all(k.endswith("_read") for k in fisher)  # no Fisher pass ran
+    for name in ("first", "later"):
+        for f in sorted((tmp_path / "plain").glob("*.safetensors")):
+            a, b = load_file(f), load_file(tmp_path / name / f.name)
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), (name, f.name)

@@ -657,8 +657,8 @@ def test_resume_after_a_kill_rebuilds_nothing_finished_and_sends_only_missing_re
 
 @pytest.mark.vllm
 def test_full_fine_tune_sweep_serves_each_checkpoint_for_real(tiny_base, tmp_path):
-    """A full fine-tune: base, ft and one candidate checkpoint (scale-a0.5, a full model) each served by a real vLLM
-    server of its own, one after another on the same port, at the --max-model-len derived from the longest prompt
+    """A full fine-tune: base, ft and one candidate checkpoint (scale-a0.5, a full model, built after base and ft
+    were scored) each served by a real vLLM server of its own, one after another on the same port, at the --max-model-len derived from the longest prompt
     (none after --), every question answered by each, the chosen checkpoint copied to chosen/."""
     from hcnr_deploy.serve import free_port
     from hcnr_deploy.tiny import perturbed_copy
@@ -678,8 +678,10 @@ def test_full_fine_tune_sweep_serves_each_checkpoint_for_real(tiny_base, tmp_pat
     fr = json.loads((out / "frontier.json").read_text())
     names = ["base", "ft", "scale-a0.5"]
     assert fr["settings"]["finetune_kind"] == "full" and [c["name"] for c in fr["candidates"]] == names
+    # built, served, scored, then deleted unless chosen (sweep/bounded.py); its record stays
     cand = out / "candidates" / "scale-a0.5"
-    assert (cand / "config.json").is_file() and not (cand / "adapter_config.json").exists()  # a checkpoint
+    assert json.loads((out / "scored" / "scale-a0.5.json").read_text())["report"]["format"] == "checkpoint"
+    assert cand.is_dir() == (fr["chosen"] == "scale-a0.5") and fr["run"]["one_at_a_time"]
     # one server per model, all on --port: each started after the previous one stopped
     assert sorted(p.name for p in (out / "logs").glob("vllm-*.log")) == [f"vllm-{n}-{port}.log" for n in names]
     for n in names:  # the derived length: the longest prompt + --max-tokens 8, rounded up to 256

@@ -82,6 +82,7 @@ def test_candidates_are_deleted_once_scored_and_the_choice_is_kept(inputs, tmp_p
     assert fr["chosen"] == "scale-a0.5" and fr["run"]["one_at_a_time"]
     assert sorted(p.name for p in (out / "candidates").iterdir()) == ["scale-a0.5"]
     assert fr["run"]["deleted"] == ["scale-a0.8", "hcnr-rcw0.2"]
+    assert fr["run"]["statistics_kept"]["files"] == 2 and fr["run"]["statistics_kept"]["bytes"] > 0  # hcnr's Fisher
     arts = {r["name"]: r["artifact"] for r in fr["candidates"]}
     assert arts["scale-a0.8"] is None and arts["hcnr-rcw0.2"] is None and arts["scale-a0.5"] == str(
         out / "candidates" / "scale-a0.5")
@@ -130,5 +131,5 @@ def test_plan_counts_two_checkpoints_on_disk_and_every_candidates_statistics(inp
     assert bounded["model_bytes"] == kept["model_bytes"]
     assert bounded["disk_bytes"] < kept["disk_bytes"]
     assert bounded["disk_bytes"] <= 2 * bounded["model_bytes"] + kept["disk_bytes"] - 5 * kept["model_bytes"]
-    assert bounded["flops"]["fisher"] == kept["flops"]["fisher"]  # one hcnr candidate: one session needs Fisher
+    assert bounded["flops"]["fisher"] == kept["flops"]["fisher"]  # the Fisher scores are kept on disk: once
     assert bounded["host_bytes"] <= kept["host_bytes"]

@@ -286,12 +286,13 @@ def plan(shape: Shape, candidates: list[tuple[str, dict]], *, num_samples: int, 
 def seconds(p: dict, *, matmul_flops: float, fp64_flops: float, disk_Bps: float, pcie_Bps: float = 0.0,
             offload_visits: int = 0) -> dict:
     """Time per stage at stated rates: matmuls at `matmul_flops`, solves at `fp64_flops`, the model read and the
-    artifacts written at `disk_Bps`, and with --offload `offload_visits` block copies in at `pcie_Bps` (pinned,
+    artifacts written at `disk_Bps` (``loads`` times and ``written_bytes`` when the plan has them: a sweep one
+    candidate at a time), and with --offload `offload_visits` block copies in at `pcie_Bps` (pinned,
     asynchronous: the next block is copied while one runs, so the copies hide under the passes' compute and
     only what exceeds it adds; unchanged blocks are not copied back)."""
-    out = {"load": p["model_bytes"] / disk_Bps, "fisher": p["flops"]["fisher"] / matmul_flops,
+    out = {"load": p.get("loads", 1) * p["model_bytes"] / disk_Bps, "fisher": p["flops"]["fisher"] / matmul_flops,
            "hessian": p["flops"]["hessian"] / matmul_flops, "compensation": p["flops"]["compensation"] / fp64_flops,
-           "export": p["disk_bytes"] / disk_Bps}
+           "export": p.get("written_bytes", p["disk_bytes"]) / disk_Bps}
     copies = offload_visits * p["block_bytes"] / pcie_Bps if offload_visits else 0.0
     out["total"] = sum(out.values()) + max(0.0, copies - out["fisher"] - out["hessian"])
     if offload_visits:

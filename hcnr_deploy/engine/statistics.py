@@ -16,10 +16,13 @@ llama block's Grams take ``4 (3 h^2 + I^2)`` bytes per stream (1 GB at Llama-3.1
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from hcnr_deploy.data import batches
 from hcnr_deploy.io.checkpoint import is_decoder_linear_weight, layer_index
@@ -71,6 +74,14 @@ def eligible(model, finetune: FineTune) -> list[Matrix]:
             continue
         out.append(Matrix(name, tuple(w0.shape), d.double().square().sum(0), w0.double().square().sum(0)))
     return out
+
+
+def save_atomic(tensors: dict[str, torch.Tensor], path: Path):
+    """`tensors` to the safetensors file `path`, written under a temporary name and renamed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
 
 
 def stage_name(kind: str, dataset: str, state: str, granularity: str = "column") -> str:
@@ -167,10 +178,15 @@ class Statistics:
     (``fuse_pays``) a Fisher pass on one of them computes every eligible matrix's Grams on its forward
     (engine/passes.py; with --offload that pass is block-major too, without Grams) into ``grams[(data
     set, state)]`` (a GramStore on disk, ``gram_bytes`` in all), which stage 2 reads instead of a second
-    forward. ``timings`` gets one entry per pass (``stage_name``); ``counts`` how often each ran (1 at most)."""
+    forward. ``timings`` gets one entry per pass (``stage_name``); ``counts`` how often each ran (1 at most).
+
+    ``store`` (a folder, e.g. a sweep's OUT/statistics): Fisher scores are read from it when there and written to
+    it when computed (``fisher-DATASET-STATE-GRANULARITY.safetensors``), so later sessions on the same model, data
+    and options (a sweep building its candidates one at a time, a resumed sweep with a larger grid) skip the
+    Fisher passes; their Grams then come from stage 2's own forward, equal to the fused ones bit for bit."""
 
     def __init__(self, model, state, mats: list[Matrix], encoded: dict[str, list], batch_size: int, device: str,
-                 bar, move=None, device_of=None):
+                 bar, move=None, device_of=None, store=None):
         self.model, self.state, self.mats = model, state, mats
         self.encoded = encoded  # {"honesty": [...], "task": [...]}
         self.batch_size, self.device, self.bar, self.move = batch_size, device, bar, move
@@ -180,6 +196,7 @@ class Statistics:
         self.grams: dict[tuple[str, str], "GramStore"] = {}  # noqa: F821 (engine.passes)
         self.timings: dict[str, float] = {}
         self.counts: dict[str, int] = {}
+        self.store = store
 
     def _timed(self, stage: str, compute):
         t0 = time.perf_counter()
@@ -190,6 +207,12 @@ class Statistics:
     def fisher(self, dataset: str, state: str, granularity: str = "column") -> dict[str, torch.Tensor]:
         """Eq. 4 scores on `dataset` with the model in `state` (computed on first call)."""
         key = (dataset, state, granularity)
+        stored = self.store and Path(self.store) / f"fisher-{dataset}-{state}-{granularity}.safetensors"
+        if key not in self._fisher and stored and stored.is_file():
+            t0 = time.perf_counter()
+            self._fisher[key] = load_file(str(stored))
+            self.timings[stage_name("fisher", dataset, state, granularity) + "_read"] = round(
+                time.perf_counter() - t0, 4)
         if key not in self._fisher:
             def compute():
                 from hcnr_deploy.engine.passes import fuse_pays  # engine.passes imports repair
@@ -203,6 +226,8 @@ class Statistics:
                 return fisher_pass(self.model, self.mats, self.encoded[dataset], granularity, self.batch_size,
                                    self.device, self.bar, f"{dataset}, {state}", self.move)
             self._fisher[key] = self._timed(stage_name("fisher", dataset, state, granularity), compute)
+            if stored:
+                save_atomic(self._fisher[key], stored)
         return self._fisher[key]
 
     def want_grams(self, streams):

@@ -90,8 +90,10 @@ class RepairSession:
     """Statistics computed once, candidates written from them (module docstring)."""
 
     def __init__(self, base, finetuned, honesty_data, task_data, opts: RepairOptions | None = None, console=None,
-                 progress: bool = False):
+                 progress: bool = False, statistics_dir=None):
+        """`statistics_dir`: Fisher scores read from and written to this folder (Statistics' ``store``)."""
         self.opts = opts if opts is not None else RepairOptions()
+        self.statistics_dir = statistics_dir
         self.given = dict(base=base, finetuned=finetuned, honesty_data=honesty_data, task_data=task_data)
         self.progress = progress
         if console is None:
@@ -175,7 +177,7 @@ class RepairSession:
         self.bar = _progress(self.console, self.progress)
         self.bar.start()
         self.stats = Statistics(model, state, mats, {"honesty": enc_hon, "task": enc_task}, o.batch_size, dev,
-                                self.bar, move, device_of)
+                                self.bar, move, device_of, store=self.statistics_dir)
         self._load_s = round(time.perf_counter() - t0, 4)
 
     def close(self):

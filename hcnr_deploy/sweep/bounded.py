@@ -2,8 +2,9 @@
 scored and deleted, one at a time, so that at most two checkpoints are on disk (the choice so far and the one being
 scored) instead of one per grid point (17 x 16 GB at 8B). ``--keep-candidates`` keeps them all (run.py's path).
 
-Each candidate is built by its own repair session (build.py), so its statistics passes run once per candidate rather
-than once per sweep; the session is closed before its checkpoint is served, so vLLM finds the GPU free. A scored
+Each candidate is built by its own repair session (build.py), closed before its checkpoint is served, so vLLM finds
+the GPU free. The Fisher scores are kept in OUT/statistics/ (a few MB at 8B with column selection) and read by every
+later session; the model load and the Gram pass of stage 2 are repeated per candidate. A scored
 candidate leaves OUT/scored/NAME.json (its repair report, results and samples): a rerun neither rebuilds nor serves
 it, and sends only the missing requests of the others.
 """
@@ -86,7 +87,7 @@ def build_and_score_one_at_a_time(s, score, names: list[str], domain_task: str) 
         if record is None:
             s.console.print(f"[bold]candidate {k}/{len(cands)}[/] {c.name}: build, serve, score")
             b = build_candidates([c], folder, s.base_dir, s.ft_dir, s.honesty_data, s.task_data, s.repair_options,
-                                 console=s.console, progress=s.progress)
+                                 console=s.console, progress=s.progress, statistics_dir=s.out / "statistics")
             built["notes"] += b["notes"]
             stats_s += sum((b["statistics"] or {}).values())
             if c.name not in b["artifacts"]:  # an sft candidate skipped with a note
@@ -110,18 +111,25 @@ def build_and_score_one_at_a_time(s, score, names: list[str], domain_task: str) 
     return built, results, runs
 
 
+
 def one_at_a_time_plan(base, finetuned, opts, candidates: list[tuple[str, dict]]) -> dict:
-    """engine/plan's plan of a sweep built, scored and deleted one candidate at a time: each candidate its own
-    session (the memory peaks of the largest one, the statistics' FLOPs summed over the candidates), and on disk
-    one checkpoint more than the largest candidate's (the choice so far beside the one being built)."""
+    """engine/plan's plan of a sweep built, scored and deleted one candidate at a time (`one_at_a_time`)."""
     from hcnr_deploy.engine.plan import plan_for_run
 
-    singles = [plan_for_run(base, finetuned, opts, [c]) for c in candidates] or [
-        plan_for_run(base, finetuned, opts, [])]
+    return one_at_a_time([plan_for_run(base, finetuned, opts, [c]) for c in candidates] or [
+        plan_for_run(base, finetuned, opts, [])], len(candidates))
+
+
+def one_at_a_time(singles: list[dict], n: int) -> dict:
+    """The plan of `n` candidates built one at a time from their single-candidate plans: each its own session (the
+    memory peaks of the largest one; the Gram passes' and solves' FLOPs, model loads and bytes written summed over
+    the candidates, the Fisher passes counted once: their scores are kept on disk), and on disk one checkpoint more
+    than the largest candidate's (the choice so far beside the one being built)."""
     p = dict(max(singles, key=lambda q: (sum(q["gpu_bytes"]), q["host_bytes"])))
     p["gpu_bytes"] = [max(q["gpu_bytes"][d] for q in singles) for d in range(len(p["gpu_bytes"]))]
     p["host_bytes"] = max(q["host_bytes"] for q in singles)
-    p["disk_bytes"] = max(q["disk_bytes"] for q in singles) + (p["model_bytes"] if len(candidates) > 1 else 0)
-    p["flops"] = {k: sum(q["flops"][k] for q in singles) for k in p["flops"]}
+    p["disk_bytes"] = max(q["disk_bytes"] for q in singles) + (p["model_bytes"] if n > 1 else 0)
+    p["flops"] = {k: (max if k == "fisher" else sum)(q["flops"][k] for q in singles) for k in p["flops"]}
+    p["loads"], p["written_bytes"] = n, sum(q["disk_bytes"] for q in singles)  # every session loads, writes
     p["one_at_a_time"] = True
     return p

@@ -13,12 +13,14 @@ from eval_harness.progress import progress_bar
 from hcnr_deploy.sweep.grid import METHODS, Candidate
 
 
-def open_session(base, finetuned, honesty_data, task_data, repair_options: dict, console=None, progress=False):
-    """One hcnr_deploy.repair.RepairSession for every candidate: its statistics are computed once."""
+def open_session(base, finetuned, honesty_data, task_data, repair_options: dict, console=None, progress=False,
+                 statistics_dir=None):
+    """One hcnr_deploy.repair.RepairSession for every candidate: its statistics are computed once (Fisher scores
+    kept in `statistics_dir` for later sessions)."""
     from hcnr_deploy.repair import RepairOptions, RepairSession
 
     return RepairSession(base, finetuned, honesty_data, task_data, RepairOptions(**repair_options), console=console,
-                         progress=progress)
+                         progress=progress, statistics_dir=statistics_dir)
 
 
 def planned(cands: list[Candidate]) -> list[tuple[str, dict]]:
@@ -42,7 +44,7 @@ def _write_candidates(session, cands: list[Candidate], folder: Path) -> list[str
 
 
 def build_candidates(cands: list[Candidate], folder: Path, base, finetuned, honesty_data, task_data,
-                     repair_options: dict, *, console=None, progress: bool = False) -> dict:
+                     repair_options: dict, *, console=None, progress: bool = False, statistics_dir=None) -> dict:
     """Write every candidate's artifact to folder/NAME from one repair session (statistics computed once, and
     only when some candidate is missing); a finished folder (it exists: writes are atomic) is reused as it is.
 
@@ -63,7 +65,8 @@ def build_candidates(cands: list[Candidate], folder: Path, base, finetuned, hone
         if missing:
             bar.update(task, description=f"statistics + {len(missing)} candidates")
             session = stack.enter_context(open_session(base, finetuned, honesty_data, task_data, repair_options,
-                                                       console=console, progress=False))
+                                                       console=console, progress=False,
+                                                       statistics_dir=statistics_dir))
             out["notes"] += _write_candidates(session, missing, folder)
         for c in cands:
             path = folder / c.name

@@ -135,6 +135,9 @@ def one_at_a_time(s: Sweep) -> bool:
 
 def finish(s: Sweep, results, tasks, names, domain_task, built, run, t_start) -> dict:
     """The guard points, the frontier and frontier.json (written last: its presence marks DIR finished)."""
+    kept = sorted((s.out / "statistics").glob("*.safetensors"))
+    run["statistics_kept"] = {"folder": str(s.out / "statistics"), "files": len(kept),
+                              "bytes": sum(f.stat().st_size for f in kept)}
     guard_specs = guard_stage(s, results, names, built["artifacts"])
     write_json(s.out / "eval-samples.json", results["samples"])  # every answer and verdict (guard points: derived)
 
@@ -209,7 +212,7 @@ def build_stage(s: Sweep) -> dict:
     guards = [c for c in s.cands if c.family == "guard"]
     built = build_candidates([c for c in s.cands if c.family in METHODS and c not in guards], s.out / "candidates",
                              s.base_dir, s.ft_dir, s.honesty_data, s.task_data, s.repair_options, console=s.console,
-                             progress=s.progress)
+                             progress=s.progress, statistics_dir=s.out / "statistics")
     built["artifacts"] = {"base": s.base_dir, "ft": s.ft_dir, **built["artifacts"]}
     s.notes += built["notes"]
     s.cands = [c for c in s.cands if c.name in built["artifacts"] or c in guards]
