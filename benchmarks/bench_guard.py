@@ -5,8 +5,10 @@ through the front).
     python benchmarks/bench_guard.py                       # a tiny random Llama + LoRA, built here
     python benchmarks/bench_guard.py --base B --finetuned FT --guard GUARD --requests 64
 
-Passes every request through (threshold above every score) unless --guard is given, so both sides generate the
-same tokens: the difference is the guard's own cost. Prints figures with the command and the machine; writes
+Passes every request through (threshold above every score) unless --guard is given without --pass-through, so
+both sides generate the same tokens: the difference is the guard's own cost.
+
+    python benchmarks/bench_guard.py --base B --finetuned FT --guard GUARD --pass-through --out OUT.json Prints figures with the command and the machine; writes
 benchmarks/results/guard_cost.json.
 """
 
@@ -48,6 +50,17 @@ def tiny_guard(root: Path, block: int, arch: str = "llama"):
     return base, ft, root / "guard"
 
 
+def pass_through_copy(guard: Path, dst: Path) -> Path:
+    """dst: `guard` with its threshold raised above every score (guard.json rewritten, the rest linked)."""
+    dst.mkdir()
+    for f in guard.iterdir():
+        if f.name == "guard.json":
+            (dst / f.name).write_text(json.dumps({**json.loads(f.read_text()), "threshold": 1e9}, indent=2))
+        else:
+            (dst / f.name).symlink_to(f.resolve())
+    return dst
+
+
 async def run_requests(url: str, model: str, questions: list[str], concurrency: int, max_tokens: int):
     from openai import AsyncOpenAI
 
@@ -80,6 +93,8 @@ def main(argv=None):
     ap.add_argument("--block", type=int, default=1, help="the tiny guard's block (without --guard)")
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--pass-through", action="store_true",
+                    help="with --guard: its threshold raised above every score (a copy), so nothing is refused")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "guard_cost.json")
     args = ap.parse_args(argv)
 
@@ -92,6 +107,8 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         if args.guard:
             base, ft, guard = Path(args.base), Path(args.finetuned), Path(args.guard)
+            if args.pass_through:
+                guard = pass_through_copy(guard, Path(tmp) / "guard")
         else:
             base, ft, guard = tiny_guard(Path(tmp), args.block)
         plan = plan_guarded({"guarded": guard}, base, {"ft": ft}, port=free_port(), max_model_len=512,
@@ -108,6 +125,7 @@ def main(argv=None):
     result = {"figures": out, "block": args.block if not args.guard else json.loads(
         (Path(args.guard) / "guard.json").read_text())["block"], "max_tokens": args.max_tokens,
         "model": "tiny random Llama (hidden 256, 4 blocks) + rank-8 LoRA" if not args.guard else str(args.finetuned),
+        "pass_through": bool(args.pass_through or not args.guard),
         "machine": machine(), "command": shlex.join(["python", "benchmarks/bench_guard.py", *(argv or sys.argv[1:])])}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
