@@ -247,3 +247,13 @@ def click_options(*groups: str, cls=None, only: tuple[str, ...] | None = None):
         return fn
 
     return decorate
+
+
+def one_device_option(f):
+    """`--device` of a command whose forward holds the whole model on one device (probe, guard); checked by
+    engine/state.check_one_device (a one-line error), unlike repair's, which also takes a list of GPUs."""
+    import click
+
+    return click.option("--device", default="auto", show_default=True,
+                        help="Where the forward passes run, the whole model on one device: auto (cuda when "
+                             "available), cpu or cuda (GPU 0; CUDA_VISIBLE_DEVICES picks another).")(f)

@@ -8,7 +8,7 @@ import sys
 import click
 
 from hcnr_deploy.guard.options import GuardOptions
-from hcnr_deploy.options import RepairOptions, click_options
+from hcnr_deploy.options import RepairOptions, click_options, one_device_option
 
 
 @click.command("guard", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -23,9 +23,7 @@ from hcnr_deploy.options import RepairOptions, click_options
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Guard folder (must not exist).")
 @click_options("calibration", "guard", cls=GuardOptions)
 @click_options("data", "compute", only=("num_samples", "seed", "dtype", "batch_size"))
-@click.option("--device", default="auto", show_default=True,
-              help="Where the forward passes run, the whole model on one device: auto (cuda when available), cpu "
-                   "or cuda (GPU 0; CUDA_VISIBLE_DEVICES picks another).")
+@one_device_option
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def guard(base, finetuned, honesty_data, task_data, out, device, overwrite, quiet, **options):

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from eval_harness.benchmarks import HONESTY_BENCHMARKS
-from hcnr_deploy.engine.state import ONE_DEVICE
+from hcnr_deploy.options import one_device_option
 from hcnr_deploy.probe.run import DTYPES
 
 
@@ -30,8 +30,7 @@ from hcnr_deploy.probe.run import DTYPES
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for --limit and the train/test split.")
 @click.option("--test-size", type=float, default=0.33, show_default=True,
               help="Fraction of each class held out to score the probes.")
-@click.option("--device", type=click.Choice(ONE_DEVICE), default="auto", show_default=True,
-              help="Where the forward passes run (auto: cuda when available).")
+@one_device_option
 @click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True,
               help="Dtype of the forward passes (auto: float32 on CPU, the checkpoint's on GPU); features are "
                    "kept in float32.")
