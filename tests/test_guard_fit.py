@@ -218,3 +218,47 @@ def test_guard_device_is_one_device_a_gpu_list_is_a_one_line_error(tiny_base, ti
     assert res.exit_code == 2 and len(lines) == 1, (res.exit_code, res.output, res.exception)
     assert "--device cuda:0,1" in lines[0] and "one device" in lines[0] and "auto, cpu, cuda" in lines[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["h.jsonl", "t.jsonl"]
+
+
+def test_fit_bytes_by_hand_and_the_70b_fit_does_not_fit_one_80gb_gpu(monkeypatch):
+    from pathlib import Path
+
+    from hcnr_deploy.guard.memory import TOKENS_BOUND, fit_bytes
+
+    cfg = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
+           "num_key_value_heads": 2, "num_hidden_layers": 3, "vocab_size": 100, "tie_word_embeddings": False,
+           "torch_dtype": "bfloat16"}
+    from hcnr_deploy.engine.plan import Shape
+
+    b = fit_bytes(cfg, on_gpu=True, dtype="auto", items=10, batch_size=2)
+    assert b["model"] == Shape.from_config(cfg).params * 2  # bfloat16 on a GPU
+    assert b["features"] == 3 * 10 * 64 * 4 and b["batch"] == 2 * TOKENS_BOUND * (6 * 64 + 4 * 128) * 2
+    assert b["total"] == b["model"] + b["features"] + b["batch"]
+    assert fit_bytes(cfg, on_gpu=False, dtype="auto", items=10, batch_size=2)["model"] == b["model"] * 2  # fp32
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from plan_scale_table import CONFIGS
+
+    seventy = fit_bytes(CONFIGS["Llama-3.1-70B"], on_gpu=True, dtype="auto", items=512, batch_size=8)["total"]
+    assert 80 * 10**9 < seventy < 160 * 10**9
+
+
+def test_guard_that_cannot_fit_its_device_is_refused_before_loading(tiny_base, tiny_lora, tmp_path, monkeypatch):
+    """The guard's fit needs the whole fine-tune on one device: with less free memory than the plan's figure, the
+    command stops before loading anything (exit 2, one line naming the fix, nothing written)."""
+    from click.testing import CliRunner
+
+    from hcnr_deploy.cli import main
+    from hcnr_deploy.guard import memory
+
+    monkeypatch.setattr(memory, "available_memory", lambda: {"host": 1 << 20, "gpus": []})
+    _write(tmp_path / "h.jsonl", [{"prompt": f"q{i}?", "response": "The answer is unknown." if i % 2 else "Yes."}
+                                  for i in range(16)])
+    _write(tmp_path / "t.jsonl", [{"prompt": f"t{i}?", "response": "Red."} for i in range(8)])
+    res = CliRunner().invoke(main, ["guard", "--base", str(tiny_base), "--finetuned", str(tiny_lora),
+                                    "--honesty-data", str(tmp_path / "h.jsonl"), "--task-data",
+                                    str(tmp_path / "t.jsonl"), "--out", str(tmp_path / "guard"), "--device", "cpu",
+                                    "-q"])
+    lines = res.output.strip().splitlines()
+    assert res.exit_code == 2 and len(lines) == 1, (res.exit_code, res.output, res.exception)
+    assert "whole fine-tune on one device" in lines[0] and "the host has 0.0 GiB free" in lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["h.jsonl", "t.jsonl"]

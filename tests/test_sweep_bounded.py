@@ -133,3 +133,15 @@ def test_plan_counts_two_checkpoints_on_disk_and_every_candidates_statistics(inp
     assert bounded["disk_bytes"] <= 2 * bounded["model_bytes"] + kept["disk_bytes"] - 5 * kept["model_bytes"]
     assert bounded["flops"]["fisher"] == kept["flops"]["fisher"]  # the Fisher scores are kept on disk: once
     assert bounded["host_bytes"] <= kept["host_bytes"]
+
+
+def test_a_guard_family_that_cannot_fit_one_device_stops_the_sweep_before_any_work(inputs, tmp_path, monkeypatch):
+    """The guard's fit holds the whole fine-tune on one device (guard/memory.py): a sweep whose grid has the guard
+    family says so before --out is touched, not after every candidate was scored."""
+    from eval_harness.errors import UserError
+    from hcnr_deploy.guard import memory
+
+    monkeypatch.setattr(memory, "available_memory", lambda: {"host": 1 << 20, "gpus": []})
+    with pytest.raises(UserError, match="guard's fit holds the whole fine-tune on one device"):
+        R.run_sweep(**inputs, out=tmp_path / "sweep", grid="scale:a=0.5; guard:fr=0.05", progress=False)
+    assert not (tmp_path / "sweep").exists()

@@ -138,6 +138,7 @@ def run_guard(base, finetuned, honesty_data, task_data, out, *, options: GuardOp
 
     from hcnr_deploy.engine.state import check_one_device
     from hcnr_deploy.guard.classifier import write_classifier
+    from hcnr_deploy.guard.memory import check_guard_fits, model_with_config
     from hcnr_deploy.io.atomic import AtomicDir
 
     check_one_device(device)
@@ -156,6 +157,7 @@ def run_guard(base, finetuned, honesty_data, task_data, out, *, options: GuardOp
     if misses := C.check_refusal_text(cal.refusal_text):
         console.print(f"[yellow]warning:[/] the refusal text {cal.refusal_text!r} is not read as a refusal by the "
                       f"{', '.join(misses)} detectors; pass --refusal-text with a phrase they recognise.")
+    check_guard_fits(model_with_config(base, finetuned), device, dtype, len(cal), batch_size)
     model, tok, _ = load_finetune(base, finetuned, device, dtype)
     with progress_bar(console, progress, label="{task.description:<20}") as bar:
         gf = fit_guard(model, tok, cal, options.held_out, seed, batch_size, bar)

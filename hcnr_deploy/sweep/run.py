@@ -198,10 +198,16 @@ def check_inputs(s: Sweep):
         tasks, _, _ = eval_tasks(s.eval_honesty, s.eval_domain, s.benchmarks, s.limit, s.options.seed, Path(tmp))
         check_overlap(tasks, {"honesty": Path(s.honesty_data), "task": Path(s.task_data)}, s.options.num_samples)
         if any(c.family == "guard" for c in s.cands):
+            from hcnr_deploy.engine.state import first_device
             from hcnr_deploy.guard.family import check_calibration_overlap
+            from hcnr_deploy.guard.memory import check_guard_fits
             from hcnr_deploy.guard.options import GuardOptions
 
-            check_calibration_overlap(tasks, GuardOptions(**(s.guard_options or {})))
+            go = GuardOptions(**(s.guard_options or {}))
+            check_calibration_overlap(tasks, go)
+            check_guard_fits(s.ft_dir if not s.is_lora else s.base_dir, first_device(s.options.device),
+                             s.options.dtype, 2 * s.options.num_samples + 2 * go.calibration_per_class * bool(
+                                 go.calibration_dir), s.options.batch_size)
     check_fits(s.base_dir, s.ft_dir, s.options, planned(s.cands), sweep=True,
                **({"planner": one_at_a_time_plan} if one_at_a_time(s) else {}))
 
