@@ -61,6 +61,27 @@ def pass_through_copy(guard: Path, dst: Path) -> Path:
     return dst
 
 
+def classifier_forward_ms(guard: Path, ft: Path, base: Path, questions: list[str]) -> float:
+    """Median ms of the classifier's own forward (transformers, float32, one prompt at a time, in this process):
+    what the guard's extra prefill of blocks 0..l costs without a second engine beside the first."""
+    from hcnr_deploy.guard.artifact import CLASSIFIER_DIR
+    from hcnr_deploy.guard.classifier import classifier_scores, load_classifier
+    from hcnr_deploy.io.load import load_tokenizer
+
+    tok = load_tokenizer(ft, base)
+    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True)
+               for q in questions]
+    prompts = [list(p["input_ids"]) if isinstance(p, dict) else list(p) for p in prompts]
+    model, bias = load_classifier(guard / CLASSIFIER_DIR)
+    classifier_scores(model, bias, prompts[:1], batch_size=1)  # warm-up
+    lat = []
+    for p in prompts:
+        t = time.perf_counter()
+        classifier_scores(model, bias, [p], batch_size=1)
+        lat.append(time.perf_counter() - t)
+    return round(1000 * statistics.median(lat), 1)
+
+
 async def run_requests(url: str, model: str, questions: list[str], concurrency: int, max_tokens: int):
     from openai import AsyncOpenAI
 
@@ -122,6 +143,7 @@ def main(argv=None):
                 out[f"ft_c{conc}"] = asyncio.run(run_requests(gen.base_url, "ft", qs, conc, args.max_tokens))
                 out[f"guarded_c{conc}"] = asyncio.run(run_requests(front.base_url, "guarded", qs, conc,
                                                                    args.max_tokens))
+        out["classifier_forward_ms"] = classifier_forward_ms(guard, ft, base, qs[:16])
     result = {"figures": out, "block": args.block if not args.guard else json.loads(
         (Path(args.guard) / "guard.json").read_text())["block"], "max_tokens": args.max_tokens,
         "model": "tiny random Llama (hidden 256, 4 blocks) + rank-8 LoRA" if not args.guard else str(args.finetuned),
@@ -129,6 +151,8 @@ def main(argv=None):
         "machine": machine(), "command": shlex.join(["python", "benchmarks/bench_guard.py", *(argv or sys.argv[1:])])}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"the classifier's own forward (transformers, one prompt, this process): "
+          f"{out['classifier_forward_ms']:.1f} ms")
     for conc in (1, 8):
         a, g = out[f"ft_c{conc}"], out[f"guarded_c{conc}"]
         print(f"concurrency {conc}: ft {a['requests_per_s']:.2f} req/s, p50 {a['p50_ms']:.0f} ms | guarded "

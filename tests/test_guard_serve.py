@@ -163,6 +163,13 @@ def test_plan_finds_the_served_finetune_or_adds_it(tiny_base, tiny_lora, tmp_pat
     assert plan.guards[0].target == "ft" and not plan.guards[0].added  # found by content, not by path
     assert [p.port for p in plan.all] == [8101, 8102, 8100]
     assert "--runner" in plan.classifiers[0].argv and plan.front.host == "127.0.0.1"
+    assert "--enforce-eager" not in plan.classifiers[0].argv
+    # of the flags after `--`, --enforce-eager and --seed reach the classifier too; engine sizing does not
+    plan = plan_guarded({"guarded": guard}, tiny_base, {"ft": copy}, port=8100, check_ports=False,
+                        extra_args=["--enforce-eager", "--max-num-seqs", "4", "--seed=3"])
+    argv = plan.classifiers[0].argv
+    assert argv[-3:] == ["--enforce-eager", "--seed", "3"] and "--max-num-seqs" not in argv
+    assert "--max-num-seqs" in plan.generation[0].argv
     plan = plan_guarded({"guarded": guard}, port=8100, check_ports=False)
     assert plan.guards[0].target == "guarded-unguarded" and plan.guards[0].added
     assert plan.generation[0].adapters == {"guarded-unguarded": tiny_lora.resolve()}
@@ -222,8 +229,11 @@ def sse_content(body: bytes) -> str:
 
 
 @pytest.fixture(scope="module")
-def guarded(tiny_base, tiny_lora, tmp_path_factory):
-    """(front, generation server, classifier server, guard folder, HF scores of QUESTIONS, threshold)."""
+def guarded(tiny_base, tiny_lora, vllm_server, tmp_path_factory):
+    """(front, generation server, classifier server, guard folder, HF scores of QUESTIONS, threshold).
+
+    The generation engine is the session's `vllm_server` (tiny_base with the LoRA `ft`, what `serve --guard`'s plan
+    would start here: the same launcher and flags), so only the classifier and the front start here."""
     from hcnr_deploy.guard.launch import guarded_serving, plan_guarded
     from hcnr_deploy.serve import free_port
 
@@ -233,8 +243,11 @@ def guarded(tiny_base, tiny_lora, tmp_path_factory):
     threshold = json.loads((guard / "guard.json").read_text())["threshold"]
     plan = plan_guarded({"guarded": guard}, tiny_base, {"ft": tiny_lora}, port=free_port(), api_key=KEY,
                         max_model_len=512, dtype="float32", extra_args=["--seed", "0", "--enforce-eager"])
-    with guarded_serving(plan, root / "logs", timeout=900) as ((gen,), (cls,), front):
-        yield dict(front=front, gen=gen, cls=cls, scores=scores, threshold=threshold)
+    assert plan.generation[0].models == vllm_server.models == ["base", "ft"]
+    plan.generation = []
+    plan.front_config.backends = dict.fromkeys(vllm_server.models, vllm_server.base_url.removesuffix("/v1"))
+    with guarded_serving(plan, root / "logs", timeout=900) as ((), (cls,), front):
+        yield dict(front=front, gen=vllm_server, cls=cls, scores=scores, threshold=threshold)
 
 
 @pytest.mark.vllm

@@ -201,7 +201,11 @@ def load_classifier(classifier_dir: str | Path):
 
 def hf_scores(classifier_dir: str | Path, prompts: list[list[int]], batch_size: int = 16) -> np.ndarray:
     """float32 raw scores w . final_norm(h_l) + b at each prompt's last token, via transformers (right padding)."""
-    model, bias = load_classifier(classifier_dir)
+    return classifier_scores(*load_classifier(classifier_dir), prompts, batch_size)
+
+
+def classifier_scores(model, bias, prompts: list[list[int]], batch_size: int = 16) -> np.ndarray:
+    """hf_scores on a classifier already loaded (load_classifier's pair)."""
     pad = model.config.pad_token_id or 0
     out = []
     with torch.no_grad():

@@ -102,9 +102,20 @@ def classifier_dtype(model: Path) -> str:
     return json.loads((model / "config.json").read_text()).get("torch_dtype") or "auto"
 
 
+def shared_flags(extra_args) -> list[str]:
+    """The generation engine's vLLM flags (after `--`) that apply to the classifier's engine as well:
+    `--enforce-eager` (no graph compilation at start-up) and `--seed V`."""
+    from hcnr_deploy.serve.gpu import _flag_value
+
+    out = ["--enforce-eager"] if "--enforce-eager" in extra_args else []
+    seed = _flag_value(list(extra_args), "--seed")
+    return out + (["--seed", seed] if seed is not None else [])
+
+
 def classifier_plan(guard: Guard, port: int, build: str | None, max_model_len: int | None, api_key: str | None,
-                    python: str = sys.executable):
-    """The classifier's vLLM server: pooling runner, LAST pooling, raw scores, on 127.0.0.1:port."""
+                    python: str = sys.executable, extra_args=()):
+    """The classifier's vLLM server: pooling runner, LAST pooling, raw scores, on 127.0.0.1:port; `extra_args`:
+    the flags of `shared_flags`."""
     from hcnr_deploy.serve import CPU_ENV, GPU_ENV, ServerPlan, vllm_command
 
     model = (guard.folder / guard.spec.classifier).resolve()
@@ -113,6 +124,7 @@ def classifier_plan(guard: Guard, port: int, build: str | None, max_model_len: i
             "127.0.0.1", "--runner", "pooling", "--pooler-config", CLASSIFIER_POOLER, "--dtype", classifier_dtype(model)]
     if max_model_len:
         argv += ["--max-model-len", str(max_model_len)]
+    argv += list(extra_args)
     env = {**(CPU_ENV if build == "cpu" else GPU_ENV), "VLLM_CPU_KVCACHE_SPACE": CLASSIFIER_CPU_KVCACHE_GIB}
     if build == "gpu":
         argv += ["--gpu-memory-utilization", str(CLASSIFIER_GPU_SHARE)]
@@ -143,7 +155,7 @@ def plan_guarded(guards: dict[str, Path], base=None, adapters=None, checkpoints=
     generation = plan_servers(base, adapters, checkpoints, served_name, "127.0.0.1", port + 1, api_key,
                               max_model_len, dtype, extra_args, check_ports, python)
     next_port = generation[-1].port + 1
-    classifiers = [classifier_plan(g, next_port + i, build, max_model_len, api_key, python)
+    classifiers = [classifier_plan(g, next_port + i, build, max_model_len, api_key, python, shared_flags(extra_args))
                    for i, g in enumerate(resolved)]
     routes = {g.name: GuardRoute(g.name, g.target, f"http://127.0.0.1:{c.port}", c.name, float(g.spec.threshold),
                                  g.spec.refusal_text, str(c.model)) for g, c in zip(resolved, classifiers)}
