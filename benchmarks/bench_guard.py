@@ -66,12 +66,10 @@ def classifier_forward_ms(guard: Path, ft: Path, base: Path, questions: list[str
     what the guard's extra prefill of blocks 0..l costs without a second engine beside the first."""
     from hcnr_deploy.guard.artifact import CLASSIFIER_DIR
     from hcnr_deploy.guard.classifier import classifier_scores, load_classifier
+    from hcnr_deploy.guard.run import render_messages
     from hcnr_deploy.io.load import load_tokenizer
 
-    tok = load_tokenizer(ft, base)
-    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True)
-               for q in questions]
-    prompts = [list(p["input_ids"]) if isinstance(p, dict) else list(p) for p in prompts]
+    prompts = render_messages(load_tokenizer(ft, base), [[{"role": "user", "content": q}] for q in questions])
     model, bias = load_classifier(guard / CLASSIFIER_DIR)
     classifier_scores(model, bias, prompts[:1], batch_size=1)  # warm-up
     lat = []
