@@ -262,9 +262,12 @@ def test_server_death_during_startup_shows_log_tail(tiny_base, tmp_path):
 @pytest.mark.vllm
 def test_ctrl_c_during_startup_leaves_no_process(tiny_base, tmp_path):
     port = free_port()
+    # Ctrl-C as at a terminal: a suite started in the background by a shell without job control inherits SIGINT
+    # ignored, and Python then keeps ignoring it; the serve process gets the default disposition back
     proc = subprocess.Popen([sys.executable, "-m", "hcnr_deploy.cli", "serve", "--base", str(tiny_base), "--port",
                              str(port), "--log-dir", str(tmp_path)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while not processes_mentioning(f"--port {port}", also="vllm.entrypoints"):
         assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() is not None else ""
