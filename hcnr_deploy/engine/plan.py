@@ -373,6 +373,11 @@ def plan_for_run(base, finetuned, opts, candidates: list[tuple[str, dict]]) -> d
     return p
 
 
+def plan_check_off() -> bool:
+    """Whether HCNR_DEPLOY_NO_PLAN_CHECK switches the refusals before a run off (check_fits, the guard's)."""
+    return bool(os.environ.get("HCNR_DEPLOY_NO_PLAN_CHECK"))
+
+
 def check_fits(base, finetuned, opts, candidates, sweep: bool = False, planner=plan_for_run):
     """Refuse, before anything is loaded, a run the plan (`planner`'s) says cannot fit the free memory
     (``UserError``). A model whose config.json cannot be read is left to the run (it fails there with its own
@@ -381,7 +386,7 @@ def check_fits(base, finetuned, opts, candidates, sweep: bool = False, planner=p
         p = planner(base, finetuned, opts, candidates)
     except UserError:
         return
-    if os.environ.get("HCNR_DEPLOY_NO_PLAN_CHECK"):
+    if plan_check_off():
         return
     free = available_memory()
     if p.get("devices") and free["gpus"]:

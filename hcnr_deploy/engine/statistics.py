@@ -16,15 +16,15 @@ llama block's Grams take ``4 (3 h^2 + I^2)`` bytes per stream (1 GB at Llama-3.1
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from hcnr_deploy.data import batches
+from hcnr_deploy.io.atomic import save_tensors_atomic
 from hcnr_deploy.io.checkpoint import is_decoder_linear_weight, layer_index
 from hcnr_deploy.io.finetune import FineTune
 from hcnr_deploy.engine.streaming import (accumulate_hessians, block_hessians, decoder_blocks, fisher_importance,
@@ -74,14 +74,6 @@ def eligible(model, finetune: FineTune) -> list[Matrix]:
             continue
         out.append(Matrix(name, tuple(w0.shape), d.double().square().sum(0), w0.double().square().sum(0)))
     return out
-
-
-def save_atomic(tensors: dict[str, torch.Tensor], path: Path):
-    """`tensors` to the safetensors file `path`, written under a temporary name and renamed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
 
 
 def stage_name(kind: str, dataset: str, state: str, granularity: str = "column") -> str:
@@ -227,7 +219,7 @@ class Statistics:
                                    self.device, self.bar, f"{dataset}, {state}", self.move)
             self._fisher[key] = self._timed(stage_name("fisher", dataset, state, granularity), compute)
             if stored:
-                save_atomic(self._fisher[key], stored)
+                save_tensors_atomic(self._fisher[key], stored)
         return self._fisher[key]
 
     def want_grams(self, streams):

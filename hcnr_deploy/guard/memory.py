@@ -9,7 +9,7 @@ than one 80 GB GPU holds, so the fit runs on the CPU there (host RAM) or on a GP
 from __future__ import annotations
 
 from eval_harness.errors import UserError
-from hcnr_deploy.engine.plan import GIB, Shape, available_memory, read_config, working_dtype_bytes
+from hcnr_deploy.engine.plan import GIB, Shape, available_memory, plan_check_off, read_config, working_dtype_bytes
 
 TOKENS_BOUND = 512  # prompt tokens per item assumed for the activations (calibration questions are shorter)
 
@@ -33,15 +33,12 @@ def model_with_config(base, finetuned):
     return finetuned if (Path(str(finetuned)).expanduser() / "config.json").is_file() else base
 
 
-def check_guard_fits(base, device: str, dtype: str, items: int, batch_size: int, free: dict | None = None):
+def check_guard_fits(base, device: str, dtype: str, items: int, batch_size: int):
     """A one-line UserError, before anything is loaded, when the guard's fit cannot fit `device`'s free memory
-    (`free`: engine/plan.available_memory's dict; read now when None). A config that cannot be read is left to
-    the loader."""
-    import os
-
+    (engine/plan.available_memory). A config that cannot be read is left to the loader."""
     import torch
 
-    if os.environ.get("HCNR_DEPLOY_NO_PLAN_CHECK"):
+    if plan_check_off():
         return
     try:
         config = read_config(str(base))
@@ -49,7 +46,7 @@ def check_guard_fits(base, device: str, dtype: str, items: int, batch_size: int,
         return
     on_gpu = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
     need = fit_bytes(config, on_gpu, dtype, items, batch_size)
-    free = free if free is not None else available_memory()
+    free = available_memory()
     index = int(device.split(":")[1]) if ":" in device else 0
     have = (free["gpus"][index] if index < len(free["gpus"]) else None) if on_gpu else free["host"]
     if have is not None and need["total"] > have:

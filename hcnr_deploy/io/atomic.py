@@ -1,4 +1,4 @@
-"""Atomic output folders (a temporary folder beside the target, renamed on success) and JSON files."""
+"""Atomic output folders (a temporary folder beside the target, renamed on success), JSON and tensor files."""
 
 from __future__ import annotations
 
@@ -48,3 +48,13 @@ class AtomicDir:
 
 def write_json(path: Path, obj):
     path.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def save_tensors_atomic(tensors: dict, path: Path):
+    """`tensors` to the safetensors file `path`, written under a temporary name and renamed."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)

@@ -23,6 +23,12 @@ from hcnr_deploy.sweep.score import merge_results
 from hcnr_deploy.sweep.workdir import write_json
 
 
+def applies(is_lora: bool, keep_candidates: bool, build_only: bool, endpoint) -> bool:
+    """Whether a sweep goes one candidate at a time: a full fine-tune scored here, unless --keep-candidates (or
+    --build-only, whose candidates are for scoring elsewhere)."""
+    return not (is_lora or keep_candidates or build_only or endpoint)
+
+
 def is_edit(c) -> bool:
     """A grid point with weights (not base, ft or a guard point)."""
     return c.family in METHODS and c.family != "guard"
@@ -32,12 +38,13 @@ def record_path(out: Path, name: str) -> Path:
     return out / "scored" / f"{name}.json"
 
 
-def write_record(out: Path, name: str, report: dict, res: dict):
-    """OUT/scored/NAME.json: what the frontier needs of a candidate once its weights may be gone."""
+def write_record(out: Path, name: str, report: dict, res: dict) -> dict:
+    """OUT/scored/NAME.json, returned: what the frontier needs of a candidate once its weights may be gone."""
+    record = {"report": report, "results": res["results"][name], "samples": res["samples"][name],
+              "identity": (res.get("_identities") or {}).get(name), "run": res.get("_run")}
     (out / "scored").mkdir(exist_ok=True)
-    write_json(record_path(out, name), {
-        "report": report, "results": res["results"][name], "samples": res["samples"][name],
-        "identity": (res.get("_identities") or {}).get(name), "run": res.get("_run")})
+    write_json(record_path(out, name), record)
+    return record
 
 
 def read_record(out: Path, name: str) -> dict | None:
@@ -95,8 +102,7 @@ def build_and_score_one_at_a_time(s, score, names: list[str], domain_task: str) 
             built["built" if c.name in b["built"] else "reused"].append(c.name)
             res, sv, ev, r = score([c.name], {c.name: b["artifacts"][c.name]})
             serve_s, eval_s, runs = serve_s + sv, eval_s + ev, runs + r
-            write_record(s.out, c.name, b["reports"][c.name], res)
-            record = read_record(s.out, c.name)
+            record = write_record(s.out, c.name, b["reports"][c.name], res)
         else:
             built["reused"].append(c.name)
         merge_results(results, as_results(c.name, record))
@@ -109,7 +115,6 @@ def build_and_score_one_at_a_time(s, score, names: list[str], domain_task: str) 
     s.timings["serve"], s.timings["eval"] = round(serve_s, 3), round(eval_s, 3)
     built["statistics"] = {"all_candidates": round(stats_s, 3)}
     return built, results, runs
-
 
 
 def one_at_a_time_plan(base, finetuned, opts, candidates: list[tuple[str, dict]]) -> dict:

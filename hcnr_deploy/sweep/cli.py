@@ -74,7 +74,8 @@ from hcnr_deploy.sweep.run import EVAL_DEFAULTS
               "them unscored); rerun without it, here or where the folder is copied, to serve and score them.")
 @click.option("--keep-candidates", is_flag=True, help="A full fine-tune: keep every candidate checkpoint in "
               "OUT/candidates/. Without it each is built, served, scored and deleted in turn (the choice kept), so at "
-              "most two checkpoints are on disk, at the cost of one statistics pass per candidate.")
+              "most two checkpoints are on disk, at the cost of a model load and a Gram pass per candidate (the Fisher "
+              "scores are computed once and kept in OUT/statistics/).")
 @click.argument("vllm_args", nargs=-1, type=click.UNPROCESSED, metavar="[-- VLLM_ARGS...]")
 @click_options("data", "compute")
 @click_options("calibration", cls=GuardOptions)
@@ -121,9 +122,9 @@ def sweep(base, finetuned, honesty_data, task_data, eval_honesty, eval_domain, o
     if plan:
         from hcnr_deploy.engine.plan import finetune_kind
         from hcnr_deploy.options import RepairOptions
-        from hcnr_deploy.sweep.bounded import one_at_a_time_plan
+        from hcnr_deploy.sweep.bounded import applies, one_at_a_time_plan
 
-        bounded = finetune_kind(finetuned)[0] == "full" and not (keep_candidates or build_only or endpoint)
+        bounded = applies(finetune_kind(finetuned)[0] == "lora", keep_candidates, build_only, endpoint)
         return print_plan(base, finetuned, RepairOptions(**repair_options), planned(parse_grid(grid)), plan_json,
                           f"plan: sweep {base}" + (" (candidates one at a time)" if bounded else ""),
                           planner=one_at_a_time_plan if bounded else None)

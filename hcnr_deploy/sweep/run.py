@@ -21,7 +21,7 @@ from eval_harness.errors import UserError
 from eval_harness.versions import versions
 from hcnr_deploy.recipe import write_recipe
 from hcnr_deploy.sweep import choice as C
-from hcnr_deploy.sweep.bounded import build_and_score_one_at_a_time, is_edit, one_at_a_time_plan, prune
+from hcnr_deploy.sweep.bounded import applies, build_and_score_one_at_a_time, is_edit, one_at_a_time_plan, prune
 from hcnr_deploy.sweep.build import build_candidates, planned
 from hcnr_deploy.sweep.figures import candidate_figures, mark_pareto, unanswerable_share
 from hcnr_deploy.sweep.grid import DEFAULT_GRID, METHODS, parse_grid
@@ -130,7 +130,7 @@ def run_sweep(base, finetuned, honesty_data, task_data, eval_honesty, eval_domai
 def one_at_a_time(s: Sweep) -> bool:
     """Whether the candidates are built, served, scored and deleted one at a time (bounded.py): a full fine-tune
     scored here, unless --keep-candidates (or --build-only, whose candidates are for scoring elsewhere)."""
-    return not (s.is_lora or s.keep_candidates or s.build_only or s.endpoint)
+    return applies(s.is_lora, s.keep_candidates, s.build_only, s.endpoint)
 
 
 def finish(s: Sweep, results, tasks, names, domain_task, built, run, t_start) -> dict:
@@ -200,12 +200,12 @@ def check_inputs(s: Sweep):
         if any(c.family == "guard" for c in s.cands):
             from hcnr_deploy.engine.state import first_device
             from hcnr_deploy.guard.family import check_calibration_overlap
-            from hcnr_deploy.guard.memory import check_guard_fits
+            from hcnr_deploy.guard.memory import check_guard_fits, model_with_config
             from hcnr_deploy.guard.options import GuardOptions
 
             go = GuardOptions(**(s.guard_options or {}))
             check_calibration_overlap(tasks, go)
-            check_guard_fits(s.ft_dir if not s.is_lora else s.base_dir, first_device(s.options.device),
+            check_guard_fits(model_with_config(s.base_dir, s.ft_dir), first_device(s.options.device),
                              s.options.dtype, 2 * s.options.num_samples + 2 * go.calibration_per_class * bool(
                                  go.calibration_dir), s.options.batch_size)
     check_fits(s.base_dir, s.ft_dir, s.options, planned(s.cands), sweep=True,
