@@ -160,9 +160,27 @@ def test_demo_prints_the_chosen_points_paired_intervals_or_that_it_ships_ft():
                                "ft's RF Delta with 95% paired confidence")
     assert words[1] == "warning: the 60 domain questions resolve ...."
     assert "regmean" not in " ".join(words)
-    # the demo's margin: tiny's own (what its 400 domain questions resolve), else the sweep's default
-    assert demo_margin(RECIPES["tiny"]) == 0.03 and demo_margin(RECIPES["ci"]) == 0.02
+    # the demo's margin: the recipe's own, else the sweep's default
+    assert demo_margin(RECIPES["tiny-demo"]) == demo_margin(RECIPES["tiny"]) == 0.03
+    assert demo_margin(RECIPES["ci"]) == 0.02
     assert scen_data.TINY_SIZE.domain_eval == 400 == len(scen_data.build(scen_data.TINY_SIZE)["domain_eval"])
+
+
+def test_demo_scenario_scores_every_held_out_phrasing_of_a_larger_domain_and_every_family():
+    """tiny-demo (the demo's default): 125 domain people x 4 facts x 2 held-out phrasings = 1000 domain questions,
+    the fine-tune at tiny's passes over its (2.5x) data, and a grid with a point of every family, HCNR's paper
+    setting among them."""
+    from hcnr_deploy.scenario.recipes import RECIPES
+    from hcnr_deploy.sweep.grid import METHODS, parse_grid
+
+    demo, tiny = RECIPES["tiny-demo"], RECIPES["tiny"]
+    sets = scen_data.build(demo.size)
+    assert demo.size.domain_eval == len(sets["domain_eval"]) == 2 * len(sets["task_train"]) // 3 == 1000
+    assert demo.ft_steps * demo.ft_batch / len(sets["task_train"]) == \
+        tiny.ft_steps * tiny.ft_batch / len(scen_data.build(tiny.size)["task_train"])
+    names = [c.name for c in parse_grid(demo.grid)]
+    assert {c.family for c in parse_grid(demo.grid)} >= set(METHODS) and "hcnr-rcw0.4" in names
+    assert len(names) == 18  # base, ft and 16 candidates
 
 
 def test_demo_bad_input_is_one_line_error(tmp_path):

