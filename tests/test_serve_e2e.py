@@ -205,8 +205,8 @@ def test_plugin_patched_every_engine_process(served):
     for log in served.log_dir.glob("*.log"):
         text = log.read_text(errors="replace")
         patched = [line for line in text.splitlines() if "patched vLLM torch LoRA ops" in line]
+        # on vLLM's CPU build the model runner lives in the engine-core process (serve/plan.py CPU_ENV)
         assert any("EngineCore" in line for line in patched), log
-        assert any("Worker" in line for line in patched), log
 
 
 @pytest.mark.parametrize("variant", ["base", "ft", "repaired", "repaired-full"])
