@@ -85,11 +85,12 @@ def test_sweep_serves_and_scores_with_the_key_and_dtype(monkeypatch, tmp_path):
 def test_demo_offers_the_recipes_users_run():
     demo = _command("demo")
     r = CliRunner().invoke(main, ["demo", "--help"], terminal_width=200)
-    assert "[tiny|smollm2-rc]" in r.output and "ci:" not in r.output and "|ci" not in r.output
+    assert "[tiny-demo|tiny|smollm2-rc]" in r.output and "ci:" not in r.output and "|ci" not in r.output
     param = next(p for p in demo.params if p.name == "model")
     assert param.type.convert("ci", param, None) == "ci"            # hidden: the tests' scenario
     assert param.type.convert("smollm2", param, None) == "smollm2"  # hidden: benchmarks/reproduce.py's default
     assert param.type.convert("smollm2-rc", param, None) == "smollm2-rc"
+    assert param.default == "tiny-demo"  # the demo sized to resolve its margin (recipes.py)
     from hcnr_deploy.scenario.recipes import RECIPES
 
     assert set(param.type.choices) | set(param.type.hidden) == set(RECIPES)
