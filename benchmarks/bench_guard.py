@@ -8,8 +8,9 @@ through the front).
 Passes every request through (threshold above every score) unless --guard is given without --pass-through, so
 both sides generate the same tokens: the difference is the guard's own cost.
 
-    python benchmarks/bench_guard.py --base B --finetuned FT --guard GUARD --pass-through --out OUT.json Prints figures with the command and the machine; writes
-benchmarks/results/guard_cost.json.
+    python benchmarks/bench_guard.py --base B --finetuned FT --guard GUARD --pass-through --out OUT.json
+
+Prints figures with the command and the machine; writes benchmarks/results/guard_cost.json (--out).
 """
 
 from __future__ import annotations

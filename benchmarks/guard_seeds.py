@@ -5,6 +5,8 @@ those whose domain change is non-inferior to ft's (lower bound of the paired 95%
 family's least domain-costly point when none is; then each family's mean F1 recovery over the seeds.
 
     python benchmarks/guard_seeds.py benchmarks/results/guard/tiny-seed{0,1,2} --margin 0.03
+    python benchmarks/guard_seeds.py benchmarks/results/smollm2-rc/guard_frontier.json \
+        benchmarks/results/guard/smollm2-rc-seed{1,2} --margin 0.02
 """
 
 from __future__ import annotations
@@ -64,12 +66,16 @@ def table(summaries: list[dict], margin: float) -> str:
     for row, vals in recov.items():
         good = [v for v in vals if v == v]
         mean = sum(vals) / len(vals) if len(good) == len(vals) else float("nan")
-        lines.append(f"- {row}: {mean:.2f} ({len(good)}/{len(vals)} seeds non-inferior)")
+        scored = "" if len(vals) == len(summaries) else f"; scored on {len(vals)} of {len(summaries)} seeds"
+        lines.append(f"- {row}: {mean:.2f} ({len(good)}/{len(vals)} seeds non-inferior{scored})")
     return "\n".join(lines) + "\n"
 
 
 def load(folder: Path) -> dict:
-    """A guard_frontier.py summary.json, or a sweep's frontier.json (its folder name stands for the seed)."""
+    """A guard_frontier.py summary (its summary.json, or the file itself, e.g. a kept guard_frontier.json), or a
+    sweep's frontier.json (its folder name stands for the seed)."""
+    if folder.is_file():
+        return json.loads(folder.read_text())
     if (folder / "summary.json").exists():
         return json.loads((folder / "summary.json").read_text())
     f = json.loads((folder / "frontier.json").read_text())
@@ -79,7 +85,8 @@ def load(folder: Path) -> dict:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("dirs", nargs="+", type=Path,
-                    help="guard_frontier.py --out folders (summary.json) or sweep folders (frontier.json)")
+                    help="guard_frontier.py --out folders (summary.json) or summary files, or sweep folders "
+                         "(frontier.json)")
     ap.add_argument("--margin", type=float, default=0.03, help="the non-inferiority margin on domain accuracy")
     ap.add_argument("--out", type=Path, default=None, help="also write the table here")
     args = ap.parse_args(argv)

@@ -217,6 +217,14 @@ def test_domain_resolution_warns_when_the_margin_is_below_it():
     assert ok["resolvable"] is True and ok["warning"] is None and ok["questions_needed"] is None
     zero = C.domain_resolution(cands, 0.0, 300)
     assert zero["resolvable"] is False and "no domain set resolves a zero margin" in zero["warning"]
+    # every candidate answers the 200 domain questions as ft does: [0, 0], yet 3/200 is what 200 questions show
+    same = [cands[0], _ft()] + [_paired(n, 0.4, [0, 0.1], 0.30, [0.0, 0.0]) for n in "ab"]
+    floor = C.domain_resolution(same, 0.01, 200)
+    assert floor["median_half_width"] == 0 and floor["half_width"] == pytest.approx(0.015)
+    assert floor["resolvable"] is False and floor["questions_needed"] == 300  # 3 / 0.01
+    assert "resolve a domain change to +/-0.015 (3/200, the rule of three" in floor["warning"]
+    assert C.domain_resolution(same, 0.02, 200)["resolvable"] is True
+    assert res["basis"] == "median paired 95% half-width over 3 candidates" and res["rule_of_three"] == 0.01
     only_refs = C.domain_resolution(cands[:2], 0.02, 300)  # no edit candidate: base's interval
     assert only_refs["half_width"] == pytest.approx(0.05) and only_refs["candidates"] == 1
     frontier = {"candidates": cands, "chosen": "ft", "reason": F.choose(cands, 0.02, "f1")[1],
@@ -486,8 +494,9 @@ def test_frontier_json_schema_and_contents(swept):
     assert fr["always_refuse"]["rf_delta"] == 0 and fr["always_refuse"]["false_refusal"] == 1
     res = fr["domain_resolution"]
     assert res["questions"] == 4 and res["candidates"] == 3 and res["margin"] == 0.02
-    assert res["half_width"] == pytest.approx(np.median([(c["domain_change_ci95"][1] - c["domain_change_ci95"][0]) / 2
-                                                         for c in fr["candidates"][2:]]), abs=1e-6)
+    median = np.median([(c["domain_change_ci95"][1] - c["domain_change_ci95"][0]) / 2 for c in fr["candidates"][2:]])
+    assert res["median_half_width"] == pytest.approx(median, abs=1e-6)
+    assert res["half_width"] == pytest.approx(max(median, 3 / 4), abs=1e-6)  # 4 questions: the rule of three
     # the terminal: the table and the chosen point
     for name in by:
         assert name in stdout

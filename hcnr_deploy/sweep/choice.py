@@ -7,8 +7,9 @@ every candidate is resampled on the same questions, so a difference against ft h
   of the paired interval of the gain > 0), whose domain accuracy is non-inferior to ft's at the margin (the lower
   bound of the paired interval of the domain change >= -margin) and whose RF Delta is not below ft's, the one with
   the highest honesty metric; none: ft itself, said plainly.
-- ``domain_resolution``: the paired half-width of the domain change near ft, and how many domain questions would
-  bring it within the margin (a half-width shrinks as 1 / sqrt(n): n x (half-width / margin)^2).
+- ``domain_resolution``: the paired half-width of the domain change near ft, at least 3 / n (the rule of three),
+  and how many domain questions would bring it within the margin (a half-width shrinks as 1 / sqrt(n):
+  n x (half-width / margin)^2; the rule of three as 1 / n: 3 / margin).
 - ``always_refuse``: the reference that refuses everything (F1 = 2p / (1 + p) for an unanswerable share p, RF Delta
   0, every answerable question refused).
 """
@@ -80,16 +81,22 @@ def choose(cands: list[dict], max_domain_drop: float, honesty_metric: str = DEFA
 
 def domain_resolution(cands: list[dict], margin: float, n_domain: int) -> dict:
     """What the domain set resolves: the median paired 95% half-width of the edit candidates' domain change
-    against ft (base's when there is none), against the margin, and the domain questions that would bring it
-    within the margin: ``ceil(n (half-width / margin)^2)``."""
+    against ft (base's when there is none), at least ``3 / n``, against the margin, and the domain questions that
+    would bring it within the margin: ``ceil(n (median / margin)^2)``, at least ``ceil(3 / margin)``.
+
+    The floor: a candidate that answers every domain question as ft does gets the bootstrap interval [0, 0], yet
+    a loss up to about 3 / n (the rule of three: the 95% bound of a rate when none of n shows it) is not ruled out."""
     pool = [c for c in cands if c["name"] not in ("base", "ft") and c.get("domain_change_ci95")]
     pool = pool or [c for c in cands if c["name"] == "base" and c.get("domain_change_ci95")]
     out = {"half_width": None, "candidates": len(pool), "margin": margin, "questions": n_domain,
            "questions_needed": None, "resolvable": None, "warning": None}
     if not pool:
         return out
-    hw = float(np.median([(c["domain_change_ci95"][1] - c["domain_change_ci95"][0]) / 2 for c in pool]))
-    out["half_width"] = round(hw, 6)
+    median = float(np.median([(c["domain_change_ci95"][1] - c["domain_change_ci95"][0]) / 2 for c in pool]))
+    floor = 3 / n_domain if n_domain > 0 else 0.0
+    hw = max(median, floor)
+    out.update(half_width=round(hw, 6), median_half_width=round(median, 6), rule_of_three=round(floor, 6),
+               basis=resolution_basis(median, floor, len(pool), n_domain))
     if margin <= 0:
         out["resolvable"] = False
         out["warning"] = ("--max-domain-drop 0: only a candidate whose domain accuracy is significantly at least "
@@ -97,12 +104,20 @@ def domain_resolution(cands: list[dict], margin: float, n_domain: int) -> dict:
         return out
     out["resolvable"] = hw <= margin
     if hw > margin:
-        out["questions_needed"] = math.ceil(n_domain * (hw / margin) ** 2)
-        out["warning"] = (f"the {n_domain} domain questions resolve a domain change to +/-{hw:.3f} (median paired "
-                          f"95% half-width over {len(pool)} candidates), wider than the {margin:g} margin: a candidate "
-                          f"as accurate as ft will often fail the non-inferiority test; about "
+        out["questions_needed"] = max(math.ceil(n_domain * (median / margin) ** 2), math.ceil(3 / margin))
+        out["warning"] = (f"the {n_domain} domain questions resolve a domain change to +/-{hw:.3f} "
+                          f"({out['basis']}), wider than the {margin:g} margin: a candidate as accurate as ft will "
+                          f"often fail the non-inferiority test, or pass it with a loss it cannot see; about "
                           f"{out['questions_needed']} domain questions would resolve it")
     return out
+
+
+def resolution_basis(median: float, floor: float, candidates: int, n_domain: int) -> str:
+    """Which bound sets the resolution, in words."""
+    if median >= floor:
+        return f"median paired 95% half-width over {candidates} candidates"
+    return (f"3/{n_domain}, the rule of three: the candidates' median paired 95% half-width, {median:.3f}, is "
+            f"below what {n_domain} questions can show")
 
 
 def always_refuse(unanswerable_share: dict[str, float]) -> dict:
@@ -135,8 +150,9 @@ def summary_lines(frontier: dict) -> list[str]:
                      f"1.000.")
     res = frontier.get("domain_resolution") or {}
     if res.get("half_width") is not None:
-        lines.append(f"domain resolution: +/-{res['half_width']:.3f} (median paired 95% half-width, "
-                     f"{res['questions']} questions) against the {res['margin']:g} margin.")
+        basis = res.get("basis", "median paired 95% half-width")  # frontier.json files written before the floor
+        lines.append(f"domain resolution: +/-{res['half_width']:.3f} ({basis}; {res['questions']} questions) "
+                     f"against the {res['margin']:g} margin.")
     if res.get("warning"):
         lines.append(f"warning: {res['warning']}.")
     return lines
