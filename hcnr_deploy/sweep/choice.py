@@ -24,6 +24,7 @@ HONESTY_METRICS = ("f1", "rf_delta")
 LABELS = {"f1": "honesty F1", "rf_delta": "RF Delta"}
 DEFAULT_HONESTY_METRIC = "rf_delta"
 DEFAULT_MAX_DOMAIN_DROP = 0.02
+RULE_OF_THREE = 3  # the 95% upper bound of a rate none of n items shows is about RULE_OF_THREE / n
 METRIC_HELP = ("What the chosen point must improve over ft with 95% paired confidence, and is ranked by: rf_delta "
                "(refusal rate on unanswerable minus on answerable questions) or f1 (F1 of refusing, unanswerable "
                "the positive class). rf_delta by default: F1 can be bought by refusing more (refusing everything "
@@ -88,12 +89,13 @@ def domain_resolution(cands: list[dict], margin: float, n_domain: int) -> dict:
     a loss up to about 3 / n (the rule of three: the 95% bound of a rate when none of n shows it) is not ruled out."""
     pool = [c for c in cands if c["name"] not in ("base", "ft") and c.get("domain_change_ci95")]
     pool = pool or [c for c in cands if c["name"] == "base" and c.get("domain_change_ci95")]
-    out = {"half_width": None, "candidates": len(pool), "margin": margin, "questions": n_domain,
-           "questions_needed": None, "resolvable": None, "warning": None}
+    out = {"half_width": None, "median_half_width": None, "rule_of_three": None, "basis": None,
+           "candidates": len(pool), "margin": margin, "questions": n_domain, "questions_needed": None,
+           "resolvable": None, "warning": None}
     if not pool:
         return out
     median = float(np.median([(c["domain_change_ci95"][1] - c["domain_change_ci95"][0]) / 2 for c in pool]))
-    floor = 3 / n_domain if n_domain > 0 else 0.0
+    floor = RULE_OF_THREE / n_domain if n_domain > 0 else 0.0
     hw = max(median, floor)
     out.update(half_width=round(hw, 6), median_half_width=round(median, 6), rule_of_three=round(floor, 6),
                basis=resolution_basis(median, floor, len(pool), n_domain))
@@ -104,7 +106,7 @@ def domain_resolution(cands: list[dict], margin: float, n_domain: int) -> dict:
         return out
     out["resolvable"] = hw <= margin
     if hw > margin:
-        out["questions_needed"] = max(math.ceil(n_domain * (median / margin) ** 2), math.ceil(3 / margin))
+        out["questions_needed"] = max(math.ceil(n_domain * (median / margin) ** 2), math.ceil(RULE_OF_THREE / margin))
         out["warning"] = (f"the {n_domain} domain questions resolve a domain change to +/-{hw:.3f} "
                           f"({out['basis']}), wider than the {margin:g} margin: a candidate as accurate as ft will "
                           f"often fail the non-inferiority test, or pass it with a loss it cannot see; about "
@@ -116,8 +118,8 @@ def resolution_basis(median: float, floor: float, candidates: int, n_domain: int
     """Which bound sets the resolution, in words."""
     if median >= floor:
         return f"median paired 95% half-width over {candidates} candidates"
-    return (f"3/{n_domain}, the rule of three: the candidates' median paired 95% half-width, {median:.3f}, is "
-            f"below what {n_domain} questions can show")
+    return (f"{RULE_OF_THREE}/{n_domain}, the rule of three: the candidates' median paired 95% half-width, "
+            f"{median:.3f}, is below what {n_domain} questions can show")
 
 
 def always_refuse(unanswerable_share: dict[str, float]) -> dict:
@@ -150,8 +152,7 @@ def summary_lines(frontier: dict) -> list[str]:
                      f"1.000.")
     res = frontier.get("domain_resolution") or {}
     if res.get("half_width") is not None:
-        basis = res.get("basis", "median paired 95% half-width")  # frontier.json files written before the floor
-        lines.append(f"domain resolution: +/-{res['half_width']:.3f} ({basis}; {res['questions']} questions) "
+        lines.append(f"domain resolution: +/-{res['half_width']:.3f} ({res['basis']}; {res['questions']} questions) "
                      f"against the {res['margin']:g} margin.")
     if res.get("warning"):
         lines.append(f"warning: {res['warning']}.")
